@@ -20,7 +20,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from shardflow.optim.orthogonalize import block_newton_schulz, block_rms_scale, newton_schulz_many, rms_scale
+from shardflow.optim.orthogonalize import (
+    block_newton_schulz,
+    block_rms_scale,
+    newton_schulz_many,
+    rms_scale,
+)
 
 
 class LocalPlacement:
@@ -71,7 +76,10 @@ class LocalPlacement:
             for o in out:
                 o.mul_(rms_scale(o.shape))
             return out
-        return [block_newton_schulz(m, block_size, **ns).mul_(block_rms_scale(m, block_size)) for m in mats]
+        return [
+            block_newton_schulz(m, block_size, **ns).mul_(block_rms_scale(m, block_size))
+            for m in mats
+        ]
 
     def before_update(self, optimizer: torch.optim.Optimizer) -> None:
         """Called at the start of ``step``: make gradients of owned parameters ready."""

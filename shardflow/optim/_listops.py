@@ -90,7 +90,9 @@ class ListOps:
         if not xs:
             return
         if self.foreach:
-            denom = torch._foreach_mul(vs, v_scale if isinstance(v_scale, (int, float)) else list(v_scale))
+            denom = torch._foreach_mul(
+                vs, v_scale if isinstance(v_scale, (int, float)) else list(v_scale)
+            )
             torch._foreach_sqrt_(denom)
             torch._foreach_add_(denom, eps)
             torch._foreach_div_(xs, denom)

@@ -67,7 +67,9 @@ class ShardFlowOptimizer(torch.optim.Optimizer):
     ) -> None:
         check_optional_positive("gradient_clipping", gradient_clipping)
         if foreach is not None and not isinstance(foreach, bool):
-            raise ValueError(f"foreach={foreach!r} is invalid: pass True, False or None (automatic).")
+            raise ValueError(
+                f"foreach={foreach!r} is invalid: pass True, False or None (automatic)."
+            )
         self.foreach = foreach
         self.gradient_clipping = gradient_clipping
         self.process_group = process_group
@@ -118,7 +120,9 @@ class ShardFlowOptimizer(torch.optim.Optimizer):
         for pid, p in zip(ids, params):
             for key, value in saved.get(pid, {}).items():
                 if isinstance(value, Tensor) and self.state[p][key].dtype != value.dtype:
-                    self.state[p][key] = value.to(device=self.state[p][key].device, dtype=value.dtype)
+                    self.state[p][key] = value.to(
+                        device=self.state[p][key].device, dtype=value.dtype
+                    )
 
     # -- the step ---------------------------------------------------------------------------
 

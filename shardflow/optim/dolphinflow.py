@@ -164,7 +164,9 @@ class DolphinFlow(ShardFlowOptimizer):
 
     def _check_group(self, group: dict[str, Any]) -> None:
         if not isinstance(group["lr"], (int, float)) or not group["lr"] >= 0:
-            raise ValueError(f"lr={group['lr']!r} is invalid: pass a learning rate >= 0, e.g. 1e-4.")
+            raise ValueError(
+                f"lr={group['lr']!r} is invalid: pass a learning rate >= 0, e.g. 1e-4."
+            )
         check_nonnegative("weight_decay", group["weight_decay"])
         check_unit_interval("momentum", group["momentum"])
         check_bool("nesterov", group["nesterov"])
@@ -195,7 +197,13 @@ class DolphinFlow(ShardFlowOptimizer):
                 f"ns_min_steps={group['ns_min_steps']} is larger than ns_max_steps="
                 f"{group['ns_max_steps']}: pass ns_min_steps <= ns_max_steps."
             )
-        if group["ns_dtype"] not in (None, torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        if group["ns_dtype"] not in (
+            None,
+            torch.float32,
+            torch.bfloat16,
+            torch.float16,
+            torch.float64,
+        ):
             raise ValueError(
                 f"ns_dtype={group['ns_dtype']!r} is invalid: pass None, torch.float32 or torch.bfloat16."
             )
@@ -280,7 +288,9 @@ class DolphinFlow(ShardFlowOptimizer):
         if not rowwise:
             sums = list(self.placement.sum_over_shards(torch.cat(sums)).split(1))
         for it, s in zip(items, sums):
-            orthograd_(it.grad, it.local, rowwise=rowwise, restore_norm=group["restore_norm"], sums=s)
+            orthograd_(
+                it.grad, it.local, rowwise=rowwise, restore_norm=group["restore_norm"], sums=s
+            )
 
     def _momenta(self, group: dict[str, Any], items: list[Item]) -> list[float]:
         """Each item's μ for this step (updating the stored per-parameter μ when dynamic)."""
@@ -308,9 +318,7 @@ class DolphinFlow(ShardFlowOptimizer):
             return
         sq = self.placement.sum_over_shards(torch.stack(ops.sq_norms([it.grad for it in items])))
         numel = [self.placement.global_shape(it.param).numel() for it in items]
-        scale = [
-            (n / s) ** 0.5 if s > 0 else 0.0 for s, n in zip(sq.double().tolist(), numel)
-        ]
+        scale = [(n / s) ** 0.5 if s > 0 else 0.0 for s, n in zip(sq.double().tolist(), numel)]
         ops.mul_([it.grad for it in items], scale)
 
     def _orthogonalize(self, group: dict[str, Any], items: list[Item], routes: dict) -> None:
@@ -336,7 +344,9 @@ class DolphinFlow(ShardFlowOptimizer):
             for it, o in zip(chosen, out):
                 it.grad.copy_(o.reshape(it.grad.shape))
 
-    def _trust_region(self, group: dict[str, Any], items: list[Item], lr: float, ops: ListOps) -> None:
+    def _trust_region(
+        self, group: dict[str, Any], items: list[Item], lr: float, ops: ListOps
+    ) -> None:
         tau = group["trust_region"]
         if tau is None or lr == 0:
             return

@@ -64,7 +64,9 @@ def newton_schulz(
     :data:`NS_BAND` once the criterion is met.
     """
     if x.ndim < 2:
-        raise ValueError(f"newton_schulz needs a matrix or a batch of matrices, got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"newton_schulz needs a matrix or a batch of matrices, got shape {tuple(x.shape)}"
+        )
     if x.numel() == 0:
         return torch.zeros_like(x)
     out_dtype = x.dtype
@@ -83,7 +85,11 @@ def newton_schulz(
             err = torch.linalg.matrix_norm((gram - eye).float()).amax() / math.sqrt(k)
             if float(err) <= tol:
                 break
-        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c) if gram.ndim == 3 else b * gram + c * (gram @ gram)
+        poly = (
+            torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+            if gram.ndim == 3
+            else b * gram + c * (gram @ gram)
+        )
         y = torch.baddbmm(y, poly, y, beta=a) if y.ndim == 3 else a * y + poly @ y
     if tall:
         y = y.mT
@@ -95,7 +101,9 @@ def orthogonality_error(x: Tensor) -> Tensor:
     y = x.mT if x.size(-2) > x.size(-1) else x
     y = y.double()
     k = y.size(-2)
-    return torch.linalg.matrix_norm(y @ y.mT - torch.eye(k, dtype=y.dtype, device=y.device)) / math.sqrt(k)
+    return torch.linalg.matrix_norm(
+        y @ y.mT - torch.eye(k, dtype=y.dtype, device=y.device)
+    ) / math.sqrt(k)
 
 
 def newton_schulz_many(mats: Sequence[Tensor], **ns_kwargs) -> list[Tensor]:

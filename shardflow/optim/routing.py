@@ -47,5 +47,7 @@ def param_groups(model: nn.Module, **elementwise_overrides: Any) -> list[dict[st
     if hidden:
         groups.append({"params": hidden, "param_names": hidden_names})
     if rest:
-        groups.append({"params": rest, "param_names": rest_names, "ortho_mode": None, **elementwise_overrides})
+        groups.append(
+            {"params": rest, "param_names": rest_names, "ortho_mode": None, **elementwise_overrides}
+        )
     return groups
