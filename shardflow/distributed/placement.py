@@ -10,12 +10,25 @@ world only through a :class:`Placement` (DESIGN.md, "reduction points"):
 - :meth:`Placement.orthogonalize` — Newton-Schulz on whole matrices, wherever their pieces are.
 
 :class:`LocalPlacement` is the single-process placement: every sum is the identity and every
-matrix is whole. The DDP-aware and FSDP2-aware placements subclass it.
+matrix is whole. The DDP-aware and FSDP2-aware placements subclass it
+(:mod:`shardflow.distributed.sharded`).
+
+What a placement says about a parameter, for the optimizer base and for checkpoints:
+
+- :meth:`Placement.owns` — whether this rank runs the update rule on (its rows of) it;
+- :meth:`Placement.local` — the rows of a parameter, gradient or row-layout state tensor that this
+  rank holds, as a plain tensor (0 rows where it holds none);
+- :meth:`Placement.row_range` — which rows of the parameter those are, ``(0, 0)`` when none;
+- :meth:`Placement.global_shape` — the parameter's full shape.
+
+State is created on every rank for every parameter (0-row tensors where a rank holds no rows), so
+``state_dict()`` keys are the same everywhere.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -26,6 +39,11 @@ from shardflow.optim.orthogonalize import (
     newton_schulz_many,
     rms_scale,
 )
+
+NSTile = Callable[[Tensor, dict, "str | None"], "tuple[int, int] | None"]
+"""``ns_tile(param, group, name)``: None when the parameter is not orthogonalized, else the shape
+of its Newton-Schulz tiles (its whole ``(out, rest)`` matrix, or ``(b, b)`` blocks). The owner
+plan balances this cost."""
 
 
 class LocalPlacement:
@@ -42,13 +60,25 @@ class LocalPlacement:
         """The parameter's full shape."""
         return param.shape
 
-    def row_range(self, param: Tensor) -> tuple[int, int] | None:
-        """Rows of the parameter whose state this rank keeps, or None when it keeps none."""
+    def row_range(self, param: Tensor) -> tuple[int, int]:
+        """Rows ``[start, stop)`` of the parameter whose state this rank keeps; ``(0, 0)``: none."""
         return (0, param.shape[0] if param.ndim else 1)
 
     def owns(self, param: Tensor) -> bool:
         """Whether this rank computes (part of) the update of ``param``."""
         return True
+
+    def grad(self, param: Tensor) -> Tensor | None:
+        """The gradient the update uses (a placement may have reduced it to this rank)."""
+        return param.grad
+
+    def wrap_state(self, param: Tensor, value: Any, layout: str) -> Any:
+        """The state value as kept in ``optimizer.state`` (FSDP2: row-layout tensors as DTensors)."""
+        return value
+
+    def state_view(self, state: dict) -> dict:
+        """The state as an update rule sees it: plain local tensors (here: ``state`` itself)."""
+        return state
 
     def sum_over_shards(self, values: Tensor) -> Tensor:
         """Sum per-parameter partial results over the ranks sharing those parameters."""
@@ -84,18 +114,25 @@ class LocalPlacement:
     def before_update(self, optimizer: torch.optim.Optimizer) -> None:
         """Called at the start of ``step``: make gradients of owned parameters ready."""
 
-    def after_update(self, optimizer: torch.optim.Optimizer) -> None:
-        """Called at the end of ``step``: make updated parameters visible where they are needed."""
+    def after_update(self, optimizer: torch.optim.Optimizer, updated: bool = True) -> None:
+        """Called at the end of ``step`` (``updated=False`` when it was skipped, on every rank
+        alike): make updated parameters visible where they are needed."""
 
     def describe(self) -> str:
         """A human-readable summary of what this rank holds."""
         return "single process: every parameter local"
 
 
-def resolve_placement(param_groups: list[dict], process_group) -> LocalPlacement:
-    """Pick the placement for these parameters and ``process_group`` (once, at construction)."""
+def resolve_placement(
+    param_groups: list[dict], process_group, ns_tile: NSTile | None = None
+) -> LocalPlacement:
+    """Pick the placement for these parameters and ``process_group`` (once, at construction).
+
+    ``None``: one process. A ProcessGroup or 1-D DeviceMesh: plain parameters → DDP-aware,
+    DTensors sharded on dim 0 → FSDP2-aware (:func:`shardflow.distributed.sharded.make_placement`).
+    """
     if process_group is None:
         return LocalPlacement()
     from shardflow.distributed import sharded  # noqa: PLC0415 - heavy import only when needed
 
-    return sharded.make_placement(param_groups, process_group)
+    return sharded.make_placement(param_groups, process_group, ns_tile)

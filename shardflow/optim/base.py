@@ -9,6 +9,18 @@ A subclass supplies three things:
 - ``_update_group(group, items, ops)``: apply one step to the parameters of a group, given
   :class:`Item` records (local param, scratch fp32 gradient already clipped, state).
 
+and may override ``_ns_tile(param, group, name)`` (which parameters Newton-Schulz orthogonalizes,
+and in which tiles: the sharded placements balance their owner plan on it; the default reads
+the ``ortho_mode``/``block_size`` group keys of the DolphinFlow family).
+
+**State under sharding.** ``_init_state`` runs for every parameter on every rank, with ``local``
+holding the rows this rank keeps — 0 rows on a DDP rank that does not own the parameter, or on an
+empty FSDP2 shard — so every rank has the same state keys. ``Item.state`` holds plain local
+tensors: under FSDP2, ``optimizer.state`` keeps row-layout state (``state_layout`` "rows") as
+DTensors with the parameter's placement and ``Item.state`` holds their local tensors, so a rule
+updates state **in place** (``state["m"].mul_(...)``); a key it assigns anew is written back
+(and re-wrapped) after ``_update_group``.
+
 The base does the rest, the same way for every optimizer: it resolves the placement from
 ``process_group`` once, checks gradients for NaN/inf (a non-finite gradient skips the whole
 step, weights and state untouched, counts it in :attr:`nonfinite_steps` and warns once), applies
@@ -31,6 +43,7 @@ from torch import Tensor
 from shardflow.distributed.placement import LocalPlacement, resolve_placement
 from shardflow.optim._listops import ListOps
 from shardflow.optim._validate import check_optional_positive
+from shardflow.optim.routing import is_hidden_matrix
 
 Layout = Literal["rows", "replicated"]
 """How a state tensor reshards: ``rows`` — dim 0 follows the parameter's rows (it is sliced the
@@ -48,6 +61,7 @@ class Item:
     grad: Tensor
     """Scratch copy of the local gradient in the compute dtype, clipped; the rule may overwrite it."""
     state: dict[str, Any]
+    """The parameter's state as plain local tensors (update in place; see the module doc)."""
 
 
 class ShardFlowOptimizer(torch.optim.Optimizer):
@@ -77,7 +91,9 @@ class ShardFlowOptimizer(torch.optim.Optimizer):
         """How many steps were skipped because a gradient held NaN or inf."""
         self._constructed = False
         super().__init__(params, defaults)
-        self.placement: LocalPlacement = resolve_placement(self.param_groups, process_group)
+        self.placement: LocalPlacement = resolve_placement(
+            self.param_groups, process_group, self._ns_tile
+        )
         for group in self.param_groups:
             self._init_group_state(group)
         self._constructed = True
@@ -98,9 +114,30 @@ class ShardFlowOptimizer(torch.optim.Optimizer):
             self._init_group_state(group)
 
     def _init_group_state(self, group: dict[str, Any]) -> None:
+        """State for every parameter on every rank (0 rows where this rank keeps none)."""
         for p in group["params"]:
-            if self.placement.owns(p) and not self.state[p]:
-                self._init_state(p, self.placement.local(p), group, self.state[p])
+            state = self.state[p]
+            if state:
+                continue
+            self._init_state(p, self.placement.local(p), group, state)
+            for key, value in state.items():
+                state[key] = self.placement.wrap_state(p, value, self.state_layout.get(key, ""))
+
+    def _ns_tile(
+        self, param: Tensor, group: dict[str, Any], name: str | None
+    ) -> tuple[int, int] | None:
+        """Newton-Schulz tiles of ``param`` (None: not orthogonalized), for the owner plan.
+
+        The default follows the DolphinFlow family: hidden matrices (see
+        :func:`~shardflow.optim.routing.is_hidden_matrix`) of a group whose ``ortho_mode`` is
+        ``"matrix"``/``"full"`` are one tile, ``"block"`` ones are ``block_size`` squares.
+        """
+        mode = group.get("ortho_mode")
+        if mode not in ("matrix", "full", "block") or not is_hidden_matrix(param, name):
+            return None
+        if mode == "block":
+            return (group["block_size"], group["block_size"])
+        return (param.shape[0], math.prod(param.shape[1:]))
 
     def _check_group(self, group: dict[str, Any]) -> None:
         """Validate one group's hyperparameters; subclasses extend."""
@@ -138,10 +175,11 @@ class ShardFlowOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             params, grads = [], []
             for p in group["params"]:
-                if p.grad is None or not self.placement.owns(p):
+                grad = self.placement.grad(p)
+                if grad is None or not self.placement.owns(p):
                     continue
                 params.append(p)
-                grads.append(self.placement.local(p.grad))
+                grads.append(self.placement.local(grad))
             out.append((group, params, grads))
         return out
 
@@ -184,6 +222,7 @@ class ShardFlowOptimizer(torch.optim.Optimizer):
         ops = self._ops_for(all_grads)
         scale = self._grad_scale(all_grads, ops)
         if scale is None:
+            self.placement.after_update(self, updated=False)
             self._skip_nonfinite()
             return loss
         for group, params, grads in collected:
@@ -191,12 +230,26 @@ class ShardFlowOptimizer(torch.optim.Optimizer):
                 continue
             scratch = ops.clone_scaled(grads, scale, _compute_dtype(grads[0]))
             items = [
-                Item(p, self.placement.local(p), g, self.state[p]) for p, g in zip(params, scratch)
+                Item(p, self.placement.local(p), g, self.placement.state_view(self.state[p]))
+                for p, g in zip(params, scratch)
             ]
+            seen = [None if it.state is self.state[it.param] else dict(it.state) for it in items]
             self._update_group(group, items, ops)
+            for it, before in zip(items, seen):
+                self._store_state(it, before)
         self.placement.after_update(self)
         self._after_step(loss)
         return loss
+
+    def _store_state(self, item: Item, before: dict[str, Any] | None) -> None:
+        """Write back the state keys the rule assigned anew (in-place updates need nothing)."""
+        state = self.state[item.param]
+        if before is None:
+            return
+        for key, value in item.state.items():
+            if before.get(key) is not value:
+                layout = self.state_layout.get(key, "")
+                state[key] = self.placement.wrap_state(item.param, value, layout)
 
     def _after_step(self, loss: Any) -> None:
         """Hook run after a successful step (the loss-aware schedule uses it)."""

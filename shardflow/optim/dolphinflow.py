@@ -334,7 +334,7 @@ class DolphinFlow(ShardFlowOptimizer):
             chosen = [it for it in items if routes[it.param] == mode]
             if not chosen:
                 continue
-            mats = [it.grad.reshape(it.grad.size(0), -1) for it in chosen]
+            mats = [it.grad.flatten(1) for it in chosen]  # flatten: 0-row shards too
             out = self.placement.orthogonalize(
                 [it.param for it in chosen],
                 mats,

@@ -15,8 +15,9 @@ Newton-Schulz
 Adaptive step count (the measured criterion)
     After ``min_steps`` iterations, each further iteration first measures the orthogonality
     error ``e = ‖A − I‖_F / √k`` (``k = min(m, n)``) on the ``A`` it has to compute anyway, i.e.
-    the root-mean-square of ``σᵢ² − 1``. It stops as soon as the worst matrix in the batch has
-    ``e ≤ tol`` (default :data:`NS_TOL`), and never runs more than ``max_steps`` iterations.
+    the root-mean-square of ``σᵢ² − 1``. Each matrix of a batch stops (is frozen) as soon as it
+    has ``e ≤ tol`` (default :data:`NS_TOL`); the batch stops when every matrix has, and never
+    runs more than ``max_steps`` iterations.
     The check costs one scalar read from the device per extra iteration and nothing else.
 
 ⊥Grad
@@ -57,8 +58,10 @@ def newton_schulz(
 ) -> Tensor:
     """Approximately orthogonalize ``x`` (shape ``(..., m, n)``) with quintic Newton-Schulz.
 
-    Leading dimensions are a batch: every matrix in it is orthogonalized separately and the
-    step count is decided for the batch as a whole (the worst matrix decides). ``dtype`` is the
+    Leading dimensions are a batch: every matrix in it is orthogonalized separately and stops
+    on its own (a matrix that meets the criterion is frozen while the others go on), so a
+    matrix's result does not depend on which batch it travels in — the sharded placements
+    batch matrices differently on each rank and must give the single-device numbers. ``dtype`` is the
     compute dtype (``torch.bfloat16`` halves memory traffic on GPUs; ``None`` keeps fp32 or
     higher). Returns a tensor of ``x``'s shape and dtype whose singular values lie in
     :data:`NS_BAND` once the criterion is met.
@@ -79,18 +82,21 @@ def newton_schulz(
     a, b, c = NS_COEFFS
     k = y.size(-2)
     eye = torch.eye(k, dtype=compute, device=y.device) if max_steps > min_steps else None
+    done = None  # per matrix: met the criterion, frozen from then on
     for step in range(max_steps):
         gram = y @ y.mT
         if eye is not None and step >= min_steps:
-            err = torch.linalg.matrix_norm((gram - eye).float()).amax() / math.sqrt(k)
-            if float(err) <= tol:
+            err = torch.linalg.matrix_norm((gram - eye).float()) / math.sqrt(k)
+            done = err <= tol if done is None else done | (err <= tol)
+            if bool(done.all()):
                 break
         poly = (
             torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
             if gram.ndim == 3
             else b * gram + c * (gram @ gram)
         )
-        y = torch.baddbmm(y, poly, y, beta=a) if y.ndim == 3 else a * y + poly @ y
+        nxt = torch.baddbmm(y, poly, y, beta=a) if y.ndim == 3 else a * y + poly @ y
+        y = nxt if done is None else torch.where(done[..., None, None], y, nxt)
     if tall:
         y = y.mT
     return y.to(out_dtype)
@@ -122,7 +128,7 @@ def newton_schulz_many(mats: Sequence[Tensor], **ns_kwargs) -> list[Tensor]:
 
 def as_matrix(t: Tensor) -> Tensor:
     """View a tensor of 2 or more dims as ``(out, rest)``; convolution filters flatten this way."""
-    return t if t.ndim == 2 else t.reshape(t.size(0), -1)
+    return t if t.ndim == 2 else t.flatten(1)
 
 
 def block_view(m: Tensor, block_size: int) -> list[tuple[slice, slice]]:
@@ -210,4 +216,4 @@ def orthograd_(
 
 def _rows(t: Tensor, rowwise: bool) -> Tensor:
     """``(rows, rest)`` view when row-wise and 2 or more dims, else ``(1, numel)``."""
-    return t.reshape(t.size(0), -1) if (rowwise and t.ndim >= 2) else t.reshape(1, -1)
+    return t.flatten(1) if (rowwise and t.ndim >= 2) else t.reshape(1, -1)
