@@ -25,6 +25,7 @@ Tolerances, on the parameters after 20 steps at lr = 1e-2 (weights of order 1, m
 
 from __future__ import annotations
 
+import copy
 import re
 
 import numpy as np
@@ -37,7 +38,7 @@ from dist import run_on_ranks
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from shardflow import DolphinFlow
@@ -237,9 +238,18 @@ def _counts(rank, world):
                 out[(kind, ci, layers, micro)] = logs[-1]
     state = {}
     for kind in ("ddp_unwrapped", "fsdp"):
-        _, opt, _ = train_sharded(kind, CONFIGS[0], rank, world, steps=1)
+        model, opt, _ = train_sharded(kind, CONFIGS[0], rank, world, steps=1)
         plan = opt.placement.plan
         state[kind] = (opt.state_bytes(), opt.param_count(), plan.element_imbalance())
+        # row state is a DTensor under FSDP2 (for torch.distributed.checkpoint) and reloads
+        exp_avg = [s["exp_avg"] for s in opt.state.values()]
+        assert all(isinstance(t, DTensor) == (kind == "fsdp") for t in exp_avg)
+        before = [opt.placement.local(t).clone() for t in exp_avg]
+        opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+        after = [opt.placement.local(s["exp_avg"]) for s in opt.state.values()]
+        assert all(torch.equal(a, b) for a, b in zip(before, after))
+        loss_of(model, batch(0)[rank::world]).backward()
+        opt.step()
     keys = [sorted(s.keys()) for s in opt.state.values()]
     return out, state, keys, opt.placement.describe()
 

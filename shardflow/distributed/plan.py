@@ -157,15 +157,21 @@ class OwnerPlan:
         """``max / mean`` of the owned element counts."""
         return imbalance(self.elements())
 
-    def describe(self, unit_name: str = "units") -> str:
-        """A table: per rank, the units it owns, their elements and NS load (and max/mean)."""
+    def describe(self, unit_name: str = "units", names: dict[int, str] | None = None) -> str:
+        """A table: per rank, the units it owns, their elements and NS load (and max/mean);
+        with ``names`` (parameter index → name), also which parameters those units belong to."""
         loads, elems, counts = self.ns_loads(), self.elements(), self.counts()
         total = sum(loads) or 1.0
-        lines = [f"{'rank':>5} {unit_name:>8} {'elements':>12} {'NS load':>12} {'NS share':>9}"]
+        head = f"{'rank':>5} {unit_name:>8} {'elements':>12} {'NS load':>12} {'NS share':>9}"
+        lines = [head + ("  parameters" if names else "")]
         for r in range(self.world_size):
-            lines.append(
-                f"{r:>5} {counts[r]:>8} {elems[r]:>12} {loads[r]:>12.4g} {loads[r] / total:>9.1%}"
-            )
+            row = f"{r:>5} {counts[r]:>8} {elems[r]:>12} {loads[r]:>12.4g} {loads[r] / total:>9.1%}"
+            if names:
+                owned = dict.fromkeys(u.index for u, o in zip(self.units, self.owners) if o == r)
+                listed = [names.get(i, str(i)) for i in owned]
+                more = f" … (+{len(listed) - 6})" if len(listed) > 6 else ""
+                row += "  " + ", ".join(listed[:6]) + more
+            lines.append(row)
         lines.append(
             f"max/mean: NS load {self.ns_imbalance():.3f}, elements {self.element_imbalance():.3f}"
         )

@@ -338,7 +338,7 @@ class ReplicatedPlacement(LocalPlacement):
         )
         return (
             f"DDP-aware owner plan over {self.world_size} ranks ({mode}); this is rank "
-            f"{self.rank}\n{self.plan.describe('params')}"
+            f"{self.rank}\n{self.plan.describe('params', dict(enumerate(self.names)))}"
         )
 
 
@@ -529,7 +529,7 @@ class ShardedPlacement(LocalPlacement):
         return (
             f"FSDP2-aware: state on local rows over {self.world_size} ranks; Newton-Schulz owner "
             f"plan (wire {self.wire_dtype}); this is rank {self.rank}\n"
-            f"{self.plan.describe('NS units')}"
+            f"{self.plan.describe('NS units', dict(enumerate(self.names)))}"
         )
 
 
