@@ -19,7 +19,8 @@ The rule, the same for every placement and every optimizer:
   identical wherever the state lives (step counters, seeds, column factors after their
   all-reduce). A 0-d tensor is whole whatever its layout. Non-tensor values go to the index as
   JSON. An optimizer without ``state_layout`` (a ``torch.optim`` one) gets ``"rows"`` for state
-  shaped like the local parameter and ``"replicated"`` for the rest.
+  shaped like the local parameter and ``"replicated"`` for the rest; state kept as a DTensor
+  (``torch.optim`` on FSDP2 parameters) is sliced by its own placement.
 """
 
 from __future__ import annotations
@@ -217,6 +218,9 @@ def state_tensor_spec(
     rows_held = placement.row_range(param)
     local = placement.local(value).detach()
     layout = layout_of(optimizer, key, local, placement.local(param))
+    if _is_dtensor(local):  # state kept as a DTensor (torch.optim on FSDP2) says where it lives
+        plain, rows = local_rows(local, where)
+        return layout, plain, list(local.shape), rows
     if layout == "rows" and local.ndim >= 1:
         global_shape = placement.global_shape(param)
         if len(global_shape) == 0:
