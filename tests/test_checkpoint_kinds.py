@@ -25,7 +25,8 @@ from shardflow.optim.base import Layout, ShardFlowOptimizer, step_counter
 
 
 def _matrix(t: Tensor) -> Tensor:
-    return t.reshape(t.shape[0], -1)
+    """``(rows, cols)`` view: 1-D tensors are one column (works for 0-row shards too)."""
+    return t.flatten(1) if t.ndim > 1 else t.unsqueeze(1)
 
 
 def pack_signs(positive: Tensor) -> Tensor:

@@ -154,6 +154,20 @@ def _collect(model, optimizer, extra) -> _Holdings:
     return _Holdings(parts, report)
 
 
+def _plan(reports: list[dict[str, Any]]):
+    """Check what the ranks hold together, then choose writers (the same on every rank)."""
+    if "optimizer" in reports[0]:
+        names = [n for g in reports[0]["optimizer"]["param_groups"] for n in g["params"]]
+        owned = {n for r in reports for n in r["values"]}
+        orphans = [n for n in names if n not in owned]
+        if orphans:
+            raise CheckpointError(
+                f"the optimizer state of {orphans[:5]} is held by no rank (no rank owns those "
+                "parameters): the placement must give every parameter an owner."
+            )
+    return plan_pieces([r["metas"] for r in reports])
+
+
 def _index(reports: list[dict[str, Any]], plan, files: dict[str, Any]) -> dict[str, Any]:
     first = reports[0]
     index: dict[str, Any] = {
@@ -229,7 +243,7 @@ def save(
     nonce = reports[0]["nonce"]
     tmp = directory.temporary(final, "tmp", nonce)
     try:
-        plan, error = _attempt(lambda: plan_pieces([r["metas"] for r in reports]))
+        plan, error = _attempt(lambda: _plan(reports))
         if error is not None:
             raise error
 
