@@ -356,3 +356,16 @@ def test_model_weights_load_in_plain_safetensors(tmp_path):
     with open(path, "rb") as f:
         header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
     assert header["__metadata__"] == {"format": "pt"}
+
+
+def test_a_garbled_header_is_refused_even_without_checksums(tmp_path):
+    path = _saved(tmp_path)
+    file = path / "rank-00000-of-00001.safetensors"
+    data = bytearray(file.read_bytes())
+    data[8:10] = b"[x"  # the JSON header now starts with garbage; the size is unchanged
+    file.write_bytes(bytes(data))
+    model, opt = _fresh()
+    with pytest.raises(
+        ck.CheckpointError, match=r"rank-00000-of-00001\.safetensors' has a malformed header"
+    ):
+        ck.load(path, model=model, optimizer=opt, verify=False)

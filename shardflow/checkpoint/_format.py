@@ -23,6 +23,7 @@ import os
 import struct
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,11 +76,6 @@ def dtype_from_name(name: str) -> torch.dtype:
     if name not in _BY_NAME:
         raise CheckpointError(f"unknown dtype {name!r} in the index: known are {sorted(_BY_NAME)}.")
     return _BY_NAME[name]
-
-
-def safetensors_dtype(name: str) -> str:
-    """The safetensors header's dtype code for an index dtype name (``"float32"`` → ``"F32"``)."""
-    return _SAFETENSORS_DTYPES[dtype_from_name(name)]
 
 
 def check_storable(name: str, tensor: Tensor) -> None:
@@ -168,7 +164,8 @@ def write_safetensors_stream(
     raw += b" " * (-len(raw) % 8)
     digest = hashlib.sha256()
     written = 0
-    with open(path, "wb") as f:
+    # Hash chunk k while the writer thread writes it (both release the GIL).
+    with open(path, "wb") as f, ThreadPoolExecutor(1) as pool:
         for piece in (struct.pack("<Q", len(raw)), raw):
             f.write(piece)
             digest.update(piece)
@@ -180,9 +177,9 @@ def write_safetensors_stream(
                     f"says {tuple(shape)} {dtype}."
                 )
             for chunk in _byte_chunks(t):
-                f.write(chunk)
+                pending = pool.submit(f.write, chunk)
                 digest.update(chunk)
-                written += len(chunk)
+                written += pending.result()
         f.flush()
         os.fsync(f.fileno())
     if written != 8 + len(raw) + offset:
@@ -215,9 +212,110 @@ def write_text(path: Path, text: str) -> None:
 
 
 def sha256_file(path: Path) -> str:
-    """SHA-256 of a file's bytes (streamed)."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    """SHA-256 of a file's bytes, reading chunk k+1 (in a thread) while hashing chunk k."""
+    digest = hashlib.sha256()
+    buffers = [bytearray(CHUNK_BYTES // 4), bytearray(CHUNK_BYTES // 4)]
+    with open(path, "rb", buffering=0) as f, ThreadPoolExecutor(1) as pool:
+        current = 0
+        pending = pool.submit(f.readinto, buffers[current])
+        while n := pending.result():
+            ready = memoryview(buffers[current])[:n]
+            current ^= 1
+            pending = pool.submit(f.readinto, buffers[current])
+            digest.update(ready)
+    return digest.hexdigest()
+
+
+class SafetensorsReader:
+    """Read rows of tensors from a safetensors file straight into existing tensors.
+
+    The header is parsed and checked (JSON, dtypes, shapes, offsets inside the file, no overlap)
+    on opening; :meth:`read_rows` then ``readinto``-s the bytes of rows ``[lo, hi)`` directly into
+    the destination's memory — no memory map, no temporary tensor — for a contiguous CPU
+    destination (others go through one temporary of the rows read).
+    """
+
+    MAX_HEADER = 100 << 20
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.file = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by close()
+        try:
+            self.entries = self._parse()
+        except Exception:
+            self.file.close()
+            raise
+
+    def _parse(self) -> dict[str, tuple[torch.dtype, list[int], int, int]]:
+        size = os.fstat(self.file.fileno()).st_size
+        head = self.file.read(8)
+        if len(head) != 8:
+            raise CheckpointError(f"{str(self.path)!r} is too short to be a safetensors file.")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(size - 8, self.MAX_HEADER):
+            raise CheckpointError(f"{str(self.path)!r} has a header length ({n}) past its end.")
+        try:
+            header = json.loads(self.file.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{str(self.path)!r} has a malformed header ({exc}).") from exc
+        self.base = 8 + n
+        codes = {code: dtype for dtype, code in _SAFETENSORS_DTYPES.items()}
+        entries = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            try:
+                dtype, shape = codes[info["dtype"]], [int(s) for s in info["shape"]]
+                begin, end = (int(o) for o in info["data_offsets"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise CheckpointError(f"{str(self.path)!r}: bad header entry {name!r}.") from exc
+            if end - begin != math.prod(shape) * _element_size(dtype) or end > size - self.base:
+                raise CheckpointError(
+                    f"{str(self.path)!r}: {name}'s bytes [{begin}, {end}) do not fit its shape "
+                    f"{shape} or the file."
+                )
+            entries[name] = (dtype, shape, begin, end)
+        return entries
+
+    def info(self, name: str) -> tuple[torch.dtype, list[int]]:
+        if name not in self.entries:
+            raise CheckpointError(f"{str(self.path)!r} lacks {name}, which the index places there.")
+        dtype, shape, _, _ = self.entries[name]
+        return dtype, shape
+
+    def read_rows(
+        self, name: str, out: Tensor, lo: int | None = None, hi: int | None = None
+    ) -> None:
+        """Fill ``out`` with rows ``[lo, hi)`` of ``name`` (the whole tensor when ``lo`` is None)."""
+        dtype, shape, begin, end = self.entries[name]
+        if lo is None:
+            offset, nbytes = begin, end - begin
+        else:
+            row = math.prod(shape[1:]) * _element_size(dtype)
+            offset, nbytes = begin + lo * row, (hi - lo) * row
+        target = out
+        if out.device.type != "cpu" or not out.is_contiguous() or out.dtype != dtype:
+            target = torch.empty(out.shape, dtype=dtype)
+        view = memoryview(target.reshape(-1).view(torch.uint8).numpy())
+        if len(view) != nbytes:
+            raise CheckpointError(f"{str(self.path)!r}: {name} rows do not match the destination.")
+        done = 0
+        while done < nbytes:
+            got = os.preadv(self.file.fileno(), [view[done:]], self.base + offset + done)
+            if got <= 0:
+                raise CheckpointError(f"{str(self.path)!r} ended while reading {name}.")
+            done += got
+        if target is not out:
+            out.copy_(target)
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self) -> SafetensorsReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 # -- tagged JSON --------------------------------------------------------------------------------

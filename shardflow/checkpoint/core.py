@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from safetensors import safe_open
 from torch import Tensor
 
 from shardflow.checkpoint import _directory as directory
@@ -57,12 +56,12 @@ from shardflow.checkpoint._format import (
     FORMAT_VERSION,
     INDEX_NAME,
     CheckpointError,
+    SafetensorsReader,
     decode_value,
     dtype_name,
     encode_value,
     fsync_dir,
     index_text,
-    safetensors_dtype,
     sha256_file,
     write_safetensors,
     write_text,
@@ -452,51 +451,35 @@ def _verify_checksums(path: Path, index: dict, comm: Comm) -> None:
             )
 
 
-def _check_headers(path: Path, index: dict, targets: list[_Target], handles: dict) -> None:
+def _check_headers(path: Path, index: dict, targets: list[_Target], readers: dict) -> None:
     """Every piece a target needs is in its file's header, with the right shape and dtype."""
     for target in targets:
         record = index["tensors"][target.name]
         for file, a, b, _, _ in overlaps(record, target.rows):
-            try:
-                piece = handles[file].get_slice(target.name)
-            except Exception as exc:  # noqa: BLE001 - safetensors raises its own types
-                raise CheckpointError(
-                    f"{str(path / file)!r} lacks {target.name}, which the index places there."
-                ) from exc
+            dtype, shape = readers[file].info(target.name)
             expected = list(record["shape"])
             if expected:
                 expected[0] = b - a
-            if list(piece.get_shape()) != expected or piece.get_dtype() != safetensors_dtype(
-                record["dtype"]
-            ):
+            if shape != expected or dtype_name(dtype) != record["dtype"]:
                 raise CheckpointError(
-                    f"{str(path / file)!r}: {target.name} is {piece.get_dtype()} "
-                    f"{piece.get_shape()} in the file but the index says {record['dtype']} "
-                    f"{expected}."
+                    f"{str(path / file)!r}: {target.name} is {dtype_name(dtype)} {shape} in the "
+                    f"file but the index says {record['dtype']} {expected}."
                 )
 
 
-def _open_all(path: Path, files: list[str], stack: ExitStack) -> dict[str, Any]:
-    handles = {}
-    for name in files:
-        try:
-            handles[name] = stack.enter_context(safe_open(str(path / name), framework="pt"))
-        except Exception as exc:  # noqa: BLE001
-            raise CheckpointError(
-                f"{str(path / name)!r} is not a readable safetensors file ({exc})."
-            ) from exc
-    return handles
+def _open_all(path: Path, files: list[str], stack: ExitStack) -> dict[str, SafetensorsReader]:
+    return {name: stack.enter_context(SafetensorsReader(path / name)) for name in files}
 
 
-def _copy(target: _Target, record: dict, handles: dict) -> None:
+def _copy(target: _Target, record: dict, readers: dict) -> None:
+    """Read the target's rows from every piece holding some of them, straight into ``dest``."""
     if target.rows is None:
         ((file, *_),) = record["pieces"]
-        target.dest.copy_(handles[file].get_tensor(target.name))
+        readers[file].read_rows(target.name, target.dest)
         return
     start = target.rows[0]
     for file, a, _, lo, hi in overlaps(record, target.rows):
-        piece = handles[file].get_slice(target.name)[lo - a : hi - a]
-        target.dest[lo - start : hi - start].copy_(piece)
+        readers[file].read_rows(target.name, target.dest[lo - start : hi - start], lo - a, hi - a)
 
 
 def load(
@@ -542,7 +525,7 @@ def load(
 
     plan, error = _attempt(prepare)
     with ExitStack() as stack:
-        handles: dict[str, Any] = {}
+        readers: dict[str, Any] = {}
 
         def open_and_check() -> None:
             if plan is None:
@@ -554,15 +537,15 @@ def load(
                     for f, *_ in overlaps(plan.index["tensors"][t.name], t.rows)
                 }
             )
-            handles.update(_open_all(path, needed, stack))
-            _check_headers(path, plan.index, plan.targets, handles)
+            readers.update(_open_all(path, needed, stack))
+            _check_headers(path, plan.index, plan.targets, readers)
 
         if error is None:
             _, error = _attempt(open_and_check)
         _agree(comm, None, error)
         with torch.no_grad():
             for target in plan.targets:
-                _copy(target, plan.index["tensors"][target.name], handles)
+                _copy(target, plan.index["tensors"][target.name], readers)
     if optimizer is not None:
         _assign_optimizer(optimizer, plan)
     return decode_value(plan.index.get("extra") or {})
