@@ -217,7 +217,7 @@ def adam_direction(
         num.add_(slow, alpha=s.alpha)
     den = (v / s.bc2).sqrt_()
     if atan2:
-        u = torch.atan2(num, den, out=den).mul_(ATAN2_SCALE)
+        u = torch.atan2(num, den).mul_(ATAN2_SCALE)
     else:
         u = num.div_(den.add_(s.eps))
     return _grams(u, g) if grams else u
@@ -246,19 +246,67 @@ def adopt_direction(
         return None
     root = v.sqrt()
     if atan2:
-        n = torch.atan2(g, root, out=root).mul_(ATAN2_SCALE)
+        n = torch.atan2(g, root).mul_(ATAN2_SCALE)
     else:
-        n = torch.div(g, root.clamp_min_(s.eps), out=root)
+        n = g / root.clamp_min_(s.eps)
         if s.clip is not None:
             n.clamp_(-s.clip, s.clip)
     m.lerp_(n, 1.0 - s.beta1)
     if slow is not None:
         slow.lerp_(n, 1.0 - s.beta3)
-        u = torch.add(m, slow, alpha=s.alpha, out=n)
+        u = m + s.alpha * slow
     else:
-        u = n.copy_(m)
+        u = m.clone()
     v.mul_(s.beta2).addcmul_(g, g, value=1.0 - s.beta2)
     return _grams(u, g) if grams else u
+
+
+def factored_chunk_update(
+    rule,
+    g: Tensor,
+    rows: dict[str, Tensor],
+    cols: dict[str, Tensor],
+    signs: dict[str, Tensor],
+    s: StepScalars,
+    *,
+    atan2: bool,
+    grams: bool,
+) -> tuple[Tensor | None, dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
+    """Reconstruct → update → direction → re-factor for a block of rows (a pure function).
+
+    ``rows[k]``: the block's row factors of moment ``k``; ``cols[k]``: the full column factors
+    divided by their sum; ``signs[k]``: the block's packed signs (signed moments only). Returns
+    the direction ``u`` (None on Adopt's first step) and, per moment, the new packed signs, row
+    sums and column partial sums of ``|moment|``.
+    """
+    dense = {k: torch.outer(rows[k].to(g.dtype), cols[k]) for k in rows}
+    for k, packed in signs.items():
+        apply_signs_(dense[k], packed)
+    u = rule(
+        g,
+        dense["exp_avg"],
+        dense["exp_avg_sq"],
+        dense.get("exp_avg_slow"),
+        s,
+        atan2=atan2,
+        grams=grams,
+    )
+    new_signs, row_sums, col_sums = {}, {}, {}
+    for k, mat in dense.items():
+        if k in signs:
+            new_signs[k] = pack_signs(mat < 0)
+            mat = mat.abs_()
+        row_sums[k], col_sums[k] = factor_sums(mat)
+    return u, new_signs, row_sums, col_sums
+
+
+_COMPILED: list[Any] = []
+
+
+def _compiled_chunk_update():
+    if not _COMPILED:
+        _COMPILED.append(torch.compile(factored_chunk_update, dynamic=None))
+    return _COMPILED[0]
 
 
 def _grams(u: Tensor, g: Tensor) -> Tensor:
@@ -301,7 +349,20 @@ class _Factored(ShardFlowOptimizer):
         "exp_avg_slow_sign": "rows",
     }
 
-    def __init__(self, params: Iterable[Any], defaults: dict[str, Any], **kwargs: Any) -> None:
+    rule: Any = None
+    """The update direction on dense moments (:func:`adam_direction` or :func:`adopt_direction`)."""
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        defaults: dict[str, Any],
+        *,
+        compiled: bool | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if compiled is not None and not isinstance(compiled, bool):
+            _fail("compiled", compiled, "pass True, False or None (compile on CUDA only).")
+        self.compiled = compiled
         self._index: dict[Tensor, int] = {}
         super().__init__(params, defaults, **kwargs)
 
@@ -418,25 +479,26 @@ class _Factored(ShardFlowOptimizer):
         seed = mix_seed(self._param_index(it.param), int(st["step"]), _SR_EXP_AVG_ROW)
         row0 = self._row0(it)
         chunk = max(1, CHUNK_ELEMENTS // max(cols, 1))
+        chunk_update = self._chunk_update(g)
         for a in range(0, rows, chunk):
             b = min(rows, a + chunk)
-            dense = {k: torch.outer(st[f"{k}_row"][a:b].to(dtype), col_norm[k]) for k in keys}
-            for k in keys:
-                if k != "exp_avg_sq":
-                    apply_signs_(dense[k], st[f"{k}_sign"][a:b])
-            u = self._direction(
-                group, g[a:b], dense["exp_avg"], dense["exp_avg_sq"], dense.get("exp_avg_slow"), s
+            u, signs, row_sums, col_sums = chunk_update(
+                self.rule,
+                g[a:b],
+                {k: st[f"{k}_row"][a:b] for k in keys},
+                col_norm,
+                {k: st[f"{k}_sign"][a:b] for k in keys if k != "exp_avg_sq"},
+                s,
+                atan2=group["atan2"],
+                grams=group["grams"],
             )
             if u is not None:
                 self._apply(group, it, p[a:b], u, lr_eff, offset=(row0 + a) * cols)
             for k in keys:
-                mat = dense[k]
-                if k != "exp_avg_sq":
-                    st[f"{k}_sign"][a:b] = pack_signs(mat < 0)
-                    mat.abs_()
-                row_sums, col_sums = factor_sums(mat)
-                _store(st[f"{k}_row"][a:b], row_sums, seed, offset=row0 + a)
-                partial[k] += col_sums
+                if k in signs:
+                    st[f"{k}_sign"][a:b] = signs[k]
+                _store(st[f"{k}_row"][a:b], row_sums[k], seed, offset=row0 + a)
+                partial[k] += col_sums[k]
         if target is not it.local:
             it.local.copy_(target)
         return [partial[k] for k in keys]
@@ -509,7 +571,12 @@ class _Factored(ShardFlowOptimizer):
         raise NotImplementedError
 
     def _direction(self, group, g, m, v, slow, s: StepScalars) -> Tensor | None:
-        raise NotImplementedError
+        return self.rule(g, m, v, slow, s, atan2=group["atan2"], grams=group["grams"])
+
+    def _chunk_update(self, g: Tensor):
+        """:func:`factored_chunk_update`, compiled when ``compiled`` says so (None: on CUDA)."""
+        compiled = self.compiled if self.compiled is not None else g.device.type == "cuda"
+        return _compiled_chunk_update() if compiled else factored_chunk_update
 
     def _before_moments(self, group: dict[str, Any], items: list[Item], lr: float) -> None:
         """Hook before the moments change (Prodigy gathers its statistics here)."""
@@ -547,7 +614,7 @@ def _store(dst: Tensor, value: Tensor, seed: int, *, offset: int) -> None:
         dst.copy_(value)
 
 
-_NOT_DEFAULTS = ("self", "params", "gradient_clipping", "process_group", "__class__")
+_NOT_DEFAULTS = ("self", "params", "gradient_clipping", "process_group", "compiled", "__class__")
 
 
 def _defaults(args: dict[str, Any]) -> dict[str, Any]:
@@ -573,7 +640,9 @@ _COMMON_ARGS = """
         grams: take the update's direction from the gradient's sign (Grams).
         stochastic_rounding: stochastic rounding of bf16 parameters' updates.
         gradient_clipping: global gradient-norm bound (None: off).
-        process_group: ProcessGroup or 1-D DeviceMesh to shard over; None: one process."""
+        process_group: ProcessGroup or 1-D DeviceMesh to shard over; None: one process.
+        compiled: run the per-chunk reconstruct/update/refactor through ``torch.compile``
+            (one fused kernel instead of ~20 passes); None: on CUDA only."""
 
 
 class FactoredAdam(_Factored):
@@ -588,6 +657,8 @@ class FactoredAdam(_Factored):
     Args:"""
         + _COMMON_ARGS
     )
+
+    rule = staticmethod(adam_direction)
 
     def __init__(
         self,
@@ -608,10 +679,15 @@ class FactoredAdam(_Factored):
         stochastic_rounding: bool = True,
         gradient_clipping: float | None = None,
         process_group: Any = None,
+        compiled: bool | None = None,
     ) -> None:
         defaults = _defaults(locals())
         super().__init__(
-            params, defaults, process_group=process_group, gradient_clipping=gradient_clipping
+            params,
+            defaults,
+            process_group=process_group,
+            gradient_clipping=gradient_clipping,
+            compiled=compiled,
         )
 
     def _scalars(self, group: dict[str, Any], it: Item) -> StepScalars:
@@ -627,9 +703,6 @@ class FactoredAdam(_Factored):
             beta3=beta3,
             alpha=alpha,
         )
-
-    def _direction(self, group, g, m, v, slow, s):
-        return adam_direction(g, m, v, slow, s, atan2=group["atan2"], grams=group["grams"])
 
 
 class FactoredAdopt(_Factored):
@@ -649,6 +722,8 @@ class FactoredAdopt(_Factored):
         + """
         clip: clip the normalized gradient at ``(t−1)^¼`` (the paper's schedule)."""
     )
+
+    rule = staticmethod(adopt_direction)
 
     def __init__(
         self,
@@ -670,10 +745,15 @@ class FactoredAdopt(_Factored):
         stochastic_rounding: bool = True,
         gradient_clipping: float | None = None,
         process_group: Any = None,
+        compiled: bool | None = None,
     ) -> None:
         defaults = _defaults(locals())
         super().__init__(
-            params, defaults, process_group=process_group, gradient_clipping=gradient_clipping
+            params,
+            defaults,
+            process_group=process_group,
+            gradient_clipping=gradient_clipping,
+            compiled=compiled,
         )
 
     def _check_group(self, group: dict[str, Any]) -> None:
@@ -693,9 +773,6 @@ class FactoredAdopt(_Factored):
             clip=(t - 1) ** 0.25 if group["clip"] else None,
             first=t == 1,
         )
-
-    def _direction(self, group, g, m, v, slow, s):
-        return adopt_direction(g, m, v, slow, s, atan2=group["atan2"], grams=group["grams"])
 
 
 class FactoredProdigy(_Factored):
@@ -733,6 +810,8 @@ class FactoredProdigy(_Factored):
         slice_p: keep ``x₀`` and ``s`` for every ``slice_p``-th column."""
     )
 
+    rule = staticmethod(adam_direction)
+
     state_layout: ClassVar[dict[str, Layout]] = {
         **_Factored.state_layout,
         "p0": "rows",
@@ -765,10 +844,15 @@ class FactoredProdigy(_Factored):
         stochastic_rounding: bool = True,
         gradient_clipping: float | None = None,
         process_group: Any = None,
+        compiled: bool | None = None,
     ) -> None:
         defaults = _defaults(locals())
         super().__init__(
-            params, defaults, process_group=process_group, gradient_clipping=gradient_clipping
+            params,
+            defaults,
+            process_group=process_group,
+            gradient_clipping=gradient_clipping,
+            compiled=compiled,
         )
 
     def _check_group(self, group: dict[str, Any]) -> None:
@@ -813,9 +897,6 @@ class FactoredProdigy(_Factored):
         return StepScalars(
             beta1=beta1, beta2=beta2, eps=group["eps"] * d, scale=d, beta3=beta3, alpha=alpha
         )
-
-    def _direction(self, group, g, m, v, slow, s):
-        return adam_direction(g, m, v, slow, s, atan2=group["atan2"], grams=group["grams"])
 
     def _beta3(self, group: dict[str, Any]) -> float:
         b3 = group["beta3"]
