@@ -1,0 +1,932 @@
+"""Factored Adam, Adopt and Prodigy: Adam-quality updates in a fraction of a byte per parameter.
+
+**Factored state** (SMMF, Park & Lee 2024, arXiv 2412.08894; adv_optm 2.5, ANCHORS.md). Every
+tensor of 2 or more dims is seen as its ``(out, rest)`` matrix ``(R, C)`` — the parameter's true
+rows and columns, never a shape derived from its element count. Each step reconstructs its dense
+moments, updates them like the dense optimizer, computes the update from them, and factors them
+again:
+
+- a non-negative ``M`` is kept as its row sums ``r = M·1`` and column sums ``c = 1ᵀ·M``, and
+  reconstructed as the rank-1 NNMF ``M̂ = r·cᵀ / Σc`` (as Adafactor, Shazeer & Stern 2018, arXiv
+  1804.04235; ``Σc = Σr`` is the total, so nothing else is stored);
+- the second moment ``v`` is ``(r_v, c_v)``;
+- the first moment ``m`` (and AdEMAMix's slow EMA) is ``|m|`` factored as above plus its sign,
+  one bit per element, packed per row: a ``(R, ⌈C/8⌉)`` uint8 tensor (:func:`pack_signs`).
+
+**Storage and its budget.** Sign: 1 bit = 0.125 B/param. Factors: the first moment's factors are
+bf16, rounded stochastically (unbiased: β₁ = 0.9 forgets in ~10 steps, so the rounding noise
+averages out to ≈0.5 %, and stochastic rounding keeps a bf16 EMA from stalling); the second
+moment's and the slow EMA's factors are fp32, because with β₂ = 0.999 a bf16 EMA would stall
+(``(1 − β₂)·x`` is below half an ulp) or, rounded stochastically, carry ≈5 % noise. For a
+768×1024 matrix: ``0.125 + (768 + 1024)·(2 + 4) / (768·1024) ≈ 0.1387`` B/param (adv_optm, with
+fp32 factors: 0.1432). fp64 parameters keep fp64 factors (for exact tests).
+
+**Sharding.** Under row sharding (FSDP2 ``Shard(0)``) a rank holds rows ``[r₀, r₁)``: their row
+factors and sign rows are local, and the column sums are completed by **one batched
+``placement.sum_over_shards`` per param group per step** carrying the column partial sums of every
+factored state of every matrix in the group. Column factors are then identical on every rank.
+Nothing depends on how the rows are split, so results are world-size invariant (tested on 1, 2
+and 4 ranks). Checkpoints: row factors, signs and dense states are ``"rows"``; column factors and
+scalars ``"replicated"`` (:attr:`FactoredAdam.state_layout`).
+
+**1-D (and 0-d) parameters** — biases, norm gains — keep dense fp32 states: they are ``O(rows)``
+anyway, and a vector has no second dimension to factor. ``factored=False`` makes every
+parameter dense: then :class:`FactoredAdam` is ``torch.optim.AdamW``.
+
+**Temporaries.** A matrix is processed in row chunks of about 2²¹ elements, so the dense
+reconstruction costs a few chunk-sized buffers, not a few copies of the largest parameter.
+
+**Options, on every variant:**
+
+- ``ademamix`` — AdEMAMix (Pagliardini et al. 2024, arXiv 2409.03137): a slow EMA
+  ``m₂ ← β₃·m₂ + (1 − β₃)·x`` (factored like the first moment) added to the numerator,
+  ``(m̂₁ + α·m₂)``; with ``ademamix_warmup=T`` the paper's schedules ramp ``α`` linearly and
+  ``β₃`` from ``β₁`` over ``T`` steps (its ``f_β₃``, which keeps the half-life growing linearly).
+- ``atan2`` — ``u = (4/π)·atan2(m̂, √v̂)`` instead of ``m̂ / (√v̂ + eps)`` (Everett et al. 2024,
+  "Scaling Exponents Across Parameterizations and Optimizers", arXiv 2407.05872, with the 4/π
+  scale adv_optm uses): scale invariant, no ``eps``, bounded by 2 (built-in clipping).
+- ``orthograd`` — ⊥Grad (Prieto et al. 2025, arXiv 2501.04697), flattened, norm restored, before
+  anything else: :func:`~shardflow.optim.orthogonalize.orthograd_`, its sums reduced in one batch.
+- ``grams`` — Grams (Cao et al. 2024, arXiv 2412.17107): ``u ← sign(g)·|u|``: the magnitude of the
+  adaptive update, the direction of the current gradient. The signed first moment is still kept:
+  the paper's rule updates ``m`` as Adam does.
+- ``stochastic_rounding`` (on by default) — bf16 parameters receive their update through
+  :func:`shardflow.optim.precision.add_stochastic_`, seeded by (parameter index, step) and the
+  element's global index, so it is independent of the world size. No effect on fp32 parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from shardflow.optim._listops import ListOps
+from shardflow.optim._validate import (
+    _fail,
+    check_bool,
+    check_int_at_least,
+    check_nonnegative,
+    check_positive,
+    check_unit_interval,
+)
+from shardflow.optim.base import Item, Layout, ShardFlowOptimizer, step_counter
+from shardflow.optim.orthogonalize import orthograd_, orthograd_sums
+from shardflow.optim.precision import add_stochastic_, mix_seed, round_bf16_stochastic
+
+ATAN2_SCALE = 4.0 / math.pi
+"""Scale of the atan2 update: ``(4/π)·atan2(x, 1) ≈ x`` near 0, bounded by 2."""
+
+CHUNK_ELEMENTS = 1 << 21
+"""A factored matrix is reconstructed this many elements (whole rows) at a time."""
+
+# Random streams for stochastic rounding (mixed into the seed with the param index and step).
+_SR_PARAM, _SR_EXP_AVG_ROW, _SR_EXP_AVG_COL = 0, 1, 2
+
+# ----------------------------------------------------------------------------------------------
+# 1-bit signs
+# ----------------------------------------------------------------------------------------------
+
+_BIT_WEIGHTS = [1 << i for i in range(8)]
+
+
+def pack_signs(negative: Tensor) -> Tensor:
+    """Pack a ``(rows, cols)`` bool tensor into ``(rows, ⌈cols/8⌉)`` uint8, bit ``j % 8`` of byte
+    ``j // 8`` holding column ``j`` (little-endian bits; padding bits are 0).
+
+    Packing per row keeps a row shard's bytes aligned with its rows whatever ``cols`` is.
+    """
+    rows, cols = negative.shape
+    nbytes = (cols + 7) // 8
+    if cols % 8:
+        padded = torch.zeros(rows, nbytes * 8, dtype=torch.bool, device=negative.device)
+        padded[:, :cols] = negative
+        negative = padded
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=negative.device)
+    bits = negative.reshape(rows, nbytes, 8).to(torch.uint8) * weights
+    return bits.sum(-1, dtype=torch.uint8)
+
+
+def unpack_signs(packed: Tensor, cols: int) -> Tensor:
+    """Inverse of :func:`pack_signs`: the ``(rows, cols)`` bool tensor (True = negative)."""
+    rows, nbytes = packed.shape
+    if nbytes != (cols + 7) // 8:
+        raise ValueError(
+            f"packed signs of shape {tuple(packed.shape)} cannot hold cols={cols}: they need "
+            f"{(cols + 7) // 8} bytes per row."
+        )
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    bits = (packed.unsqueeze(-1) >> shifts) & 1
+    return bits.reshape(rows, nbytes * 8)[:, :cols].bool()
+
+
+_LUTS: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+
+def _sign_lut(device: torch.device, dtype: torch.dtype) -> Tensor:
+    """``(256, 8)`` table: row ``b`` holds ``±1`` for the 8 bits of byte ``b`` (bit set: −1)."""
+    key = (device, dtype)
+    if key not in _LUTS:
+        byte = torch.arange(256, device=device).unsqueeze(1)
+        bit = torch.arange(8, device=device)
+        _LUTS[key] = (1 - 2 * ((byte >> bit) & 1)).to(dtype)
+    return _LUTS[key]
+
+
+def apply_signs_(magnitude: Tensor, packed: Tensor) -> Tensor:
+    """``magnitude ← magnitude · (±1)`` with the signs :func:`pack_signs` stored; returns it."""
+    rows, cols = magnitude.shape
+    signs = _sign_lut(magnitude.device, magnitude.dtype)[packed.int()]
+    return magnitude.mul_(signs.reshape(rows, packed.shape[1] * 8)[:, :cols])
+
+
+# ----------------------------------------------------------------------------------------------
+# Rank-1 non-negative factorization
+# ----------------------------------------------------------------------------------------------
+
+
+def reconstruct(row: Tensor, col: Tensor, dtype: torch.dtype) -> Tensor:
+    """The rank-1 NNMF ``r·cᵀ / Σc`` (zeros when ``Σc = 0``), in ``dtype``.
+
+    ``row`` may be a slice of the rows; ``col`` must be the full, reduced column sums.
+    """
+    col = col.to(dtype)
+    total = col.sum()
+    scaled = col / total.clamp_min(torch.finfo(dtype).tiny)
+    return torch.outer(row.to(dtype), scaled)
+
+
+def factor_sums(matrix: Tensor) -> tuple[Tensor, Tensor]:
+    """``(row sums, column sums)`` of a non-negative matrix: its rank-1 factors (local part)."""
+    return matrix.sum(1), matrix.sum(0)
+
+
+# ----------------------------------------------------------------------------------------------
+# The update rules on dense moments (the same code serves dense and reconstructed states)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class StepScalars:
+    """Everything a rule needs for one parameter's step, as plain numbers."""
+
+    beta1: float
+    beta2: float
+    eps: float
+    bc1: float = 1.0
+    """First-moment bias correction ``1 − β₁ᵗ`` (1 when the rule has none)."""
+    bc2: float = 1.0
+    """Second-moment bias correction ``1 − β₂ᵗ``."""
+    scale: float = 1.0
+    """Prodigy's ``d``: the moments see ``d·g``; 1 otherwise."""
+    beta3: float = 0.0
+    """AdEMAMix slow-EMA coefficient at this step."""
+    alpha: float = 0.0
+    """AdEMAMix weight of the slow EMA at this step."""
+    clip: float | None = None
+    """Adopt's clip value for the normalized gradient (None: no clipping)."""
+    first: bool = False
+    """Adopt's first step (initializes ``v``, no update)."""
+
+
+def adam_direction(
+    g: Tensor,
+    m: Tensor,
+    v: Tensor,
+    slow: Tensor | None,
+    s: StepScalars,
+    *,
+    atan2: bool,
+    grams: bool,
+) -> Tensor:
+    """Adam's (and Prodigy's) update direction; updates ``m``, ``v``, ``slow`` in place.
+
+    ``x = d·g``; ``m ← β₁m + (1−β₁)x``; ``v ← β₂v + (1−β₂)x²``; ``m₂ ← β₃m₂ + (1−β₃)x``;
+    ``u = (m/bc₁ + α·m₂) / (√(v/bc₂) + eps)`` — or ``(4/π)·atan2(·, √(v/bc₂))``.
+    """
+    x = g if s.scale == 1.0 else g * s.scale
+    m.lerp_(x, 1.0 - s.beta1)
+    v.mul_(s.beta2).addcmul_(x, x, value=1.0 - s.beta2)
+    num = m / s.bc1
+    if slow is not None:
+        slow.lerp_(x, 1.0 - s.beta3)
+        num.add_(slow, alpha=s.alpha)
+    den = (v / s.bc2).sqrt_()
+    if atan2:
+        u = torch.atan2(num, den).mul_(ATAN2_SCALE)
+    else:
+        u = num.div_(den.add_(s.eps))
+    return _grams(u, g) if grams else u
+
+
+def adopt_direction(
+    g: Tensor,
+    m: Tensor,
+    v: Tensor,
+    slow: Tensor | None,
+    s: StepScalars,
+    *,
+    atan2: bool,
+    grams: bool,
+) -> Tensor | None:
+    """Adopt's update direction (None on the first step); updates the moments in place.
+
+    Taniguchi et al. 2024 (arXiv 2411.02853), clipped version: step 1 sets ``v = g²`` and does
+    not move; then ``n = clip(g / max(√v, eps), c)`` with ``c = (t−1)^¼`` (the official code's
+    ``step**0.25`` on a counter that starts after the first step), ``m ← β₁m + (1−β₁)n``,
+    ``u = m (+ α·m₂)``, and only then ``v ← β₂v + (1−β₂)g²``: the current gradient is not in the
+    ``v`` that normalizes it. With ``atan2``: ``n = (4/π)·atan2(g, √v)`` (no eps, no clip).
+    """
+    if s.first:
+        v.addcmul_(g, g)
+        return None
+    root = v.sqrt()
+    if atan2:
+        n = torch.atan2(g, root).mul_(ATAN2_SCALE)
+    else:
+        n = g / root.clamp_min_(s.eps)
+        if s.clip is not None:
+            n.clamp_(-s.clip, s.clip)
+    m.lerp_(n, 1.0 - s.beta1)
+    if slow is not None:
+        slow.lerp_(n, 1.0 - s.beta3)
+        u = m + s.alpha * slow
+    else:
+        u = m.clone()
+    v.mul_(s.beta2).addcmul_(g, g, value=1.0 - s.beta2)
+    return _grams(u, g) if grams else u
+
+
+def factored_chunk_update(
+    rule,
+    g: Tensor,
+    rows: dict[str, Tensor],
+    cols: dict[str, Tensor],
+    signs: dict[str, Tensor],
+    s: StepScalars,
+    *,
+    atan2: bool,
+    grams: bool,
+) -> tuple[Tensor | None, dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
+    """Reconstruct → update → direction → re-factor for a block of rows (a pure function).
+
+    ``rows[k]``: the block's row factors of moment ``k``; ``cols[k]``: the full column factors
+    divided by their sum; ``signs[k]``: the block's packed signs (signed moments only). Returns
+    the direction ``u`` (None on Adopt's first step) and, per moment, the new packed signs, row
+    sums and column partial sums of ``|moment|``.
+    """
+    dense = {k: torch.outer(rows[k].to(g.dtype), cols[k]) for k in rows}
+    for k, packed in signs.items():
+        apply_signs_(dense[k], packed)
+    u = rule(
+        g,
+        dense["exp_avg"],
+        dense["exp_avg_sq"],
+        dense.get("exp_avg_slow"),
+        s,
+        atan2=atan2,
+        grams=grams,
+    )
+    new_signs, row_sums, col_sums = {}, {}, {}
+    for k, mat in dense.items():
+        if k in signs:
+            new_signs[k] = pack_signs(mat < 0)
+            mat = mat.abs_()
+        row_sums[k], col_sums[k] = factor_sums(mat)
+    return u, new_signs, row_sums, col_sums
+
+
+_COMPILED: list[Any] = []
+
+
+def _compiled_chunk_update():
+    if not _COMPILED:
+        _COMPILED.append(torch.compile(factored_chunk_update, dynamic=None))
+    return _COMPILED[0]
+
+
+def _grams(u: Tensor, g: Tensor) -> Tensor:
+    return u.abs_().mul_(torch.sign(g))
+
+
+def ademamix_schedule(step: float, alpha: float, beta3: float, beta_start: float, warmup):
+    """AdEMAMix's ``(α_t, β₃_t)`` (Pagliardini et al. 2024, §3): linear ``α`` warm-up and
+    ``β₃_t = exp(ln β_s·ln β₃ / ((1 − t/T)·ln β₃ + (t/T)·ln β_s))`` from ``β_s = β₁`` to ``β₃``;
+    both constant when ``warmup`` is None or once ``t ≥ T``."""
+    if warmup is None or step >= warmup or beta3 == 0.0:
+        return alpha, beta3
+    frac = step / warmup
+    ls, l3 = math.log(beta_start), math.log(beta3)
+    return alpha * frac, min(math.exp(ls * l3 / ((1 - frac) * l3 + frac * ls)), beta3)
+
+
+# ----------------------------------------------------------------------------------------------
+# The optimizers
+# ----------------------------------------------------------------------------------------------
+
+_MOMENTS = ("exp_avg", "exp_avg_sq", "exp_avg_slow")
+
+
+class _Factored(ShardFlowOptimizer):
+    """Shared machinery of :class:`FactoredAdam`, :class:`FactoredAdopt`, :class:`FactoredProdigy`."""
+
+    state_layout: ClassVar[dict[str, Layout]] = {
+        "step": "replicated",
+        "exp_avg": "rows",
+        "exp_avg_sq": "rows",
+        "exp_avg_slow": "rows",
+        "exp_avg_row": "rows",
+        "exp_avg_col": "replicated",
+        "exp_avg_sign": "rows",
+        "exp_avg_sq_row": "rows",
+        "exp_avg_sq_col": "replicated",
+        "exp_avg_slow_row": "rows",
+        "exp_avg_slow_col": "replicated",
+        "exp_avg_slow_sign": "rows",
+    }
+
+    rule: Any = None
+    """The update direction on dense moments (:func:`adam_direction` or :func:`adopt_direction`)."""
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        defaults: dict[str, Any],
+        *,
+        compiled: bool | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if compiled is not None and not isinstance(compiled, bool):
+            _fail("compiled", compiled, "pass True, False or None (compile on CUDA only).")
+        self.compiled = compiled
+        self._index: dict[Tensor, int] = {}
+        super().__init__(params, defaults, **kwargs)
+
+    # -- validation ----------------------------------------------------------------------------
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        lr = group["lr"]
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr >= 0:
+            _fail("lr", lr, "pass a learning rate >= 0, e.g. 1e-3.")
+        betas = group["betas"]
+        if (
+            not isinstance(betas, (tuple, list))
+            or len(betas) != 2
+            or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in betas)
+            or not all(0 <= b < 1 for b in betas)
+        ):
+            _fail("betas", betas, "pass (beta1, beta2), each in [0, 1), e.g. (0.9, 0.999).")
+        check_nonnegative("eps", group["eps"])
+        check_nonnegative("weight_decay", group["weight_decay"])
+        for flag in ("factored", "ademamix", "atan2", "orthograd", "grams", "stochastic_rounding"):
+            check_bool(flag, group[flag])
+        check_unit_interval("ademamix_beta3", group["ademamix_beta3"])
+        check_nonnegative("ademamix_alpha", group["ademamix_alpha"])
+        warmup = group["ademamix_warmup"]
+        if warmup is not None:
+            check_int_at_least("ademamix_warmup", warmup, 1)
+            if betas[0] <= 0:
+                _fail(
+                    "ademamix_warmup",
+                    warmup,
+                    "the beta3 warm-up starts from beta1, which "
+                    "must be > 0; pass ademamix_warmup=None or betas[0] > 0.",
+                )
+        for p in group["params"]:
+            if p.is_complex() or not p.is_floating_point():
+                raise ValueError(
+                    f"a parameter of dtype {p.dtype} cannot be optimized by "
+                    f"{type(self).__name__}: pass floating-point parameters (view a complex "
+                    "one as real with torch.view_as_real)."
+                )
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def _init_state(self, param: Tensor, local: Tensor, group: dict[str, Any], state: dict) -> None:
+        state["step"] = step_counter()
+        wide = torch.float64 if local.dtype == torch.float64 else torch.float32
+        keys = ["exp_avg", "exp_avg_sq"] + (["exp_avg_slow"] if group["ademamix"] else [])
+        if not self._is_factored(param, group):
+            for key in keys:
+                state[key] = torch.zeros_like(local, dtype=wide)
+            return
+        rows, cols = local.shape[0], _cols(self.placement.global_shape(param))
+        narrow = torch.float64 if wide == torch.float64 else torch.bfloat16
+        for key in keys:
+            dtype = narrow if key == "exp_avg" else wide
+            state[f"{key}_row"] = torch.zeros(rows, dtype=dtype, device=local.device)
+            state[f"{key}_col"] = torch.zeros(cols, dtype=dtype, device=local.device)
+            if key != "exp_avg_sq":
+                state[f"{key}_sign"] = torch.zeros(
+                    rows, (cols + 7) // 8, dtype=torch.uint8, device=local.device
+                )
+
+    def _is_factored(self, param: Tensor, group: dict[str, Any]) -> bool:
+        return bool(group["factored"]) and param.ndim >= 2
+
+    def _param_index(self, param: Tensor) -> int:
+        """The parameter's position in the optimizer (the same on every rank): seeds rounding."""
+        if param not in self._index:
+            flat = [p for g in self.param_groups for p in g["params"]]
+            self._index = {p: i for i, p in enumerate(flat)}
+        return self._index[param]
+
+    # -- the step ------------------------------------------------------------------------------
+
+    def _update_group(self, group: dict[str, Any], items: list[Item], ops: ListOps) -> None:
+        if group["orthograd"]:
+            self._orthograd(items)
+        lr = group["lr"] * group["lr_scale"]
+        self._before_moments(group, items, lr)
+        partials: list[Tensor] = []
+        for it in items:
+            it.state["step"] += 1
+            scalars = self._scalars(group, it)
+            lr_eff = lr * scalars.scale
+            if self._is_factored(it.param, group):
+                partials += self._factored_step(group, it, scalars, lr_eff)
+            else:
+                u = self._direction(group, it.grad, *self._dense(it), scalars)
+                if u is not None:
+                    self._apply(group, it, it.local, u, lr_eff, offset=self._offset(it, 0))
+        self._finish_columns(group, items, partials)
+        self._after_moments(group, items, lr)
+
+    def _dense(self, it: Item) -> tuple[Tensor, Tensor, Tensor | None]:
+        return it.state["exp_avg"], it.state["exp_avg_sq"], it.state.get("exp_avg_slow")
+
+    def _factored_step(
+        self, group: dict[str, Any], it: Item, s: StepScalars, lr_eff: float
+    ) -> list[Tensor]:
+        """Reconstruct, update, apply and re-factor one matrix, a row chunk at a time.
+
+        Row factors and signs are written in place; returns the column partial sums (``|m|``,
+        ``v`` and, with AdEMAMix, ``|m₂|``) for the group's single reduction.
+        """
+        st, grad = it.state, it.grad
+        rows, cols = grad.shape[0], self._cols(it.param)
+        g = grad.reshape(rows, cols)
+        target = it.local if it.local.is_contiguous() else it.local.contiguous()
+        p = target.view(rows, cols)
+        dtype = g.dtype
+        keys = [k for k in _MOMENTS if f"{k}_row" in st]
+        col_norm = {k: _normalized(st[f"{k}_col"], dtype) for k in keys}
+        partial = {k: torch.zeros(cols, dtype=dtype, device=g.device) for k in keys}
+        seed = mix_seed(self._param_index(it.param), int(st["step"]), _SR_EXP_AVG_ROW)
+        row0 = self._row0(it)
+        chunk = max(1, CHUNK_ELEMENTS // max(cols, 1))
+        chunk_update = self._chunk_update(g)
+        for a in range(0, rows, chunk):
+            b = min(rows, a + chunk)
+            u, signs, row_sums, col_sums = chunk_update(
+                self.rule,
+                g[a:b],
+                {k: st[f"{k}_row"][a:b] for k in keys},
+                col_norm,
+                {k: st[f"{k}_sign"][a:b] for k in keys if k != "exp_avg_sq"},
+                s,
+                atan2=group["atan2"],
+                grams=group["grams"],
+            )
+            if u is not None:
+                self._apply(group, it, p[a:b], u, lr_eff, offset=(row0 + a) * cols)
+            for k in keys:
+                if k in signs:
+                    st[f"{k}_sign"][a:b] = signs[k]
+                _store(st[f"{k}_row"][a:b], row_sums[k], seed, offset=row0 + a)
+                partial[k] += col_sums[k]
+        if target is not it.local:
+            it.local.copy_(target)
+        return [partial[k] for k in keys]
+
+    def _finish_columns(
+        self, group: dict[str, Any], items: list[Item], partials: list[Tensor]
+    ) -> None:
+        """One ``sum_over_shards`` for the column sums of every factored state in the group."""
+        factored = [it for it in items if self._is_factored(it.param, group)]
+        if not factored:
+            return
+        dtype = torch.float64 if any(t.dtype == torch.float64 for t in partials) else torch.float32
+        totals = self.placement.sum_over_shards(torch.cat([t.to(dtype) for t in partials]))
+        pieces = iter(totals.split([t.numel() for t in partials]))
+        for it in factored:
+            seed = mix_seed(self._param_index(it.param), int(it.state["step"]), _SR_EXP_AVG_COL)
+            for k in _MOMENTS:
+                if f"{k}_col" in it.state:
+                    _store(it.state[f"{k}_col"], next(pieces), seed, offset=0)
+
+    def _apply(
+        self,
+        group: dict[str, Any],
+        it: Item,
+        p: Tensor,
+        u: Tensor,
+        lr: float,
+        *,
+        offset: int,
+    ) -> None:
+        """``p ← p·(1 − lr·wd) − lr·u`` (decoupled weight decay, as torch.optim.AdamW)."""
+        wd = group["weight_decay"]
+        if p.dtype == torch.bfloat16 and group["stochastic_rounding"]:
+            if wd:
+                u.add_(p.to(u.dtype), alpha=wd)
+            seed = mix_seed(self._param_index(it.param), int(it.state["step"]), _SR_PARAM)
+            add_stochastic_(p, u, -lr, seed=seed, offset=offset)
+        elif p.dtype == u.dtype:
+            if wd:
+                p.mul_(1.0 - lr * wd)
+            p.add_(u, alpha=-lr)
+        else:
+            exact = p.to(u.dtype)
+            if wd:
+                exact.mul_(1.0 - lr * wd)
+            p.copy_(exact.add_(u, alpha=-lr))
+
+    def _row0(self, it: Item) -> int:
+        rng = self.placement.row_range(it.param)
+        return rng[0] if rng else 0
+
+    def _offset(self, it: Item, row: int) -> int:
+        """Global flat index of local row ``row``'s first element."""
+        return (self._row0(it) + row) * self._cols(it.param)
+
+    def _cols(self, param: Tensor) -> int:
+        return _cols(self.placement.global_shape(param))
+
+    def _orthograd(self, items: list[Item]) -> None:
+        sums = [orthograd_sums(it.grad, it.local, rowwise=False) for it in items]
+        if not sums:
+            return
+        reduced = self.placement.sum_over_shards(torch.cat(sums)).split(1)
+        for it, s in zip(items, reduced):
+            orthograd_(it.grad, it.local, rowwise=False, restore_norm=True, sums=s)
+
+    # -- what the variants supply ----------------------------------------------------------
+
+    def _scalars(self, group: dict[str, Any], it: Item) -> StepScalars:
+        raise NotImplementedError
+
+    def _direction(self, group, g, m, v, slow, s: StepScalars) -> Tensor | None:
+        return self.rule(g, m, v, slow, s, atan2=group["atan2"], grams=group["grams"])
+
+    def _chunk_update(self, g: Tensor):
+        """:func:`factored_chunk_update`, compiled when ``compiled`` says so (None: on CUDA)."""
+        compiled = self.compiled if self.compiled is not None else g.device.type == "cuda"
+        return _compiled_chunk_update() if compiled else factored_chunk_update
+
+    def _before_moments(self, group: dict[str, Any], items: list[Item], lr: float) -> None:
+        """Hook before the moments change (Prodigy gathers its statistics here)."""
+
+    def _after_moments(self, group: dict[str, Any], items: list[Item], lr: float) -> None:
+        """Hook after every parameter of the group has moved (Prodigy updates ``d`` here)."""
+
+    def _ademamix(self, group: dict[str, Any], step: float) -> tuple[float, float]:
+        if not group["ademamix"]:
+            return 0.0, 0.0
+        return ademamix_schedule(
+            step,
+            group["ademamix_alpha"],
+            group["ademamix_beta3"],
+            group["betas"][0],
+            group["ademamix_warmup"],
+        )
+
+
+def _cols(shape: torch.Size) -> int:
+    """Columns of the ``(out, rest)`` matrix of a parameter of this (full) shape."""
+    return math.prod(shape[1:]) if len(shape) >= 2 else 1
+
+
+def _normalized(col: Tensor, dtype: torch.dtype) -> Tensor:
+    col = col.to(dtype)
+    return col / col.sum().clamp_min(torch.finfo(dtype).tiny)
+
+
+def _store(dst: Tensor, value: Tensor, seed: int, *, offset: int) -> None:
+    """Write ``value`` into a factor, stochastically rounded when the factor is bf16."""
+    if dst.dtype == torch.bfloat16:
+        dst.copy_(round_bf16_stochastic(value, seed, offset))
+    else:
+        dst.copy_(value)
+
+
+_NOT_DEFAULTS = ("self", "params", "gradient_clipping", "process_group", "compiled", "__class__")
+
+
+def _defaults(args: dict[str, Any]) -> dict[str, Any]:
+    """The hyperparameters among a constructor's arguments (``locals()``), betas as a tuple."""
+    out = {k: v for k, v in args.items() if k not in _NOT_DEFAULTS}
+    out["betas"] = tuple(out["betas"]) if isinstance(out["betas"], list) else out["betas"]
+    return out
+
+
+_COMMON_ARGS = """
+        params: parameters or param groups (any key below may be set per group).
+        lr: learning rate.
+        betas: ``(β₁, β₂)``: first- and second-moment EMA coefficients.
+        eps: added to the denominator (ignored with ``atan2``).
+        weight_decay: decoupled weight decay: ``p ← p·(1 − lr·weight_decay)``.
+        factored: keep 2-D+ states factored (rank-1 factors + 1-bit sign); False: dense fp32.
+        ademamix: add AdEMAMix's slow EMA (factored like the first moment).
+        ademamix_beta3: the slow EMA's coefficient β₃.
+        ademamix_alpha: the slow EMA's weight α.
+        ademamix_warmup: steps over which α and β₃ ramp up (None: no warm-up).
+        atan2: ``(4/π)·atan2`` update instead of division by ``√v + eps``.
+        orthograd: ⊥Grad on the gradient first (flattened, norm restored).
+        grams: take the update's direction from the gradient's sign (Grams).
+        stochastic_rounding: stochastic rounding of bf16 parameters' updates.
+        gradient_clipping: global gradient-norm bound (None: off).
+        process_group: ProcessGroup or 1-D DeviceMesh to shard over; None: one process.
+        compiled: run the per-chunk reconstruct/update/refactor through ``torch.compile``
+            (one fused kernel instead of ~20 passes); None: on CUDA only."""
+
+
+class FactoredAdam(_Factored):
+    (
+        """AdamW with factored states (see the module docstring for the storage and options).
+
+    The update is Kingma & Ba's Adam (arXiv 1412.6980) with Loshchilov & Hutter's decoupled
+    weight decay (arXiv 1711.05101): ``m ← β₁m + (1−β₁)g``, ``v ← β₂v + (1−β₂)g²``,
+    ``p ← p·(1 − lr·wd) − lr·(m/(1−β₁ᵗ)) / (√(v/(1−β₂ᵗ)) + eps)``. With ``factored=False`` it is
+    ``torch.optim.AdamW`` step for step (tested to fp32 tolerance).
+
+    Args:"""
+        + _COMMON_ARGS
+    )
+
+    rule = staticmethod(adam_direction)
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        factored: bool = True,
+        ademamix: bool = False,
+        ademamix_beta3: float = 0.9999,
+        ademamix_alpha: float = 5.0,
+        ademamix_warmup: int | None = None,
+        atan2: bool = False,
+        orthograd: bool = False,
+        grams: bool = False,
+        stochastic_rounding: bool = True,
+        gradient_clipping: float | None = None,
+        process_group: Any = None,
+        compiled: bool | None = None,
+    ) -> None:
+        defaults = _defaults(locals())
+        super().__init__(
+            params,
+            defaults,
+            process_group=process_group,
+            gradient_clipping=gradient_clipping,
+            compiled=compiled,
+        )
+
+    def _scalars(self, group: dict[str, Any], it: Item) -> StepScalars:
+        t = float(it.state["step"])
+        beta1, beta2 = group["betas"]
+        alpha, beta3 = self._ademamix(group, t)
+        return StepScalars(
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            bc1=1.0 - beta1**t,
+            bc2=1.0 - beta2**t,
+            beta3=beta3,
+            alpha=alpha,
+        )
+
+
+class FactoredAdopt(_Factored):
+    (
+        """ADOPT with factored states (see the module docstring for the storage and options).
+
+    Taniguchi et al. 2024, "ADOPT: Modified Adam Can Converge with Any β₂ with the Optimal Rate"
+    (arXiv 2411.02853), the clipped version of the official code: the first step only sets
+    ``v = g²``; then ``m ← β₁m + (1−β₁)·clip(g / max(√v, eps), (t−1)^¼)``,
+    ``p ← p·(1 − lr·wd) − lr·m``, and ``v ← β₂v + (1−β₂)g²`` *after* the update (the normalizer
+    never contains the gradient it normalizes). No bias correction (as the paper). With
+    ``atan2`` the normalized gradient is ``(4/π)·atan2(g, √v)`` and clipping is off; with
+    AdEMAMix the slow EMA of the normalized gradient is added: ``u = m + α·m₂``.
+
+    Args:"""
+        + _COMMON_ARGS
+        + """
+        clip: clip the normalized gradient at ``(t−1)^¼`` (the paper's schedule)."""
+    )
+
+    rule = staticmethod(adopt_direction)
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.9999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        *,
+        clip: bool = True,
+        factored: bool = True,
+        ademamix: bool = False,
+        ademamix_beta3: float = 0.9999,
+        ademamix_alpha: float = 5.0,
+        ademamix_warmup: int | None = None,
+        atan2: bool = False,
+        orthograd: bool = False,
+        grams: bool = False,
+        stochastic_rounding: bool = True,
+        gradient_clipping: float | None = None,
+        process_group: Any = None,
+        compiled: bool | None = None,
+    ) -> None:
+        defaults = _defaults(locals())
+        super().__init__(
+            params,
+            defaults,
+            process_group=process_group,
+            gradient_clipping=gradient_clipping,
+            compiled=compiled,
+        )
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        super()._check_group(group)
+        check_bool("clip", group["clip"])
+
+    def _scalars(self, group: dict[str, Any], it: Item) -> StepScalars:
+        t = float(it.state["step"])
+        beta1, beta2 = group["betas"]
+        alpha, beta3 = self._ademamix(group, t - 1)
+        return StepScalars(
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            beta3=beta3,
+            alpha=alpha,
+            clip=(t - 1) ** 0.25 if group["clip"] else None,
+            first=t == 1,
+        )
+
+
+class FactoredProdigy(_Factored):
+    (
+        """Prodigy (Adam version) with factored moments (see the module docstring for the rest).
+
+    Mishchenko & Defazio 2023, "Prodigy: An Expeditiously Adaptive Parameter-Free Learner"
+    (arXiv 2306.06101), Algorithm 4. The step size is ``lr·d`` with ``d`` estimated from the
+    run: with ``x₀`` the initial weights, ``β₃ = √β₂`` by default,
+
+    - ``m ← β₁m + (1−β₁)·d·g``, ``v ← β₂v + (1−β₂)·d²·g²``,
+    - ``p ← p·(1 − d·lr·wd) − d·lr · m / (√v + d·eps)``,
+    - ``r ← β₃r + (d/d₀)·d·lr·⟨g, x₀ − x⟩``, ``s ← β₃s + (d/d₀)·d·lr·g``,
+    - ``d̂ = d_coef · r / ‖s‖₁``; ``d ← max(d, min(d̂, d·growth_rate))``.
+
+    The ``(d/d₀)`` factor (from the official code) and the paper's ``(1−√β₂)`` factor cancel in
+    ``d̂``. Every term of a step uses that step's ``d`` (the paper; the official code adds the
+    next ``d`` to ``eps``), so ``d`` is updated once the group has moved, from one
+    ``sum_over_model`` of ``(⟨g, x₀ − x⟩, ‖s‖₁)`` over the whole group: a global, world-size
+    invariant estimate. ``d`` is per param group (as prodigy-plus-schedule-free's
+    ``split_groups``); every parameter's state carries a copy (``"d"``, ``"d_numerator"``).
+
+    **Memory.** ``x₀`` and ``s`` are per element; for 2-D+ parameters they are kept for every
+    ``slice_p``-th column of the ``(out, rest)`` matrix (the subsampling of prodigy-plus and
+    adv_optm, by column so that row shards stay aligned): ``(4 + 4)/slice_p`` B/param for fp32
+    weights (``x₀`` in the parameter's dtype). 1-D parameters keep them whole.
+
+    Args:"""
+        + _COMMON_ARGS
+        + """
+        d0: initial estimate of ``d``.
+        d_coef: multiplies the estimate ``d̂``.
+        growth_rate: bound on ``d``'s growth per step (``inf``: none).
+        beta3: coefficient of the ``r``, ``s`` EMAs (None: ``√β₂``).
+        slice_p: keep ``x₀`` and ``s`` for every ``slice_p``-th column."""
+    )
+
+    rule = staticmethod(adam_direction)
+
+    state_layout: ClassVar[dict[str, Layout]] = {
+        **_Factored.state_layout,
+        "p0": "rows",
+        "s": "rows",
+        "d": "replicated",
+        "d_numerator": "replicated",
+    }
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        d0: float = 1e-6,
+        d_coef: float = 1.0,
+        growth_rate: float = math.inf,
+        beta3: float | None = None,
+        slice_p: int = 11,
+        factored: bool = True,
+        ademamix: bool = False,
+        ademamix_beta3: float = 0.9999,
+        ademamix_alpha: float = 5.0,
+        ademamix_warmup: int | None = None,
+        atan2: bool = False,
+        orthograd: bool = False,
+        grams: bool = False,
+        stochastic_rounding: bool = True,
+        gradient_clipping: float | None = None,
+        process_group: Any = None,
+        compiled: bool | None = None,
+    ) -> None:
+        defaults = _defaults(locals())
+        super().__init__(
+            params,
+            defaults,
+            process_group=process_group,
+            gradient_clipping=gradient_clipping,
+            compiled=compiled,
+        )
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        super()._check_group(group)
+        check_positive("d0", group["d0"])
+        check_positive("d_coef", group["d_coef"])
+        growth = group["growth_rate"]
+        if isinstance(growth, bool) or not isinstance(growth, (int, float)) or not growth >= 1:
+            _fail("growth_rate", growth, "pass a number >= 1, or math.inf for no bound.")
+        if group["beta3"] is not None:
+            check_unit_interval("beta3", group["beta3"])
+        check_int_at_least("slice_p", group["slice_p"], 1)
+
+    def _init_state(self, param: Tensor, local: Tensor, group: dict[str, Any], state: dict) -> None:
+        super()._init_state(param, local, group, state)
+        wide = torch.float64 if local.dtype == torch.float64 else torch.float32
+        p0 = self._sliced(local, param, group).detach().clone(memory_format=torch.contiguous_format)
+        state["p0"] = p0
+        state["s"] = torch.zeros_like(p0, dtype=wide)
+        state["d"] = torch.tensor(float(group["d0"]), dtype=torch.float64)
+        state["d_numerator"] = torch.zeros((), dtype=torch.float64)
+
+    def _sliced(self, t: Tensor, param: Tensor, group: dict[str, Any]) -> Tensor:
+        """The elements ``x₀`` and ``s`` follow: every ``slice_p``-th column (2-D+), or all."""
+        if param.ndim < 2:
+            return t
+        return t.reshape(t.shape[0], self._cols(param))[:, :: group["slice_p"]]
+
+    def _d(self, group: dict[str, Any], items: list[Item]) -> tuple[float, float]:
+        """The group's ``(d, r)``: the copy of the parameter stepped most often (the freshest;
+        a parameter without a gradient keeps its state untouched, so its copy may be stale)."""
+        if not items:
+            return float(group["d0"]), 0.0
+        state = max(items, key=lambda it: float(it.state["step"])).state
+        return float(state["d"]), float(state["d_numerator"])
+
+    def _scalars(self, group: dict[str, Any], it: Item) -> StepScalars:
+        t = float(it.state["step"])
+        beta1, beta2 = group["betas"]
+        alpha, beta3 = self._ademamix(group, t)
+        d = float(it.state["d"])
+        return StepScalars(
+            beta1=beta1, beta2=beta2, eps=group["eps"] * d, scale=d, beta3=beta3, alpha=alpha
+        )
+
+    def _beta3(self, group: dict[str, Any]) -> float:
+        b3 = group["beta3"]
+        return math.sqrt(group["betas"][1]) if b3 is None else b3
+
+    def _before_moments(self, group: dict[str, Any], items: list[Item], lr: float) -> None:
+        """Accumulate ``⟨g, x₀ − x⟩`` (before ``x`` moves) and update ``s``; keep the sums."""
+        d, _ = self._d(group, items)
+        weight = (d / group["d0"]) * d * lr
+        beta3 = self._beta3(group)
+        sums = []
+        for it in items:
+            g = self._sliced(it.grad, it.param, group)
+            x = self._sliced(it.local, it.param, group).to(g.dtype)
+            s = it.state["s"]
+            s.mul_(beta3).add_(g, alpha=weight)
+            sums.append(torch.stack([(g * (it.state["p0"].to(g.dtype) - x)).sum(), s.abs().sum()]))
+        device = items[0].grad.device if items else torch.device("cpu")
+        self._prodigy_sums = (
+            torch.stack(sums).double().sum(0) if sums else torch.zeros(2, dtype=torch.float64)
+        ).to(device)
+
+    def _after_moments(self, group: dict[str, Any], items: list[Item], lr: float) -> None:
+        """``d ← max(d, min(d̂, d·growth_rate))`` from the group's global sums."""
+        d, numerator = self._d(group, items)
+        dot, l1 = self.placement.sum_over_model(self._prodigy_sums).double().tolist()
+        numerator = self._beta3(group) * numerator + (d / group["d0"]) * d * lr * dot
+        if l1 > 0:
+            d_hat = group["d_coef"] * numerator / l1
+            d = max(d, min(d_hat, d * group["growth_rate"]))
+        for it in items:
+            it.state["d"].fill_(d)
+            it.state["d_numerator"].fill_(numerator)

@@ -1,0 +1,102 @@
+"""Low-precision helpers every optimizer shares: stochastic rounding to bfloat16.
+
+**Stochastic rounding.** A bf16 number keeps the upper 16 bits of an fp32 number. Rounding to
+nearest loses every update smaller than half a unit in the last place, so a bf16 weight stops
+moving once ``lr·u`` is below ``2⁻⁹·|w|``. Stochastic rounding adds a uniform random integer in
+``[0, 2¹⁶)`` to the fp32 bit pattern and truncates the lower 16 bits: the result rounds up with
+probability equal to the discarded fraction, so it is unbiased, ``E[round(x)] = x``
+(Gupta et al. 2015, "Deep Learning with Limited Numerical Precision", arXiv 1502.02551). The bit
+trick works for negative numbers too: it acts on the magnitude bits.
+
+**Random bits that do not depend on the shard.** The random integer for an element is a hash of
+``(seed, global element index)`` — a counter-based stream, not a generator's state — so a row
+shard that starts at global element ``offset`` draws exactly the bits the unsharded tensor draws
+for those elements. Rounding therefore gives the same weights on 1, 2 or 4 ranks, and a resumed
+run draws what the uninterrupted one would (the seed is built from the parameter's index and the
+step). The hash is ``lowbias32`` (C. Wellons, "Prospecting for hash functions", 2018), evaluated
+in int64 with products kept below 2⁶³.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_M32 = 0xFFFFFFFF
+_C1, _C2 = 0x7FEB352D, 0x846CA68B
+
+
+def _mul32(x: Tensor, c: int) -> Tensor:
+    """``(x · c) mod 2³²`` for int64 ``x`` in ``[0, 2³²)`` without int64 overflow."""
+    lo, hi = c & 0xFFFF, c >> 16
+    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _M32
+
+
+def hash32(x: Tensor) -> Tensor:
+    """``lowbias32`` of each int64 element of ``x`` (values in ``[0, 2³²)``), as int64."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, _C1)
+    x = x ^ (x >> 15)
+    x = _mul32(x, _C2)
+    return x ^ (x >> 16)
+
+
+def hash32_int(x: int) -> int:
+    """:func:`hash32` of one Python int (reduced to 32 bits first)."""
+    x &= _M32
+    x ^= x >> 16
+    x = (x * _C1) & _M32
+    x ^= x >> 15
+    x = (x * _C2) & _M32
+    return x ^ (x >> 16)
+
+
+def mix_seed(*parts: int) -> int:
+    """A 32-bit seed from several integers (e.g. parameter index, step, stream)."""
+    h = 0x9E3779B9
+    for part in parts:
+        h = hash32_int(h ^ hash32_int(part))
+    return h
+
+
+def random_bits(numel: int, seed: int, offset: int, device: torch.device | str) -> Tensor:
+    """``numel`` pseudo-random 32-bit integers (int64) for global elements ``offset, offset+1, …``.
+
+    Element ``i`` gets ``hash32(lo32(offset + i) ^ key)`` with ``key = hash32(seed ^ hi32(offset
+    + i))``: a pure function of ``(seed, global index)``, whatever slice asks for it.
+    """
+    index = torch.arange(offset, offset + numel, dtype=torch.int64, device=device)
+    if offset + numel <= 1 << 32:
+        key: Tensor | int = hash32_int(seed)
+    else:
+        key = hash32(((index >> 32) ^ seed) & _M32)
+    return hash32((index & _M32) ^ key)
+
+
+def round_bf16_stochastic(x: Tensor, seed: int, offset: int = 0) -> Tensor:
+    """``x`` (fp32) rounded stochastically to bf16; ``offset`` is the global index of ``x[0]``.
+
+    Unbiased: each element rounds up with probability equal to the fraction the truncation
+    drops. Deterministic in ``(seed, offset)``; see the module docstring.
+    """
+    x = x.detach().to(torch.float32).contiguous()
+    bits = random_bits(x.numel(), seed, offset, x.device).reshape(x.shape)
+    noise = (bits & 0xFFFF).to(torch.int32)
+    rounded = (x.view(torch.int32) + noise) & -65536
+    return rounded.view(torch.float32).to(torch.bfloat16)
+
+
+def add_stochastic_(
+    param: Tensor, update: Tensor, alpha: float = 1.0, *, seed: int, offset: int = 0
+) -> Tensor:
+    """``param ← round(param + alpha·update)`` in place; returns ``param``.
+
+    For a bf16 ``param`` the sum is formed in fp32 and rounded stochastically
+    (:func:`round_bf16_stochastic` with ``seed`` and ``offset``, the global flat index of
+    ``param``'s first element, which makes the rounding independent of how the tensor is
+    sharded). Any other dtype is updated with an ordinary rounded ``add_``.
+    """
+    if param.dtype != torch.bfloat16:
+        return param.add_(update.to(param.dtype), alpha=alpha)
+    exact = param.to(torch.float32).add_(update.to(torch.float32), alpha=alpha)
+    return param.copy_(round_bf16_stochastic(exact, seed, offset))
