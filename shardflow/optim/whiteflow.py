@@ -315,6 +315,8 @@ class WhiteFlow(ShardFlowOptimizer):
 
     def _orthograd(self, items: list[Item]) -> None:
         for it in items:
+            if it.grad.numel() == 0:  # an empty shard
+                continue
             sums = orthograd_sums(it.grad, it.local, rowwise=True)
             orthograd_(it.grad, it.local, rowwise=True, restore_norm=True, sums=sums)
 
@@ -339,7 +341,10 @@ class WhiteFlow(ShardFlowOptimizer):
 
     def _limit_norm_growth(self, group: dict[str, Any], items: list[Item], ops: ListOps) -> None:
         gamma = group["norm_growth_limit"]
-        sq = self.placement.sum_over_shards(torch.stack(ops.sq_norms([it.grad for it in items])))
+        # Summed in fp64 per row (each row is whole on one rank), then over rows and shards: the
+        # total does not depend on where the shard boundaries are (to fp64 rounding).
+        local = [_row_norms(_rows(it.grad), torch.float64).square().sum() for it in items]
+        sq = self.placement.sum_over_shards(torch.stack(local))
         scales = []
         for it, norm in zip(items, sq.double().sqrt().tolist()):
             prev = float(it.state["update_norm"])
@@ -439,11 +444,12 @@ def _dense_channel_scale(mhat: Tensor, v: Tensor, weight: float, eps: float) -> 
 
 
 def _rows(t: Tensor) -> Tensor:
-    return t.reshape(t.shape[0], -1) if t.ndim >= 1 else t.reshape(1, 1)
+    """The ``(out, rest)`` view (0-row shards included); a 0-d tensor is one row."""
+    return t.reshape(t.shape[0], _width(t.shape)) if t.ndim >= 1 else t.reshape(1, 1)
 
 
-def _row_norms(t: Tensor) -> Tensor:
-    return torch.linalg.vector_norm(t, dim=1)
+def _row_norms(t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    return torch.linalg.vector_norm(t.to(dtype) if dtype else t, dim=1)
 
 
 def _ratio(num: Tensor, den: Tensor) -> Tensor:
