@@ -32,6 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from shardflow.optim.whiteflow import WhiteFlow  # noqa: E402
 
 HIDDEN, MLP, HEADS, KV_HEADS, HEAD_DIM, LAYERS, VOCAB = 576, 1536, 9, 3, 64, 30, 49152
+CTX, BATCH = 64, 16
+"""Training context (bytes) and batch size of the ``train`` runs."""
 
 
 def smollm2_shapes(layers: int = LAYERS, embedding: bool = True) -> list[tuple[str, tuple]]:
@@ -205,7 +207,7 @@ class Block(nn.Module):
 class TinyLM(nn.Module):
     """A byte-level decoder: embedding, pre-norm blocks, untied head."""
 
-    def __init__(self, d: int = 128, layers: int = 2, heads: int = 4, ctx: int = 128) -> None:
+    def __init__(self, d: int = 128, layers: int = 2, heads: int = 4, ctx: int = CTX) -> None:
         super().__init__()
         self.embed = nn.Embedding(256, d)
         self.pos = nn.Parameter(torch.zeros(ctx, d))
@@ -249,10 +251,10 @@ def train_run(optimizer: str, lr: float, steps: int, data, val, evals, cfg=None)
     )
     gen = torch.Generator().manual_seed(1)
     vgen = torch.Generator().manual_seed(2)
-    val_batches = [_batch(val, vgen, 16, 128) for _ in range(8)]
+    val_batches = [_batch(val, vgen, BATCH, CTX) for _ in range(8)]
     losses, val_losses, step_time = [], {}, 0.0
     for step in range(1, steps + 1):
-        x, y = _batch(data, gen, 16, 128)
+        x, y = _batch(data, gen, BATCH, CTX)
         loss = _loss(model, x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -295,7 +297,7 @@ def train(steps: int, final_steps: int, lrs: list[float]) -> None:
     train_data, val = data[:split], data[split:]
     print(
         f"data: {len(data)} bytes of stdlib .py sources; model: TinyLM "
-        f"({sum(p.numel() for p in TinyLM().parameters())} params), batch 16×128 bytes\n"
+        f"({sum(p.numel() for p in TinyLM().parameters())} params), batch {BATCH}×{CTX} bytes\n"
     )
     variants = {
         "AdamW": ("adamw", None),
@@ -320,7 +322,7 @@ def train(steps: int, final_steps: int, lrs: list[float]) -> None:
                 best[label] = (lr, r)
     if not final_steps:
         return
-    evals = {100, 300, final_steps}
+    evals = {100, min(300, final_steps), final_steps}
     print(f"\n### best lr of each, {final_steps} steps (same schedule shape)\n")
     print(
         f"| optimizer | lr | val@100 | val@300 | val@{final_steps} | × AdamW @100 | "
@@ -334,7 +336,7 @@ def train(steps: int, final_steps: int, lrs: list[float]) -> None:
         ref = ref or r
         v = r["val"]
         print(
-            f"| {label} | {lr:g} | {v[100]:.4f} | {v[300]:.4f} | {v[final_steps]:.4f} | "
+            f"| {label} | {lr:g} | {v[100]:.4f} | {v[min(300, final_steps)]:.4f} | {v[final_steps]:.4f} | "
             f"{v[100] / ref['val'][100]:.3f} | {v[final_steps] / ref['val'][final_steps]:.3f} | "
             f"{r['max_spike']:.2f} | {r['nan']} |",
             flush=True,
