@@ -1,0 +1,366 @@
+"""WhiteFlow benchmarks: state bytes, step time and a small language-model run, against AdamW.
+
+Run from the repository root (CPU, one thread, so that timings on a shared machine are stable)::
+
+    python bench/whiteflow.py memory            # bytes/param on SmolLM2-135M shapes (meta tensors)
+    python bench/whiteflow.py speed  --reps 7   # step time vs torch AdamW fused/foreach, interleaved
+    python bench/whiteflow.py train  --steps 300 --final-steps 1000   # lr sweep + ablation + long run
+
+``memory`` takes seconds; ``speed`` about a minute; ``train`` about 5–10 minutes on a 2-core
+CPU. Each prints Markdown tables with ratios against AdamW measured in the same run.
+
+SmolLM2-135M shapes (shapes only, nothing downloaded): hidden 576, MLP 1536, 9 heads, 3 kv heads
+(head dim 64), 30 layers, vocab 49152, tied embedding. The ``train`` model is a tiny byte-level
+decoder written here, trained on the running Python's standard-library sources.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from shardflow.optim.whiteflow import WhiteFlow  # noqa: E402
+
+HIDDEN, MLP, HEADS, KV_HEADS, HEAD_DIM, LAYERS, VOCAB = 576, 1536, 9, 3, 64, 30, 49152
+CTX, BATCH = 64, 16
+"""Training context (bytes) and batch size of the ``train`` runs."""
+
+
+def smollm2_shapes(layers: int = LAYERS, embedding: bool = True) -> list[tuple[str, tuple]]:
+    """``(name, shape)`` of SmolLM2-135M's parameters (tied head: one embedding)."""
+    out = [("embed_tokens.weight", (VOCAB, HIDDEN))] if embedding else []
+    kv = KV_HEADS * HEAD_DIM
+    for i in range(layers):
+        p = f"layers.{i}."
+        out += [
+            (p + "q_proj.weight", (HEADS * HEAD_DIM, HIDDEN)),
+            (p + "k_proj.weight", (kv, HIDDEN)),
+            (p + "v_proj.weight", (kv, HIDDEN)),
+            (p + "o_proj.weight", (HIDDEN, HEADS * HEAD_DIM)),
+            (p + "gate_proj.weight", (MLP, HIDDEN)),
+            (p + "up_proj.weight", (MLP, HIDDEN)),
+            (p + "down_proj.weight", (HIDDEN, MLP)),
+            (p + "input_layernorm.weight", (HIDDEN,)),
+            (p + "post_attention_layernorm.weight", (HIDDEN,)),
+        ]
+    out.append(("norm.weight", (HIDDEN,)))
+    return out
+
+
+def _named(shapes, device):
+    return [(n, nn.Parameter(torch.zeros(s, device=device))) for n, s in shapes]
+
+
+# -- memory ---------------------------------------------------------------------------------
+
+
+def adamw_bytes_per_param() -> float:
+    """Measured on a small model: torch AdamW's state after one step, per parameter."""
+    model = nn.Linear(64, 32)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(4, 64)).sum().backward()
+    opt.step()
+    state = sum(
+        v.numel() * v.element_size()
+        for s in opt.state.values()
+        for v in s.values()
+        if v.numel() > 1
+    )
+    return state / sum(p.numel() for p in model.parameters())
+
+
+def memory() -> None:
+    adamw = adamw_bytes_per_param()
+    print(f"AdamW (torch, fp32 params), measured: {adamw:.3f} B/param\n")
+    print("| optimizer | scope | B/param | × AdamW | projection cache (MiB) |")
+    print("|---|---|---:|---:|---:|")
+    for scope, emb in (("whole model", True), ("hidden layers only", False)):
+        for label, cfg in (
+            ("WhiteFlow projected r=256", {"second_moment": "projected", "rank": 256}),
+            ("WhiteFlow projected r=128", {"second_moment": "projected", "rank": 128}),
+            ("WhiteFlow projected r=64", {"second_moment": "projected", "rank": 64}),
+            ("WhiteFlow dense", {"second_moment": "dense"}),
+        ):
+            named = _named(smollm2_shapes(embedding=emb), "meta")
+            opt = WhiteFlow(named, **cfg)
+            bpp = opt.state_bytes_per_param()
+            hidden = [s for n, s in smollm2_shapes(embedding=False) if len(s) == 2]
+            rank = cfg.get("rank", 0)
+            cache = sum(w * min(rank, w) * 4 for w in {s[1] for s in hidden})
+            per_param_cache = sum(s[1] * min(rank, s[1]) * 4 for s in hidden)
+            note = (
+                f"{cache / 2**20:.2f} (per-param keys would be {per_param_cache / 2**20:.0f})"
+                if cache
+                else "0"
+            )
+            print(f"| {label} | {scope} | {bpp:.3f} | {bpp / adamw:.3f} | {note} |")
+
+
+# -- speed ----------------------------------------------------------------------------------
+
+
+def _grads(params, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen) * 1e-3
+
+
+def speed(reps: int, layers: int) -> None:
+    """Median step time per optimizer, interleaved (one step of each, ``reps`` rounds)."""
+    scopes = {
+        f"{layers} hidden layers": smollm2_shapes(layers, embedding=False),
+        "embedding (49152×576)": [("embed_tokens.weight", (VOCAB, HIDDEN))],
+    }
+    makers = {
+        "AdamW fused": lambda ps: torch.optim.AdamW([p for _, p in ps], lr=1e-3, fused=True),
+        "AdamW foreach": lambda ps: torch.optim.AdamW([p for _, p in ps], lr=1e-3, foreach=True),
+        "WhiteFlow projected r=256": lambda ps: WhiteFlow(ps, rank=256),
+        "WhiteFlow projected r=256, RTN": lambda ps: WhiteFlow(
+            ps, rank=256, stochastic_rounding=False
+        ),
+        "WhiteFlow projected r=64": lambda ps: WhiteFlow(ps, rank=64),
+        "WhiteFlow dense": lambda ps: WhiteFlow(ps, second_moment="dense"),
+        "WhiteFlow dense, RTN": lambda ps: WhiteFlow(
+            ps, second_moment="dense", stochastic_rounding=False
+        ),
+    }
+    results: dict[str, dict[str, float]] = {}
+    for scope, shapes in scopes.items():
+        runs = {}
+        for name, make in makers.items():
+            named = [(n, nn.Parameter(torch.randn(s) * 0.02)) for n, s in shapes]
+            _grads([p for _, p in named])
+            opt = make(named)
+            opt.step()  # warm-up (state creation for AdamW, projection generation)
+            runs[name] = (opt, [])
+        for _ in range(reps):
+            for _name, (opt, times) in runs.items():
+                start = time.perf_counter()
+                opt.step()
+                times.append(time.perf_counter() - start)
+        results[scope] = {name: statistics.median(t) for name, (_, t) in runs.items()}
+        del runs
+    print(f"median of {reps} interleaved steps, torch threads = {torch.get_num_threads()}\n")
+    print("| optimizer | " + " | ".join(f"{s} (ms) | × fused" for s in scopes) + " |")
+    print("|---|" + "---:|---:|" * len(scopes))
+    for name in makers:
+        cells = []
+        for scope in scopes:
+            t, ref = results[scope][name], results[scope]["AdamW fused"]
+            cells.append(f"{t * 1e3:.1f} | {t / ref:.2f}")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    hidden, emb = list(scopes)
+    print(f"\nWhole SmolLM2-135M estimate (30 layers = hidden × 30/{layers}, + embedding):\n")
+    print("| optimizer | est. ms/step | × fused |")
+    print("|---|---:|---:|")
+    full = {n: results[hidden][n] * LAYERS / layers + results[emb][n] for n in makers}
+    for name in makers:
+        print(f"| {name} | {full[name] * 1e3:.0f} | {full[name] / full['AdamW fused']:.2f} |")
+
+
+# -- training -------------------------------------------------------------------------------
+
+
+def stdlib_bytes(limit: int = 3_000_000) -> torch.Tensor:
+    """The first ``limit`` bytes of the standard library's .py sources, in sorted path order."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    chunks, total = [], 0
+    for path in sorted(root.glob("*.py")):
+        data = path.read_bytes()
+        chunks.append(data)
+        total += len(data)
+        if total >= limit:
+            break
+    return torch.frombuffer(bytearray(b"".join(chunks)[:limit]), dtype=torch.uint8).long()
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.proj = nn.Linear(d, d, bias=False)
+        self.up = nn.Linear(d, 4 * d, bias=False)
+        self.down = nn.Linear(4 * d, d, bias=False)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.heads, d // self.heads).unbind(2)
+        a = nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
+        )
+        x = x + self.proj(a.transpose(1, 2).reshape(b, t, d))
+        return x + self.down(nn.functional.gelu(self.up(self.norm2(x))))
+
+
+class TinyLM(nn.Module):
+    """A byte-level decoder: embedding, pre-norm blocks, untied head."""
+
+    def __init__(self, d: int = 128, layers: int = 2, heads: int = 4, ctx: int = CTX) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(256, d)
+        self.pos = nn.Parameter(torch.zeros(ctx, d))
+        self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, 256, bias=False)
+
+    def forward(self, idx):
+        x = self.embed(idx) + self.pos[: idx.shape[1]]
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(self.norm(x))
+
+
+def _batch(data, gen, batch, ctx):
+    starts = torch.randint(0, len(data) - ctx - 1, (batch,), generator=gen)
+    x = torch.stack([data[s : s + ctx] for s in starts])
+    y = torch.stack([data[s + 1 : s + ctx + 1] for s in starts])
+    return x, y
+
+
+def _loss(model, x, y):
+    return nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+
+
+def train_run(optimizer: str, lr: float, steps: int, data, val, evals, cfg=None) -> dict:
+    """One run; returns val losses at ``evals``, train losses and stability figures."""
+    torch.manual_seed(0)
+    model = TinyLM()
+    if optimizer == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, fused=True)
+    else:
+        opt = WhiteFlow(model.named_parameters(), lr=lr, weight_decay=0.01, **(cfg or {}))
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: (
+            min(1.0, (s + 1) / warmup)
+            * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+        ),
+    )
+    gen = torch.Generator().manual_seed(1)
+    vgen = torch.Generator().manual_seed(2)
+    val_batches = [_batch(val, vgen, BATCH, CTX) for _ in range(8)]
+    losses, val_losses, step_time = [], {}, 0.0
+    for step in range(1, steps + 1):
+        x, y = _batch(data, gen, BATCH, CTX)
+        loss = _loss(model, x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if optimizer == "adamw":
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # WhiteFlow clips at 1.0
+        start = time.perf_counter()
+        opt.step()
+        step_time += time.perf_counter() - start
+        sched.step()
+        losses.append(loss.item())
+        if step in evals:
+            with torch.no_grad():
+                val_losses[step] = statistics.fmean(_loss(model, *b).item() for b in val_batches)
+    spikes = [
+        losses[i] / statistics.median(losses[max(0, i - 50) : i]) for i in range(10, len(losses))
+    ]
+    state = (
+        opt.state_bytes_per_param()
+        if isinstance(opt, WhiteFlow)
+        else sum(
+            v.numel() * v.element_size()
+            for s in opt.state.values()
+            for v in s.values()
+            if v.numel() > 1
+        )
+        / sum(p.numel() for p in model.parameters())
+    )
+    return {
+        "val": val_losses,
+        "nan": sum(not math.isfinite(v) for v in losses),
+        "max_spike": max(spikes) if spikes else float("nan"),
+        "opt_ms": 1e3 * step_time / steps,
+        "bytes_per_param": state,
+    }
+
+
+def train(steps: int, final_steps: int, lrs: list[float]) -> None:
+    data = stdlib_bytes()
+    split = int(0.9 * len(data))
+    train_data, val = data[:split], data[split:]
+    print(
+        f"data: {len(data)} bytes of stdlib .py sources; model: TinyLM "
+        f"({sum(p.numel() for p in TinyLM().parameters())} params), batch {BATCH}×{CTX} bytes\n"
+    )
+    variants = {
+        "AdamW": ("adamw", None),
+        "WhiteFlow projected r=64": ("whiteflow", {"second_moment": "projected", "rank": 64}),
+        "WhiteFlow dense": ("whiteflow", {"second_moment": "dense"}),
+    }
+    evals = {100, steps}
+    print(f"### lr sweep: {steps} steps, warm-up {max(1, steps // 20)}, cosine to 10%\n")
+    print(f"| optimizer | lr | val@100 | val@{steps} | max spike | NaN | opt ms/step | B/param |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    best = {}
+    for label, (name, cfg) in variants.items():
+        for lr in lrs:
+            r = train_run(name, lr, steps, train_data, val, evals, cfg)
+            print(
+                f"| {label} | {lr:g} | {r['val'][100]:.4f} | {r['val'][steps]:.4f} | "
+                f"{r['max_spike']:.2f} | {r['nan']} | {r['opt_ms']:.2f} | "
+                f"{r['bytes_per_param']:.2f} |",
+                flush=True,
+            )
+            if label not in best or r["val"][steps] < best[label][1]["val"][steps]:
+                best[label] = (lr, r)
+    if not final_steps:
+        return
+    evals = {100, min(300, final_steps), final_steps}
+    print(f"\n### best lr of each, {final_steps} steps (same schedule shape)\n")
+    print(
+        f"| optimizer | lr | val@100 | val@300 | val@{final_steps} | × AdamW @100 | "
+        f"× AdamW @{final_steps} | max spike | NaN |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    ref = None
+    for label, (name, cfg) in variants.items():
+        lr = best[label][0]
+        r = train_run(name, lr, final_steps, train_data, val, evals, cfg)
+        ref = ref or r
+        v = r["val"]
+        print(
+            f"| {label} | {lr:g} | {v[100]:.4f} | {v[min(300, final_steps)]:.4f} | {v[final_steps]:.4f} | "
+            f"{v[100] / ref['val'][100]:.3f} | {v[final_steps] / ref['val'][final_steps]:.3f} | "
+            f"{r['max_spike']:.2f} | {r['nan']} |",
+            flush=True,
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=["memory", "speed", "train"])
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--final-steps", type=int, default=1000)
+    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.what == "memory":
+        memory()
+    elif args.what == "speed":
+        speed(args.reps, args.layers)
+    else:
+        train(args.steps, args.final_steps, args.lrs)
+
+
+if __name__ == "__main__":
+    main()

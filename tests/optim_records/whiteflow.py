@@ -1,0 +1,34 @@
+from optim_table import OptimRecord
+
+from shardflow.optim.whiteflow import WhiteFlow
+
+RECORDS = [
+    OptimRecord(
+        name="WhiteFlow",
+        factory=WhiteFlow,
+        configs=[
+            {"lr": 1e-2},
+            {"lr": 1e-2, "rank": 4, "proj_update_freq": 2, "norm_growth_limit": 1.01},
+            {"lr": 1e-2, "second_moment": "dense", "shape_lr_scaling": True},
+            {"lr": 1e-2, "stochastic_rounding": False, "projection_device": "cpu"},
+            {"lr": 1e-2, "ortho_mode": None},
+        ],
+        invalid=[
+            ({"lr": -1.0}, r"lr=-1\.0 is invalid"),
+            ({"rank": 0}, r"rank=0 is invalid: pass an integer >= 1"),
+            ({"proj_update_freq": 0}, r"proj_update_freq=0 is invalid: pass a positive integer"),
+            ({"proj_update_freq": -5}, r"proj_update_freq=-5 is invalid"),
+            (
+                {"projection_device": "gpu"},
+                r"projection_device='gpu' is invalid: choose one of \['param', 'cpu'\]",
+            ),
+            ({"second_moment": "full"}, r"second_moment='full' is invalid.*choose one of"),
+            ({"betas": (0.9, 1.0)}, r"betas\[1\]=1\.0 is invalid.*\[0, 1\)"),
+            ({"norm_growth_limit": 0.5}, r"norm_growth_limit=0\.5 is invalid: pass a number > 1"),
+            ({"ortho_mode": "matrix"}, r"ortho_mode='matrix' is invalid"),
+            ({"weight_decay": -0.1}, r"weight_decay=-0\.1 is invalid"),
+            ({"seed": 1.5}, r"seed=1\.5 is invalid: pass an integer"),
+            ({"foreach": "yes"}, r"foreach='yes' is invalid"),
+        ],
+    )
+]
