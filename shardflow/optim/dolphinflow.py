@@ -216,8 +216,8 @@ class DolphinFlow(ShardFlowOptimizer):
         state["exp_avg"] = torch.zeros_like(local, dtype=_state_dtype(local))
         if group["adaptive_lr"]:
             state["exp_avg_sq"] = torch.zeros_like(local, dtype=_state_dtype(local))
-        state["momentum"] = torch.tensor(float(group["momentum"]), dtype=torch.float32)
-        state["momentum_weight"] = torch.zeros((), dtype=torch.float32)
+        state["momentum"] = torch.tensor(float(group["momentum"]), dtype=torch.float64)
+        state["momentum_weight"] = torch.zeros((), dtype=torch.float64)
 
     def route(self, param: Tensor, group: dict[str, Any]) -> str:
         """``"matrix"``, ``"block"``, ``"vector"`` or ``"elementwise"`` for this parameter."""
