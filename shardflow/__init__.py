@@ -4,20 +4,42 @@
 bitsandbytes) are imported only when first used.
 """
 
+from typing import Any
+
 from shardflow.optim import (
     DolphinFlow,
+    FactoredAdam,
+    FactoredAdopt,
+    FactoredProdigy,
     LossAwareSchedule,
     ShardFlowOptimizer,
+    WhiteFlow,
     build_optimizer,
+    optimizer_names,
     param_groups,
 )
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str) -> Any:
+    if name == "DolphinFlow8bit":
+        from shardflow.optim.dolphinflow8bit import DolphinFlow8bit
+
+        return DolphinFlow8bit
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "DolphinFlow",
+    "DolphinFlow8bit",
+    "FactoredAdam",
+    "FactoredAdopt",
+    "FactoredProdigy",
     "LossAwareSchedule",
     "ShardFlowOptimizer",
+    "WhiteFlow",
     "build_optimizer",
+    "optimizer_names",
     "param_groups",
 ]
