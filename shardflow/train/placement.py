@@ -54,7 +54,8 @@ def check_placement(cfg: Config, proc: ProcessInfo) -> None:
     if proc.world != cfg.run.nproc:
         raise ConfigError(
             f"run.nproc={cfg.run.nproc} but {proc.world} process(es) were launched; "
-            f"launch with torchrun --nproc-per-node {cfg.run.nproc} or set --run.nproc {proc.world}."
+            f"launch with torchrun --nproc-per-node {cfg.run.nproc} "
+            f"or set --run.nproc {proc.world}."
         )
     kind = cfg.placement.kind
     if kind == "none" and proc.world > 1:
