@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Run ShardFlow's test suite (set-up included): the README's test command, and what CI runs.
+#
+#   bash launch/test.sh [pytest args]     # ~5-10 min on 2 CPU cores; no GPU needed
+#
+# Distributed tests start real gloo processes on this machine (free ports chosen at run time).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+bash launch/setup.sh
+exec .venv/bin/python -m pytest -n 2 -q "$@" tests

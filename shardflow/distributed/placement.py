@@ -1,0 +1,101 @@
+"""Where an optimizer's tensors live, and the reduction points its update rule may call.
+
+An update rule (``shardflow.optim``) is written against local tensors and touches the rest of the
+world only through a :class:`Placement` (DESIGN.md, "reduction points"):
+
+- :meth:`Placement.sum_over_shards` — sum a batch of per-parameter partial results over the ranks
+  that hold pieces of the same parameters (⊥Grad dot products, factored column sums, norms).
+- :meth:`Placement.sum_over_model` — sum over ranks holding disjoint parts of the model (the
+  global gradient norm for clipping).
+- :meth:`Placement.orthogonalize` — Newton-Schulz on whole matrices, wherever their pieces are.
+
+:class:`LocalPlacement` is the single-process placement: every sum is the identity and every
+matrix is whole. The DDP-aware and FSDP2-aware placements subclass it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from shardflow.optim.orthogonalize import (
+    block_newton_schulz,
+    block_rms_scale,
+    newton_schulz_many,
+    rms_scale,
+)
+
+
+class LocalPlacement:
+    """One process: all tensors local and whole, no collectives."""
+
+    world_size: int = 1
+    rank: int = 0
+
+    def local(self, tensor: Tensor) -> Tensor:
+        """The part of ``tensor`` (a parameter, gradient or state) this rank holds."""
+        return tensor
+
+    def global_shape(self, param: Tensor) -> torch.Size:
+        """The parameter's full shape."""
+        return param.shape
+
+    def row_range(self, param: Tensor) -> tuple[int, int] | None:
+        """Rows of the parameter whose state this rank keeps, or None when it keeps none."""
+        return (0, param.shape[0] if param.ndim else 1)
+
+    def owns(self, param: Tensor) -> bool:
+        """Whether this rank computes (part of) the update of ``param``."""
+        return True
+
+    def sum_over_shards(self, values: Tensor) -> Tensor:
+        """Sum per-parameter partial results over the ranks sharing those parameters."""
+        return values
+
+    def sum_over_model(self, values: Tensor) -> Tensor:
+        """Sum partial results over the ranks holding disjoint parts of the model."""
+        return values
+
+    def orthogonalize(
+        self,
+        params: Sequence[Tensor],
+        mats: Sequence[Tensor],
+        *,
+        block_size: int | None,
+        ns: dict,
+    ) -> list[Tensor]:
+        """Orthogonalize each ``(out, rest)`` matrix and give it an RMS of about 1.
+
+        ``mats[i]`` is this rank's piece of the matrix of ``params[i]``; the result has the same
+        shape. Whole matrices are scaled by ``√max(m, n)``, tiles by ``√max`` of the tile.
+        """
+        if block_size is None:
+            out = newton_schulz_many(mats, **ns)
+            for o in out:
+                o.mul_(rms_scale(o.shape))
+            return out
+        return [
+            block_newton_schulz(m, block_size, **ns).mul_(block_rms_scale(m, block_size))
+            for m in mats
+        ]
+
+    def before_update(self, optimizer: torch.optim.Optimizer) -> None:
+        """Called at the start of ``step``: make gradients of owned parameters ready."""
+
+    def after_update(self, optimizer: torch.optim.Optimizer) -> None:
+        """Called at the end of ``step``: make updated parameters visible where they are needed."""
+
+    def describe(self) -> str:
+        """A human-readable summary of what this rank holds."""
+        return "single process: every parameter local"
+
+
+def resolve_placement(param_groups: list[dict], process_group) -> LocalPlacement:
+    """Pick the placement for these parameters and ``process_group`` (once, at construction)."""
+    if process_group is None:
+        return LocalPlacement()
+    from shardflow.distributed import sharded  # noqa: PLC0415 - heavy import only when needed
+
+    return sharded.make_placement(param_groups, process_group)

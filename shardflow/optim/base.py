@@ -1,0 +1,236 @@
+"""The base every ShardFlow optimizer shares: bookkeeping, never maths.
+
+A subclass supplies three things:
+
+- ``_check_group(group)``: validate one param group's hyperparameters (``ValueError`` naming the
+  argument, the value and the fix);
+- ``_init_state(param, local, group, state)``: create the state of one parameter from its local
+  tensor, eagerly, at construction (so ``state_dict()`` keys are the same on every rank);
+- ``_update_group(group, items, ops)``: apply one step to the parameters of a group, given
+  :class:`Item` records (local param, scratch fp32 gradient already clipped, state).
+
+The base does the rest, the same way for every optimizer: it resolves the placement from
+``process_group`` once, checks gradients for NaN/inf (a non-finite gradient skips the whole
+step, weights and state untouched, counts it in :attr:`nonfinite_steps` and warns once), applies
+global gradient clipping from the same single reduction, multiplies ``lr`` by the group's
+``lr_scale`` (set by :class:`~shardflow.optim.schedule.LossAwareSchedule`), and keeps state dtypes
+exact across ``load_state_dict`` (torch would cast fp32 state to a bf16 param's dtype).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor
+
+from shardflow.distributed.placement import LocalPlacement, resolve_placement
+from shardflow.optim._listops import ListOps
+from shardflow.optim._validate import check_optional_positive
+
+Layout = Literal["rows", "replicated"]
+"""How a state tensor reshards: ``rows`` — dim 0 follows the parameter's rows (it is sliced the
+way the parameter is); ``replicated`` — identical wherever the parameter's state lives."""
+
+
+@dataclass(slots=True)
+class Item:
+    """One parameter as an update rule sees it."""
+
+    param: Tensor
+    """The parameter as the user holds it (possibly a DTensor)."""
+    local: Tensor
+    """The part of the parameter this rank updates, a plain tensor (updated in place)."""
+    grad: Tensor
+    """Scratch copy of the local gradient in the compute dtype, clipped; the rule may overwrite it."""
+    state: dict[str, Any]
+
+
+class ShardFlowOptimizer(torch.optim.Optimizer):
+    """Base class of every ShardFlow optimizer (see the module docstring for the contract)."""
+
+    state_layout: ClassVar[dict[str, Layout]] = {}
+    """For every state key the subclass creates, how it reshards (checkpoints read this)."""
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        defaults: dict[str, Any],
+        *,
+        process_group: Any = None,
+        foreach: bool | None = None,
+        gradient_clipping: float | None = None,
+    ) -> None:
+        check_optional_positive("gradient_clipping", gradient_clipping)
+        if foreach is not None and not isinstance(foreach, bool):
+            raise ValueError(
+                f"foreach={foreach!r} is invalid: pass True, False or None (automatic)."
+            )
+        self.foreach = foreach
+        self.gradient_clipping = gradient_clipping
+        self.process_group = process_group
+        self.nonfinite_steps = 0
+        """How many steps were skipped because a gradient held NaN or inf."""
+        self._constructed = False
+        super().__init__(params, defaults)
+        self.placement: LocalPlacement = resolve_placement(self.param_groups, process_group)
+        for group in self.param_groups:
+            self._init_group_state(group)
+        self._constructed = True
+
+    # -- param groups and state -----------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if getattr(self, "_constructed", False) and self.process_group is not None:
+            raise ValueError(
+                "add_param_group after construction is not supported with process_group: the "
+                "owner plan is fixed at construction. Pass every group to the constructor."
+            )
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        group.setdefault("lr_scale", 1.0)
+        self._check_group(group)
+        if self._constructed:
+            self._init_group_state(group)
+
+    def _init_group_state(self, group: dict[str, Any]) -> None:
+        for p in group["params"]:
+            if self.placement.owns(p) and not self.state[p]:
+                self._init_state(p, self.placement.local(p), group, self.state[p])
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        """Validate one group's hyperparameters; subclasses extend."""
+
+    def _init_state(self, param: Tensor, local: Tensor, group: dict[str, Any], state: dict) -> None:
+        raise NotImplementedError
+
+    def _update_group(self, group: dict[str, Any], items: list[Item], ops: ListOps) -> None:
+        raise NotImplementedError
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load like torch, but keep every state tensor's saved dtype (fp32 stays fp32)."""
+        saved = state_dict["state"]
+        super().load_state_dict(state_dict)
+        ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(ids, params):
+            for key, value in saved.get(pid, {}).items():
+                if isinstance(value, Tensor) and self.state[p][key].dtype != value.dtype:
+                    self.state[p][key] = value.to(
+                        device=self.state[p][key].device, dtype=value.dtype
+                    )
+
+    # -- the step ---------------------------------------------------------------------------
+
+    def _ops_for(self, tensors: list[Tensor]) -> ListOps:
+        if self.foreach is not None:
+            return ListOps(self.foreach)
+        devices = {t.device for t in tensors}
+        return ListOps(len(devices) <= 1 and not any(t.device.type == "meta" for t in tensors))
+
+    def _collect(self) -> list[tuple[dict[str, Any], list[Tensor], list[Tensor]]]:
+        """Per group: the owned params that have a gradient and their local gradients."""
+        out = []
+        for group in self.param_groups:
+            params, grads = [], []
+            for p in group["params"]:
+                if p.grad is None or not self.placement.owns(p):
+                    continue
+                params.append(p)
+                grads.append(self.placement.local(p.grad))
+            out.append((group, params, grads))
+        return out
+
+    def _grad_scale(self, grads: list[Tensor], ops: ListOps) -> float | None:
+        """One reduction: the global gradient norm. None when it is not finite (skip the step)."""
+        local = (
+            torch.stack([n.double() for n in ops.sq_norms(grads)]).sum()
+            if grads
+            else torch.zeros((), dtype=torch.float64)
+        )
+        total = float(self.placement.sum_over_model(local))
+        if not math.isfinite(total):
+            return None
+        if self.gradient_clipping is None:
+            return 1.0
+        norm = math.sqrt(total)
+        return min(1.0, self.gradient_clipping / (norm + 1e-6))
+
+    def _skip_nonfinite(self) -> None:
+        self.nonfinite_steps += 1
+        if self.nonfinite_steps == 1:
+            warnings.warn(
+                f"{type(self).__name__}: a gradient holds NaN or inf; the step was skipped "
+                "(weights and state untouched). Further skips are counted in "
+                "optimizer.nonfinite_steps without another warning.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.placement.before_update(self)
+        collected = self._collect()
+        all_grads = [g for _, _, gs in collected for g in gs]
+        ops = self._ops_for(all_grads)
+        scale = self._grad_scale(all_grads, ops)
+        if scale is None:
+            self._skip_nonfinite()
+            return loss
+        for group, params, grads in collected:
+            if not params:
+                continue
+            scratch = ops.clone_scaled(grads, scale, _compute_dtype(grads[0]))
+            items = [
+                Item(p, self.placement.local(p), g, self.state[p]) for p, g in zip(params, scratch)
+            ]
+            self._update_group(group, items, ops)
+        self.placement.after_update(self)
+        self._after_step(loss)
+        return loss
+
+    def _after_step(self, loss: Any) -> None:
+        """Hook run after a successful step (the loss-aware schedule uses it)."""
+
+    # -- accounting -------------------------------------------------------------------------
+
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state this rank holds (tensors only)."""
+        total = 0
+        for state in self.state.values():
+            for value in state.values():
+                if isinstance(value, Tensor) and value.numel() > 1:
+                    total += self.placement.local(value).numel() * value.element_size()
+        return total
+
+    def param_count(self) -> int:
+        """Elements of the parameters whose state this rank holds."""
+        return sum(
+            self.placement.local(p).numel()
+            for g in self.param_groups
+            for p in g["params"]
+            if self.placement.owns(p)
+        )
+
+    def state_bytes_per_param(self) -> float:
+        """State bytes divided by the parameter elements they serve (0-d scalars not counted)."""
+        n = self.param_count()
+        return self.state_bytes() / n if n else 0.0
+
+
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def step_counter() -> Tensor:
+    """A fresh per-parameter step counter: a 0-d fp32 CPU tensor, as torch.optim keeps it."""
+    return torch.zeros((), dtype=torch.float32)

@@ -1,0 +1,381 @@
+"""DolphinFlow: ⊥Grad or Newton-Schulz orthogonalization, Nesterov momentum, Adam-like scaling.
+
+The update rule, for one parameter ``w`` with gradient ``g`` (after global clipping), step ``t``:
+
+1. **Route.** Hidden matrices (2+ dims, not an embedding or head) follow the group's
+   ``ortho_mode``; everything else is element-wise (see :mod:`shardflow.optim.routing`).
+2. **⊥Grad** (``ortho_mode="vector"``): ``g ← g − (⟨g,w⟩/‖w‖²)·w``, per row (``vector_mode=
+   "rowwise"``, the default) or over the whole tensor (``"flat"``), rescaled to ``‖g‖`` when
+   ``restore_norm`` (Prieto et al., arXiv 2501.04697).
+3. **Moments.** ``m ← μ·m + (1−μ)·g``; with ``adaptive_lr``, ``v ← β₂·v + (1−β₂)·g²``.
+4. **Nesterov as an average**: ``n = μ·m + (1−μ)·g`` (plain momentum: ``n = m``), divided by its
+   bias correction (the weight the EMA has accumulated: ``1 − μᵗ`` for a constant μ), so that
+   ``n̂`` estimates the gradient from step 1.
+5. **Direction with RMS ≈ 1**:
+   - element-wise and vector routes: ``u = n̂ / (√v̂ + eps)`` with ``v̂ = v / (1 − β₂ᵗ)``
+     (without ``adaptive_lr``: ``u = n̂ / RMS(n̂)``);
+   - matrix and block routes: the adaptive scaling comes *before* orthogonalizing, so it cannot
+     undo it: ``u = NS(n̂ / (√v̂ + eps)) · √max(m, n)`` (per tile in block mode; without
+     ``adaptive_lr`` the division is left out). An orthogonal ``(m, n)`` matrix has RMS
+     ``1/√max(m, n)``, hence the factor.
+6. **Trust region** (``trust_region=τ``): if ``lr·‖u‖ > τ·‖w‖``, shrink ``u`` to meet it
+   (parameters with ``‖w‖ = 0`` are left alone, or they could never move).
+7. **Apply**: ``w ← w·(1 − lr·weight_decay) − lr·u`` (decoupled weight decay).
+
+**The RMS rule.** ``u`` has an RMS of 1 on the first step in every mode up to the Newton-Schulz
+band — within ``[0.5, 1.3]`` (tested) — so ``lr`` is the RMS of the weight change, independent of
+the gradient's scale. Compared with the published package, which moved weights ≈19×–269× lr on
+its first step (ANCHORS.md).
+
+**Dynamic momentum** (``dynamic_momentum=True``): each parameter keeps its own μ, moved each step
+by ``0.05·cos(g, m)`` and kept within ``momentum_bounds``: momentum grows while successive
+gradients agree and shrinks when they oppose.
+
+**Memory**: ``m`` (fp32, 4 B/param) and, with ``adaptive_lr``, ``v`` (fp32, 4 B/param).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from shardflow.optim._listops import ListOps
+from shardflow.optim._validate import (
+    check_bool,
+    check_choice,
+    check_int_at_least,
+    check_nonnegative,
+    check_optional_positive,
+    check_unit_interval,
+)
+from shardflow.optim.base import Item, Layout, ShardFlowOptimizer, step_counter
+from shardflow.optim.orthogonalize import NS_TOL, orthograd_, orthograd_sums
+from shardflow.optim.routing import is_hidden_matrix
+from shardflow.optim.schedule import LossAwareSchedule
+
+ORTHO_MODES = ("vector", "block", "matrix", "full", None)
+_DYNAMIC_RATE = 0.05
+
+
+class DolphinFlow(ShardFlowOptimizer):
+    """DolphinFlow, 32-bit states. See the module docstring for the update rule.
+
+    Args:
+        params: parameters, named parameters (``model.named_parameters()``, which lets names
+            route embeddings and heads element-wise) or param groups (any key below may be set
+            per group; :func:`shardflow.optim.routing.param_groups` builds sensible ones).
+        lr: learning rate: the RMS of the weight change per step.
+        weight_decay: decoupled weight decay coefficient (multiplied by ``lr``).
+        momentum: momentum coefficient μ in [0, 1).
+        nesterov: use Nesterov momentum (an average of momentum and gradient).
+        ortho_mode: ``"vector"`` (⊥Grad), ``"block"`` (Newton-Schulz per tile), ``"matrix"``
+            (alias ``"full"``: Newton-Schulz on the whole matrix), or ``None`` (element-wise).
+        block_size: tile side for ``"block"``.
+        vector_mode: ⊥Grad per row (``"rowwise"``) or over the flattened tensor (``"flat"``).
+        restore_norm: rescale the ⊥Grad-projected gradient to the original norm.
+        adaptive_lr: Adam-like second-moment scaling.
+        beta2: second-moment coefficient.
+        eps: added to ``√v̂``.
+        dynamic_momentum: adapt μ per parameter from gradient alignment.
+        momentum_bounds: ``(low, high)`` for dynamic momentum.
+        gradient_clipping: global gradient-norm bound (None: off).
+        trust_region: bound on ``lr·‖u‖ / ‖w‖`` per parameter (None: off).
+        ns_min_steps, ns_max_steps: Newton-Schulz iteration bounds (the criterion in between
+            is documented in :mod:`shardflow.optim.orthogonalize`).
+        ns_dtype: Newton-Schulz compute dtype; None: bf16 on CUDA, fp32 elsewhere.
+        loss_aware_schedule: lower the lr when the loss stalls (needs ``step(closure)``);
+            see :class:`~shardflow.optim.schedule.LossAwareSchedule`.
+        verbose: log per-step summaries to the ``shardflow`` logger.
+        process_group: ProcessGroup or 1-D DeviceMesh to shard over; None: one process.
+        foreach: use ``torch._foreach_*`` kernels (None: when all tensors share a device).
+    """
+
+    state_layout: ClassVar[dict[str, Layout]] = {
+        "step": "replicated",
+        "exp_avg": "rows",
+        "exp_avg_sq": "rows",
+        "momentum": "replicated",
+        "momentum_weight": "replicated",
+    }
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-4,
+        weight_decay: float = 1e-2,
+        momentum: float = 0.9,
+        nesterov: bool = True,
+        ortho_mode: str | None = "vector",
+        block_size: int = 128,
+        adaptive_lr: bool = True,
+        beta2: float = 0.99,
+        eps: float = 1e-8,
+        dynamic_momentum: bool = False,
+        momentum_bounds: tuple[float, float] = (0.7, 0.98),
+        gradient_clipping: float | None = 1.0,
+        trust_region: float | None = None,
+        ns_min_steps: int = 3,
+        ns_max_steps: int = 5,
+        loss_aware_schedule: bool = False,
+        verbose: bool = False,
+        *,
+        vector_mode: str = "rowwise",
+        restore_norm: bool = True,
+        ns_dtype: torch.dtype | None = None,
+        process_group: Any = None,
+        foreach: bool | None = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            nesterov=nesterov,
+            ortho_mode=ortho_mode,
+            block_size=block_size,
+            vector_mode=vector_mode,
+            restore_norm=restore_norm,
+            adaptive_lr=adaptive_lr,
+            beta2=beta2,
+            eps=eps,
+            dynamic_momentum=dynamic_momentum,
+            momentum_bounds=tuple(momentum_bounds) if momentum_bounds is not None else None,
+            trust_region=trust_region,
+            ns_min_steps=ns_min_steps,
+            ns_max_steps=ns_max_steps,
+            ns_dtype=ns_dtype,
+        )
+        check_bool("loss_aware_schedule", loss_aware_schedule)
+        check_bool("verbose", verbose)
+        self.verbose = verbose
+        self._names: dict[Tensor, str] = {}
+        super().__init__(
+            params,
+            defaults,
+            process_group=process_group,
+            foreach=foreach,
+            gradient_clipping=gradient_clipping,
+        )
+        self.loss_schedule = LossAwareSchedule(self) if loss_aware_schedule else None
+
+    # -- validation and state ---------------------------------------------------------------
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        if not isinstance(group["lr"], (int, float)) or not group["lr"] >= 0:
+            raise ValueError(
+                f"lr={group['lr']!r} is invalid: pass a learning rate >= 0, e.g. 1e-4."
+            )
+        check_nonnegative("weight_decay", group["weight_decay"])
+        check_unit_interval("momentum", group["momentum"])
+        check_bool("nesterov", group["nesterov"])
+        check_choice("ortho_mode", group["ortho_mode"], ORTHO_MODES)
+        check_int_at_least("block_size", group["block_size"], 1)
+        check_choice("vector_mode", group["vector_mode"], ("rowwise", "flat"))
+        check_bool("restore_norm", group["restore_norm"])
+        check_bool("adaptive_lr", group["adaptive_lr"])
+        check_unit_interval("beta2", group["beta2"])
+        check_nonnegative("eps", group["eps"])
+        check_bool("dynamic_momentum", group["dynamic_momentum"])
+        bounds = group["momentum_bounds"]
+        if (
+            bounds is None
+            or len(bounds) != 2
+            or not all(isinstance(b, (int, float)) for b in bounds)
+            or not 0 <= bounds[0] <= bounds[1] < 1
+        ):
+            raise ValueError(
+                f"momentum_bounds={bounds!r} is invalid: pass (low, high) with 0 <= low <= high < 1, "
+                "e.g. (0.7, 0.98)."
+            )
+        check_optional_positive("trust_region", group["trust_region"])
+        check_int_at_least("ns_min_steps", group["ns_min_steps"], 0)
+        check_int_at_least("ns_max_steps", group["ns_max_steps"], 1)
+        if group["ns_min_steps"] > group["ns_max_steps"]:
+            raise ValueError(
+                f"ns_min_steps={group['ns_min_steps']} is larger than ns_max_steps="
+                f"{group['ns_max_steps']}: pass ns_min_steps <= ns_max_steps."
+            )
+        if group["ns_dtype"] not in (
+            None,
+            torch.float32,
+            torch.bfloat16,
+            torch.float16,
+            torch.float64,
+        ):
+            raise ValueError(
+                f"ns_dtype={group['ns_dtype']!r} is invalid: pass None, torch.float32 or torch.bfloat16."
+            )
+
+    def _init_state(self, param: Tensor, local: Tensor, group: dict[str, Any], state: dict) -> None:
+        names = group.get("param_names")
+        if names:
+            self._names[param] = names[next(i for i, p in enumerate(group["params"]) if p is param)]
+        state["step"] = step_counter()
+        state["exp_avg"] = torch.zeros_like(local, dtype=_state_dtype(local))
+        if group["adaptive_lr"]:
+            state["exp_avg_sq"] = torch.zeros_like(local, dtype=_state_dtype(local))
+        state["momentum"] = torch.tensor(float(group["momentum"]), dtype=torch.float64)
+        state["momentum_weight"] = torch.zeros((), dtype=torch.float64)
+
+    def route(self, param: Tensor, group: dict[str, Any]) -> str:
+        """``"matrix"``, ``"block"``, ``"vector"`` or ``"elementwise"`` for this parameter."""
+        mode = group["ortho_mode"]
+        if mode is None or not is_hidden_matrix(param, self._names.get(param)):
+            return "elementwise"
+        return "matrix" if mode == "full" else mode
+
+    # -- the step ---------------------------------------------------------------------------
+
+    def step(self, closure=None):  # type: ignore[override]
+        if self.loss_schedule is not None and closure is None:
+            raise ValueError(
+                "loss_aware_schedule=True needs the loss: call optimizer.step(closure) with a "
+                "closure that returns it, or build the optimizer with loss_aware_schedule=False "
+                "and call a LossAwareSchedule yourself."
+            )
+        return super().step(closure)
+
+    def _after_step(self, loss: Any) -> None:
+        if self.loss_schedule is not None and loss is not None:
+            self.loss_schedule.observe(loss)
+
+    def _update_group(self, group: dict[str, Any], items: list[Item], ops: ListOps) -> None:
+        lr = group["lr"] * group["lr_scale"]
+        routes = {it.param: self.route(it.param, group) for it in items}
+        vector = [it for it in items if routes[it.param] == "vector"]
+        ortho = [it for it in items if routes[it.param] in ("matrix", "block")]
+        plain = [it for it in items if routes[it.param] in ("vector", "elementwise")]
+
+        self._orthograd(group, vector)
+        mus = self._momenta(group, items)
+        grads = [it.grad for it in items]
+        for it in items:
+            it.state["step"] += 1
+        if group["adaptive_lr"]:
+            ops.square_ema_([it.state["exp_avg_sq"] for it in items], grads, group["beta2"])
+        bufs = [it.state["exp_avg"] for it in items]
+        ops.lerp_(bufs, grads, [1.0 - mu for mu in mus])
+        weights = []
+        for it, mu in zip(items, mus):
+            it.state["momentum_weight"].mul_(mu).add_(1.0 - mu)
+            w = float(it.state["momentum_weight"])
+            weights.append(mu * w + (1.0 - mu) if group["nesterov"] else w)
+        if group["nesterov"]:
+            ops.lerp_(grads, bufs, mus)  # g ← μ·m + (1−μ)·g
+        else:
+            for g, m in zip(grads, bufs):
+                g.copy_(m)
+        ops.mul_(grads, [1.0 / w for w in weights])
+
+        if group["adaptive_lr"]:
+            debias = [1.0 / (1.0 - group["beta2"] ** float(it.state["step"])) for it in items]
+            ops.div_by_rms_denominator_(
+                grads, [it.state["exp_avg_sq"] for it in items], debias, group["eps"]
+            )
+        else:
+            self._normalize_rms(plain, ops)
+        self._orthogonalize(group, ortho, routes)
+        self._trust_region(group, items, lr, ops)
+        self._apply(group, items, lr, ops)
+
+    def _orthograd(self, group: dict[str, Any], items: list[Item]) -> None:
+        if not items:
+            return
+        rowwise = group["vector_mode"] == "rowwise"
+        sums = [orthograd_sums(it.grad, it.local, rowwise=rowwise) for it in items]
+        if not rowwise:
+            sums = list(self.placement.sum_over_shards(torch.cat(sums)).split(1))
+        for it, s in zip(items, sums):
+            orthograd_(
+                it.grad, it.local, rowwise=rowwise, restore_norm=group["restore_norm"], sums=s
+            )
+
+    def _momenta(self, group: dict[str, Any], items: list[Item]) -> list[float]:
+        """Each item's μ for this step (updating the stored per-parameter μ when dynamic)."""
+        if not group["dynamic_momentum"]:
+            return [float(group["momentum"])] * len(items)
+        parts = torch.stack(
+            [
+                torch.stack([(it.grad * m).sum(), it.grad.square().sum(), m.square().sum()])
+                for it in items
+                for m in [it.state["exp_avg"].to(it.grad.dtype)]
+            ]
+        )
+        dot, gg, mm = self.placement.sum_over_shards(parts).double().unbind(1)
+        cos = torch.where((gg > 0) & (mm > 0), dot / (gg.sqrt() * mm.sqrt()).clamp_min(1e-300), 0.0)
+        low, high = group["momentum_bounds"]
+        mus = []
+        for it, c in zip(items, cos.tolist()):
+            mu = min(high, max(low, float(it.state["momentum"]) + _DYNAMIC_RATE * c))
+            it.state["momentum"].fill_(mu)
+            mus.append(mu)
+        return mus
+
+    def _normalize_rms(self, items: list[Item], ops: ListOps) -> None:
+        if not items:
+            return
+        sq = self.placement.sum_over_shards(torch.stack(ops.sq_norms([it.grad for it in items])))
+        numel = [self.placement.global_shape(it.param).numel() for it in items]
+        scale = [(n / s) ** 0.5 if s > 0 else 0.0 for s, n in zip(sq.double().tolist(), numel)]
+        ops.mul_([it.grad for it in items], scale)
+
+    def _orthogonalize(self, group: dict[str, Any], items: list[Item], routes: dict) -> None:
+        if not items:
+            return
+        ns = dict(
+            min_steps=group["ns_min_steps"],
+            max_steps=group["ns_max_steps"],
+            tol=NS_TOL,
+            dtype=group["ns_dtype"] or _default_ns_dtype(items[0].grad),
+        )
+        for mode in ("matrix", "block"):
+            chosen = [it for it in items if routes[it.param] == mode]
+            if not chosen:
+                continue
+            mats = [it.grad.reshape(it.grad.size(0), -1) for it in chosen]
+            out = self.placement.orthogonalize(
+                [it.param for it in chosen],
+                mats,
+                block_size=group["block_size"] if mode == "block" else None,
+                ns=ns,
+            )
+            for it, o in zip(chosen, out):
+                it.grad.copy_(o.reshape(it.grad.shape))
+
+    def _trust_region(
+        self, group: dict[str, Any], items: list[Item], lr: float, ops: ListOps
+    ) -> None:
+        tau = group["trust_region"]
+        if tau is None or lr == 0:
+            return
+        uu = torch.stack(ops.sq_norms([it.grad for it in items]))
+        ww = torch.stack(ops.sq_norms([it.local.to(it.grad.dtype) for it in items]))
+        uu, ww = self.placement.sum_over_shards(torch.stack([uu, ww], dim=1)).double().unbind(1)
+        scale = []
+        for u2, w2 in zip(uu.tolist(), ww.tolist()):
+            step_norm, bound = lr * u2**0.5, tau * w2**0.5
+            scale.append(bound / step_norm if w2 > 0 and step_norm > bound else 1.0)
+        ops.mul_([it.grad for it in items], scale)
+
+    def _apply(self, group: dict[str, Any], items: list[Item], lr: float, ops: ListOps) -> None:
+        locals_ = [it.local for it in items]
+        updates = [it.grad for it in items]
+        if group["weight_decay"] and lr:
+            ops.mul_(locals_, 1.0 - lr * group["weight_decay"])
+        if locals_ and locals_[0].dtype != updates[0].dtype:
+            for p, u in zip(locals_, updates):
+                p.add_(u.to(p.dtype), alpha=-lr)
+        else:
+            ops.add_(locals_, updates, alpha=-lr)
+
+
+def _state_dtype(local: Tensor) -> torch.dtype:
+    return torch.float64 if local.dtype == torch.float64 else torch.float32
+
+
+def _default_ns_dtype(t: Tensor) -> torch.dtype:
+    if t.dtype == torch.float64:
+        return torch.float64
+    return torch.bfloat16 if t.device.type == "cuda" else torch.float32

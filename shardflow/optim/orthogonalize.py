@@ -1,0 +1,213 @@
+"""Orthogonalization primitives: Newton-Schulz (full-matrix and block-wise) and ⊥Grad.
+
+All functions are pure: they take local tensors and return new ones (or modify a buffer they
+were explicitly given). Placement (which rank computes what) lives in ``shardflow.distributed``.
+
+Newton-Schulz
+    The quintic iteration ``X ← a·X + (b·A + c·A²)·X`` with ``A = X·Xᵀ`` and the coefficients
+    ``(a, b, c) = (3.4445, −4.7750, 2.0315)`` found by Keller Jordan et al. for Muon
+    (https://kellerjordan.github.io/posts/muon/). The input is first divided by its Frobenius
+    norm (so every singular value is ≤ 1), and the iteration runs on the short side (a tall
+    matrix is transposed), so ``A`` is ``min(m, n)²``. These coefficients trade exactness for
+    speed: singular values do not converge to 1 but into a band around it, documented as
+    :data:`NS_BAND` and checked by the tests.
+
+Adaptive step count (the measured criterion)
+    After ``min_steps`` iterations, each further iteration first measures the orthogonality
+    error ``e = ‖A − I‖_F / √k`` (``k = min(m, n)``) on the ``A`` it has to compute anyway, i.e.
+    the root-mean-square of ``σᵢ² − 1``. It stops as soon as the worst matrix in the batch has
+    ``e ≤ tol`` (default :data:`NS_TOL`), and never runs more than ``max_steps`` iterations.
+    The check costs one scalar read from the device per extra iteration and nothing else.
+
+⊥Grad
+    Prieto et al., "Grokking at the Edge of Numerical Stability" (arXiv 2501.04697): remove from
+    the gradient its component along the weight, ``g⊥ = g − (⟨g, w⟩ / ‖w‖²)·w``, so that the step
+    cannot simply scale the weights up (naïve loss minimization). ``rowwise`` does this for every
+    output row of a matrix separately (shard-local under row sharding); ``flat`` treats the whole
+    tensor as one vector, as the paper does. ``restore_norm`` rescales ``g⊥`` to ``‖g‖``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+NS_COEFFS: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
+"""Quintic Newton-Schulz coefficients (a, b, c) from Muon."""
+
+NS_TOL: float = 0.35
+"""Default stop tolerance on ``‖XXᵀ − I‖_F / √k``: RMS of ``σ² − 1`` over the singular values."""
+
+NS_BAND: tuple[float, float] = (0.55, 1.25)
+"""Band that singular values lie in after the iteration has met :data:`NS_TOL` (tested)."""
+
+_EPS = 1e-7
+
+
+def newton_schulz(
+    x: Tensor,
+    *,
+    min_steps: int = 3,
+    max_steps: int = 5,
+    tol: float = NS_TOL,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Approximately orthogonalize ``x`` (shape ``(..., m, n)``) with quintic Newton-Schulz.
+
+    Leading dimensions are a batch: every matrix in it is orthogonalized separately and the
+    step count is decided for the batch as a whole (the worst matrix decides). ``dtype`` is the
+    compute dtype (``torch.bfloat16`` halves memory traffic on GPUs; ``None`` keeps fp32 or
+    higher). Returns a tensor of ``x``'s shape and dtype whose singular values lie in
+    :data:`NS_BAND` once the criterion is met.
+    """
+    if x.ndim < 2:
+        raise ValueError(
+            f"newton_schulz needs a matrix or a batch of matrices, got shape {tuple(x.shape)}"
+        )
+    if x.numel() == 0:
+        return torch.zeros_like(x)
+    out_dtype = x.dtype
+    compute = dtype or (x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32)
+    tall = x.size(-2) > x.size(-1)
+    y = x.mT if tall else x
+    y = y.to(compute)
+    norm = torch.linalg.vector_norm(y.float(), dim=(-2, -1), keepdim=True).to(compute)
+    y = y / (norm + _EPS)
+    a, b, c = NS_COEFFS
+    k = y.size(-2)
+    eye = torch.eye(k, dtype=compute, device=y.device) if max_steps > min_steps else None
+    for step in range(max_steps):
+        gram = y @ y.mT
+        if eye is not None and step >= min_steps:
+            err = torch.linalg.matrix_norm((gram - eye).float()).amax() / math.sqrt(k)
+            if float(err) <= tol:
+                break
+        poly = (
+            torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+            if gram.ndim == 3
+            else b * gram + c * (gram @ gram)
+        )
+        y = torch.baddbmm(y, poly, y, beta=a) if y.ndim == 3 else a * y + poly @ y
+    if tall:
+        y = y.mT
+    return y.to(out_dtype)
+
+
+def orthogonality_error(x: Tensor) -> Tensor:
+    """``‖XXᵀ − I‖_F / √k`` on the short side, per matrix: the RMS of ``σᵢ² − 1``."""
+    y = x.mT if x.size(-2) > x.size(-1) else x
+    y = y.double()
+    k = y.size(-2)
+    return torch.linalg.matrix_norm(
+        y @ y.mT - torch.eye(k, dtype=y.dtype, device=y.device)
+    ) / math.sqrt(k)
+
+
+def newton_schulz_many(mats: Sequence[Tensor], **ns_kwargs) -> list[Tensor]:
+    """Orthogonalize each matrix in ``mats``, batching those of equal shape into one call."""
+    out: list[Tensor | None] = [None] * len(mats)
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, m in enumerate(mats):
+        by_shape.setdefault(tuple(m.shape), []).append(i)
+    for idx in by_shape.values():
+        batch = torch.stack([mats[i] for i in idx]) if len(idx) > 1 else mats[idx[0]].unsqueeze(0)
+        result = newton_schulz(batch, **ns_kwargs)
+        for j, i in enumerate(idx):
+            out[i] = result[j]
+    return out  # type: ignore[return-value]
+
+
+def as_matrix(t: Tensor) -> Tensor:
+    """View a tensor of 2 or more dims as ``(out, rest)``; convolution filters flatten this way."""
+    return t if t.ndim == 2 else t.reshape(t.size(0), -1)
+
+
+def block_view(m: Tensor, block_size: int) -> list[tuple[slice, slice]]:
+    """Row/column slices of the ``block_size``-square tiles covering ``m``, ragged edges included."""
+    rows, cols = m.shape[-2], m.shape[-1]
+    return [
+        (slice(r, min(r + block_size, rows)), slice(c, min(c + block_size, cols)))
+        for r in range(0, rows, block_size)
+        for c in range(0, cols, block_size)
+    ]
+
+
+def block_newton_schulz(m: Tensor, block_size: int, **ns_kwargs) -> Tensor:
+    """Orthogonalize every ``block_size × block_size`` tile of ``m`` separately.
+
+    Edge tiles are smaller (ragged); tiles of equal shape are batched. Each tile's result is
+    scaled by ``√max(tile rows, tile cols)`` when ``scale_rms`` is requested by the caller via
+    :func:`orthogonal_update`; this function returns the plain orthogonalized tiles.
+    """
+    tiles = block_view(m, block_size)
+    results = newton_schulz_many([m[r, c] for r, c in tiles], **ns_kwargs)
+    out = torch.empty_like(m)
+    for (r, c), res in zip(tiles, results):
+        out[r, c] = res
+    return out
+
+
+def rms_scale(shape: Sequence[int]) -> float:
+    """Factor that gives an orthogonal ``(m, n)`` matrix an RMS of 1: ``√max(m, n)``.
+
+    An orthogonal matrix has ``min(m, n)`` singular values equal to 1, so its RMS is
+    ``√(min/(m·n)) = 1/√max(m, n)``.
+    """
+    return math.sqrt(max(shape[-2], shape[-1]))
+
+
+def block_rms_scale(m: Tensor, block_size: int) -> Tensor:
+    """Per-element RMS factors for a block-orthogonalized matrix (``√max`` of each tile's shape)."""
+    scale = torch.empty(m.shape[-2:], dtype=m.dtype, device=m.device)
+    for r, c in block_view(m, block_size):
+        scale[r, c] = math.sqrt(max(r.stop - r.start, c.stop - c.start))
+    return scale
+
+
+def orthograd_sums(grad: Tensor, weight: Tensor, *, rowwise: bool = True) -> Tensor:
+    """Partial sums ⊥Grad needs, ``(⟨g, w⟩, ‖w‖², ‖g‖²)``: one row per matrix row, or one in all.
+
+    Shape ``(rows, 3)`` when ``rowwise`` and the tensor has 2 or more dims, else ``(1, 3)``. Under
+    row sharding the row-wise sums are complete on every rank; the flat ones are summed over the
+    ranks first (one batched reduction for every parameter).
+    """
+    g, w = _rows(grad, rowwise), _rows(weight, rowwise).to(grad.dtype)
+    return torch.stack([(g * w).sum(1), (w * w).sum(1), (g * g).sum(1)], dim=1)
+
+
+def orthograd_(
+    grad: Tensor,
+    weight: Tensor,
+    *,
+    rowwise: bool = True,
+    restore_norm: bool = False,
+    sums: Tensor | None = None,
+) -> Tensor:
+    """⊥Grad in place: remove from ``grad`` its component along ``weight``; returns ``grad``.
+
+    ``rowwise`` projects each row (dim-0 slice) of a tensor of 2 or more dims separately;
+    otherwise the whole tensor is one vector (1-D tensors always are). ``sums`` may carry
+    :func:`orthograd_sums`, already reduced across ranks. A zero weight (row) leaves the gradient
+    unchanged. With ``restore_norm`` the result is rescaled to the original gradient's norm, using
+    ``‖g⊥‖² = ‖g‖² − ⟨g, w⟩²/‖w‖²`` so that no second reduction is needed.
+    """
+    if sums is None:
+        sums = orthograd_sums(grad, weight, rowwise=rowwise)
+    gw, ww, gg = sums.unbind(1)
+    tiny = torch.finfo(sums.dtype).tiny
+    coef = torch.where(ww > 0, gw / ww.clamp_min(tiny), torch.zeros_like(gw))
+    g = _rows(grad, rowwise)
+    g.sub_(coef.unsqueeze(1) * _rows(weight, rowwise).to(g.dtype))
+    if restore_norm:
+        after = (gg - coef * gw).clamp_min(gg * 1e-12)
+        factor = torch.where(gg > 0, (gg / after.clamp_min(tiny)).sqrt(), torch.ones_like(gg))
+        g.mul_(factor.unsqueeze(1))
+    return grad
+
+
+def _rows(t: Tensor, rowwise: bool) -> Tensor:
+    """``(rows, rest)`` view when row-wise and 2 or more dims, else ``(1, numel)``."""
+    return t.reshape(t.size(0), -1) if (rowwise and t.ndim >= 2) else t.reshape(1, -1)
