@@ -18,7 +18,7 @@ import torch.distributed as dist
 from shardflow.train.config import Config, ConfigError, load_config
 from shardflow.train.loop import preflight, train
 from shardflow.train.metrics import plot_losses, read_metrics
-from shardflow.train.optimizers import check_optimizer_name
+from shardflow.train.optimizers import check_optimizer_name, check_optimizer_placement
 from shardflow.train.placement import ProcessInfo, init_distributed, process_info
 
 BAD_INPUT = 2
@@ -121,6 +121,7 @@ def main_compare(argv: list[str]) -> int:
         names = [n.strip().lower() for n in args.optimizers.split(",") if n.strip()]
         for name in names:
             check_optimizer_name(name)
+            check_optimizer_placement(name, cfg.placement.kind)
         lrs = [float(x) for x in args.lrs.split(",") if x.strip()] if args.lrs else []
         variants = _variants(cfg, names, lrs)
         for variant in variants:

@@ -82,6 +82,8 @@ class DataConfig:
     """Share of files (chosen by a hash of their path) held out for validation."""
     max_bytes: int = 3_000_000
     """Cap on the text read (bytes), so a big folder or the embedded corpus loads quickly."""
+    max_doc_bytes: int = 65_536
+    """Documents are cut to this many characters, so one huge file cannot dominate a split."""
     seq_len: int = 128
     """Tokens per training sequence."""
 
@@ -424,6 +426,7 @@ def check_values(cfg: Config) -> None:
         "model.n_kv_heads": cfg.model.n_kv_heads,
         "model.ffn_dim": cfg.model.ffn_dim,
         "data.max_bytes": cfg.data.max_bytes,
+        "data.max_doc_bytes": cfg.data.max_doc_bytes,
     }
     for name, value in positive.items():
         if value < 1:

@@ -120,6 +120,7 @@ def read_documents(cfg: DataConfig) -> tuple[list[tuple[str, str]], str]:
         for doc_key, text in _documents(key, path, cfg.text_field):
             if not text.strip():
                 continue
+            text = text[: cfg.max_doc_bytes]
             docs.append((doc_key, text))
             total += len(text)
             if total >= cfg.max_bytes:

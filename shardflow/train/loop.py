@@ -27,7 +27,11 @@ from shardflow.train.data import ByteTokenizer, Corpus, load_corpus, sample_batc
 from shardflow.train.groups import RoutedGroup, route_params
 from shardflow.train.metrics import MetricsLog, Progress, plot_losses, read_metrics
 from shardflow.train.model import build_decoder, check_model_config
-from shardflow.train.optimizers import build_run_optimizer, check_optimizer_name
+from shardflow.train.optimizers import (
+    build_run_optimizer,
+    check_optimizer_name,
+    check_optimizer_placement,
+)
 from shardflow.train.placement import (
     ProcessInfo,
     check_placement,
@@ -63,11 +67,22 @@ def build_model(cfg: Config, device: str = "cpu") -> nn.Module:
     return model
 
 
+def _placed_model(cfg: Config, device: torch.device, mesh: Any) -> nn.Module:
+    """The model placed on ``device``; built-in FSDP models are sharded before allocation."""
+    if cfg.model.kind == "builtin" and cfg.placement.kind == "fsdp":
+        model = place_model(build_model(cfg, "meta"), cfg, device, mesh)
+        model.to_empty(device=device)
+        model.reset_parameters(cfg.run.seed)
+        return model
+    return place_model(build_model(cfg, "cpu"), cfg, device, mesh)
+
+
 def preflight(cfg: Config, proc: ProcessInfo) -> Prepared:
     """Check everything that can be checked without collectives; raise :class:`ConfigError`."""
     check_values(cfg)
     check_placement(cfg, proc)
     check_optimizer_name(cfg.optim.name)
+    check_optimizer_placement(cfg.optim.name, cfg.placement.kind)
     device = resolve_device(cfg, proc)
     if cfg.model.kind == "hf":
         from shardflow.train.hf import HFTokenizer, check_hf_path
@@ -207,7 +222,7 @@ def train(cfg: Config, prep: Prepared, proc: ProcessInfo) -> dict[str, Any]:
     device = prep.device
     mesh = process_group_for(cfg, device)
     torch.manual_seed(cfg.run.seed)
-    model = place_model(build_model(cfg, "cpu"), cfg, device, mesh)
+    model = _placed_model(cfg, device, mesh)
     groups = route_params(inner_model(model).named_parameters(), cfg.optim.groups)
     optimizer = build_run_optimizer(cfg.optim, groups, mesh)
     base_lrs = [group["lr"] for group in optimizer.param_groups]
@@ -227,7 +242,8 @@ def train(cfg: Config, prep: Prepared, proc: ProcessInfo) -> dict[str, Any]:
     bar = Progress(
         total=cfg.train.steps,
         start=start,
-        enabled=proc.is_main and cfg.log.progress,
+        main=proc.is_main,
+        bar=cfg.log.progress,
         desc=cfg.run.name,
     )
     bar.note(_describe(cfg, model, groups, prep, proc, start))

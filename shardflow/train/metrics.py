@@ -40,13 +40,17 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 class Progress:
-    """tqdm bar on rank 0 with loss, lr and tokens/s; plain lines when tqdm is missing."""
+    """Rank 0's console: a tqdm bar with loss, lr and tokens/s, and notes between its lines.
 
-    def __init__(self, *, total: int, start: int, enabled: bool, desc: str) -> None:
-        self.bar = None
-        self.enabled = enabled
+    Plain lines replace the bar when tqdm is missing or ``bar`` is False; other ranks print
+    nothing.
+    """
+
+    def __init__(self, *, total: int, start: int, main: bool, bar: bool, desc: str) -> None:
+        self.main = main
         self.total = total
-        if not enabled:
+        self.bar = None
+        if not (main and bar):
             return
         try:
             from tqdm import tqdm
@@ -56,30 +60,22 @@ class Progress:
 
     def update(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
         """Advance to ``step`` and show the latest numbers."""
-        if not self.enabled:
-            return
-        if self.bar is None:
-            if step % max(1, self.total // 20) == 0 or step == self.total:
-                print(
-                    f"step {step}/{self.total} loss {loss:.4f} lr {lr:.2e} "
-                    f"tok/s {tokens_per_s:,.0f}",
-                    file=sys.stderr,
-                    flush=True,
-                )
-            return
-        self.bar.set_postfix(
-            loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False
-        )
-        self.bar.update(step - self.bar.n)
+        if self.bar is not None:
+            self.bar.set_postfix(
+                loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False
+            )
+            self.bar.update(step - self.bar.n)
+        elif self.main and (step % max(1, self.total // 10) == 0 or step == self.total):
+            self.note(
+                f"step {step}/{self.total} loss {loss:.4f} lr {lr:.2e} tok/s {tokens_per_s:,.0f}"
+            )
 
     def note(self, text: str) -> None:
-        """Print a line without breaking the bar."""
-        if not self.enabled:
-            return
-        if self.bar is None:
-            print(text, file=sys.stderr, flush=True)
-        else:
+        """Print a line (rank 0) without breaking the bar."""
+        if self.bar is not None:
             self.bar.write(text, file=sys.stderr)
+        elif self.main:
+            print(text, file=sys.stderr, flush=True)
 
     def close(self) -> None:
         """Finish the bar."""

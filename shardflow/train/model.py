@@ -118,7 +118,11 @@ class Decoder(nn.Module):
         return list(self.layers)
 
     def reset_parameters(self, seed: int) -> None:
-        """Deterministic init: normal(0, 0.02), output projections scaled by depth, norms 1."""
+        """Deterministic init: normal(0, 0.02), output projections scaled by depth, norms 1.
+
+        The values do not depend on the placement: sharded (DTensor) parameters receive their
+        slice of the same full tensors, generated one parameter at a time.
+        """
         gen = torch.Generator().manual_seed(seed)
         depth_scale = 1.0 / math.sqrt(2 * self.cfg.n_layers)
         for name, param in self.named_parameters():
@@ -128,7 +132,7 @@ class Decoder(nn.Module):
                 std = 0.02 * (depth_scale if name.endswith(("o.weight", "down.weight")) else 1.0)
                 values = torch.randn(param.shape, generator=gen) * std
             with torch.no_grad():
-                param.copy_(values.to(param.dtype))
+                param.copy_(_like(param, values.to(param.dtype)))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         head_dim = self.cfg.dim // self.cfg.n_heads
@@ -140,6 +144,15 @@ class Decoder(nn.Module):
         x = self.norm(x)
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(x, weight)
+
+
+def _like(param: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``values`` (a full CPU tensor) laid out like ``param``: moved, and sharded for a DTensor."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(param, DTensor):
+        return distribute_tensor(values.to(param.device), param.device_mesh, param.placements)
+    return values.to(param.device)
 
 
 def check_model_config(cfg: ModelConfig, seq_len: int) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import pkgutil
 from typing import Any
@@ -65,6 +66,31 @@ def accepts_process_group(name: str) -> bool:
         return "process_group" in inspect.signature(_factory(name)).parameters
     except (TypeError, ValueError):
         return False
+
+
+def sharded_optimizers_available() -> bool:
+    """Whether ShardFlow optimizers can take a process group yet (shardflow.distributed.sharded)."""
+    return importlib.util.find_spec("shardflow.distributed.sharded") is not None
+
+
+def check_optimizer_placement(name: str, placement: str) -> None:
+    """Raise :class:`ConfigError` when ``name`` cannot run under ``placement`` in this build."""
+    sharded = placement in ("ddp", "fsdp") and accepts_process_group(name)
+    if sharded and not sharded_optimizers_available():
+        raise ConfigError(
+            f"optim.name={name!r} with placement.kind={placement!r} needs "
+            "shardflow.distributed.sharded, which this build does not have yet; use "
+            "placement.kind='none' (one process) or optim.name='adamw'."
+        )
+
+
+def default_option(name: str, key: str) -> Any:
+    """The constructor default of ``key`` for optimizer ``name`` (None when it has none)."""
+    try:
+        param = inspect.signature(_factory(name)).parameters.get(key)
+    except (TypeError, ValueError):
+        return None
+    return None if param is None or param.default is inspect.Parameter.empty else param.default
 
 
 def state_bytes_per_param(name: str) -> float:

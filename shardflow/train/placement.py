@@ -111,7 +111,8 @@ def process_group_for(cfg: Config, device: torch.device) -> Any:
 def place_model(model: nn.Module, cfg: Config, device: torch.device, mesh: Any) -> nn.Module:
     """Move or wrap ``model`` for the placement; fsdp shards each block, then the root."""
     kind = cfg.placement.kind
-    model = model.to(device)
+    if not any(p.is_meta for p in model.parameters()):
+        model = model.to(device)
     if kind == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 

@@ -19,6 +19,7 @@ from shardflow.train.optimizers import (
     ORTHOGONALIZING,
     accepts_process_group,
     check_optimizer_name,
+    default_option,
     state_bytes_per_param,
 )
 
@@ -41,10 +42,17 @@ def owner_plan(shapes: list[tuple[int, int]], ranks: int) -> list[int]:
     return balance([m * n * min(m, n) for m, n in shapes], ranks)
 
 
-def _orthogonalized(cfg: Config, group: RoutedGroup) -> bool:
+NS_MODES = ("matrix", "full", "block")
+"""ortho_mode values that run Newton-Schulz on whole matrices or tiles (owner ranks needed)."""
+
+
+def _ortho_mode(cfg: Config, group: RoutedGroup) -> str | None:
+    """The group's ortho_mode (its own, else the optimizer's default); None: element-wise."""
     if cfg.optim.name.lower() not in ORTHOGONALIZING:
-        return False
-    return group.options.get("ortho_mode", "default") is not None
+        return None
+    if "ortho_mode" in group.options:
+        return group.options["ortho_mode"]
+    return cfg.optim.hyper.get("ortho_mode", default_option(cfg.optim.name, "ortho_mode"))
 
 
 def _shard_bytes(param: torch.Tensor, ranks: int) -> int:
@@ -93,7 +101,7 @@ def _memory(cfg: Config, groups: list[RoutedGroup]) -> list[str]:
 def _owner_lines(cfg: Config, matrices: list[tuple[str, torch.Tensor]], owners: list[int]):
     ranks = cfg.run.nproc
     if not matrices:
-        return ["Newton-Schulz owners: none (no orthogonalized matrices for this optimizer)"]
+        return ["Newton-Schulz owners: none (no group uses ortho_mode matrix or block)"]
     lines = [f"Newton-Schulz owner ranks ({len(matrices)} matrices, LPT over m*n*min(m,n)):"]
     for r in range(ranks):
         mine = [(n, p) for (n, p), o in zip(matrices, owners) if o == r]
@@ -128,15 +136,15 @@ def dry_run(cfg: Config) -> str:
     lines.append("param groups (first matching pattern wins):")
     matrices = []
     for g in groups:
-        ortho = _orthogonalized(cfg, g)
+        mode = _ortho_mode(cfg, g)
         numel = sum(p.numel() for p in g.params)
-        route = "orthogonalized (2-D)" if ortho else "element-wise"
+        route = f"ortho_mode={mode} (2-D tensors)" if mode else "element-wise"
         lines.append(
             f"  [{g.index}] /{g.pattern}/ {g.options or ''}: {len(g.names)} tensors, "
             f"{numel / 1e6:.1f}M params -> {cfg.optim.name}, {route}"
         )
         lines.append(f"      e.g. {', '.join(g.names[:3])}{' ...' if len(g.names) > 3 else ''}")
-        if ortho:
+        if mode in NS_MODES:
             matrices += [(n, p) for n, p in zip(g.names, g.params) if p.dim() == 2]
     owners = owner_plan([tuple(p.shape) for _, p in matrices], cfg.run.nproc)
     lines += _owner_lines(cfg, matrices, owners)
