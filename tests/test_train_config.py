@@ -317,3 +317,17 @@ def test_owner_plan_is_balanced():
     for (m, n), o in zip([(64, 64)] * 8 + [(128, 128)] * 2, owners):
         costs[o] += m * n * min(m, n)
     assert costs[0] == costs[1]
+
+
+REF_START, REF_END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
+
+
+def test_readme_config_reference_matches_dataclasses():
+    readme = ROOT / "README.md"
+    text = readme.read_text() if readme.is_file() else ""
+    if REF_START not in text:
+        pytest.skip("README.md has no config reference section yet (markers missing)")
+    inside = text.split(REF_START, 1)[1].split(REF_END, 1)[0]
+    assert inside.strip() == config_reference().strip(), (
+        "README config reference is stale: regenerate it with python -m shardflow.train.config"
+    )

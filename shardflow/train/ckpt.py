@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,14 @@ EXTRA = "extra.json"
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _dcp(fn, state: dict, path: Path) -> None:
+    """dcp.save or dcp.load; without a process group DCP warns that it assumes one process,
+    which is what a single-process run means, so that warning is silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        fn(state, checkpoint_id=path)
 
 
 def _barrier() -> None:
@@ -98,7 +107,7 @@ def save(
         "model": get_model_state_dict(model),
         "optim": get_optimizer_state_dict(model, optimizer),
     }
-    dcp.save(state, checkpoint_id=tmp)
+    _dcp(dcp.save, state, tmp)
     if _rank() == 0:
         with open(tmp / EXTRA, "w") as fh:
             json.dump(extra, fh)
@@ -125,7 +134,7 @@ def load(
         "model": get_model_state_dict(model),
         "optim": get_optimizer_state_dict(model, optimizer),
     }
-    dcp.load(state, checkpoint_id=path)
+    _dcp(dcp.load, state, path)
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optim"])
     return json.loads((path / EXTRA).read_text())

@@ -451,3 +451,7 @@ def check_values(cfg: Config) -> None:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} must be at least 2.")
     if cfg.model.kind == "hf" and not cfg.model.path:
         raise ConfigError("model.kind='hf' needs model.path, a local Hugging Face model folder.")
+
+
+if __name__ == "__main__":  # python -m shardflow.train.config: the README's config reference
+    print(config_reference())
