@@ -84,10 +84,11 @@ class Progress:
 
 
 def _smooth(values: list[float], weight: float) -> list[float]:
-    out, last = [], None
-    for v in values:
-        last = v if last is None else weight * last + (1 - weight) * v
-        out.append(last)
+    """Exponential moving average with bias correction (no lag toward the first value)."""
+    out, avg = [], 0.0
+    for t, v in enumerate(values, start=1):
+        avg = weight * avg + (1 - weight) * v
+        out.append(avg / (1 - weight**t))
     return out
 
 
