@@ -19,6 +19,7 @@ exact across ``load_state_dict`` (torch would cast fp32 state to a bf16 param's 
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from collections.abc import Iterable
@@ -31,6 +32,8 @@ from torch import Tensor
 from shardflow.distributed.placement import LocalPlacement, resolve_placement
 from shardflow.optim._listops import ListOps
 from shardflow.optim._validate import check_optional_positive
+
+logger = logging.getLogger("shardflow")
 
 Layout = Literal["rows", "replicated"]
 """How a state tensor reshards: ``rows`` — dim 0 follows the parameter's rows (it is sliced the
@@ -155,10 +158,15 @@ class ShardFlowOptimizer(torch.optim.Optimizer):
         total = float(self.placement.sum_over_model(local))
         if not math.isfinite(total):
             return None
-        if self.gradient_clipping is None:
-            return 1.0
         norm = math.sqrt(total)
-        return min(1.0, self.gradient_clipping / (norm + 1e-6))
+        scale = (
+            1.0
+            if self.gradient_clipping is None
+            else min(1.0, self.gradient_clipping / (norm + 1e-6))
+        )
+        if getattr(self, "verbose", False):
+            logger.info("%s: grad norm %.4g, clip scale %.4g", type(self).__name__, norm, scale)
+        return scale
 
     def _skip_nonfinite(self) -> None:
         self.nonfinite_steps += 1
