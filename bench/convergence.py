@@ -6,6 +6,7 @@
 #   python bench/convergence.py                           # 1 process, registered optimizers
 #   python bench/convergence.py --nproc 2                 # 2 ranks, FSDP2 (gloo)
 #   python bench/convergence.py --optimizers adamw,dolphinflow --lrs 1e-3,3e-3,1e-2 --steps 120
+#   python bench/convergence.py --train.micro_batch 8     # any config override is passed on
 # How long: (optimizers x lrs) quickstart-sized runs, about 1-2 minutes each on 2 CPU cores.
 # Needs: torch; matplotlib for the plot. Writes bench/results/convergence-<tag>-<date>.{md,png,json}.
 """Compare optimizers on the embedded corpus with launch/compare.py and keep the results."""
@@ -27,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def _arguments() -> argparse.Namespace:
+    """Command-line options; unknown ones are config overrides for every run."""
     from shardflow.train.optimizers import known_optimizers
 
     parser = argparse.ArgumentParser(description=__doc__)
@@ -36,7 +38,9 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--nproc", type=int, default=1, help="1: one process; >1: FSDP2 ranks")
     parser.add_argument("--tag", default="cpu", help="hardware tag in the results file names")
-    return parser.parse_args()
+    args, extra = parser.parse_known_args()
+    args.extra = extra  # passed on to compare.py as config overrides (--section.field VALUE)
+    return args
 
 
 def _command(args: argparse.Namespace, out: Path) -> list[str]:
@@ -109,7 +113,7 @@ def main() -> int:
         f"# Convergence on the embedded corpus ({datetime.date.today().isoformat()})",
         "",
         f"Command: `python bench/convergence.py --optimizers {args.optimizers} --lrs {args.lrs} "
-        f"--steps {args.steps} --nproc {args.nproc} --tag {args.tag}`",
+        f"--steps {args.steps} --nproc {args.nproc} --tag {args.tag} {' '.join(args.extra)}`",
         f"Machine: {platform.machine()}, {platform.processor() or 'cpu'}, Python "
         f"{platform.python_version()}; model and data: {Path(args.config).name} "
         "(byte tokens, Python standard library, split by file).",

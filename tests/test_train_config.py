@@ -256,20 +256,14 @@ def test_preflight_errors(tmp_path):
 
 def test_hf_path_that_is_not_a_causal_lm(tmp_path):
     transformers = pytest.importorskip("transformers")
-    bert = transformers.BertConfig(
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        vocab_size=100,
-    )
-    bert.save_pretrained(tmp_path / "bert")
+    encoder = transformers.DistilBertConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=64)
+    encoder.save_pretrained(tmp_path / "bert")
     cfg = load_config(
         ROOT / "configs" / "quickstart.toml",
         ["--model.kind", "hf", "--model.path", str(tmp_path / "bert")],
     )
     cfg.run.nproc, cfg.placement.kind = 1, "none"
-    with pytest.raises(ConfigError, match=r"holds a 'bert' model, which is not a causal"):
+    with pytest.raises(ConfigError, match=r"holds a 'distilbert' model, which is not a causal"):
         preflight(cfg, ProcessInfo(0, 1, 0))
     cfg.model.path = str(tmp_path / "nowhere")
     with pytest.raises(ConfigError, match=r"not a Hugging Face model directory"):
