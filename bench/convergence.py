@@ -62,6 +62,7 @@ def _command(args: argparse.Namespace, out: Path) -> list[str]:
         "false",
         "--log.progress",
         "false",
+        *args.extra,
     ]
     if args.nproc == 1:
         return [sys.executable, compare, args.config, *overrides, "--placement.kind", "none"]

@@ -2,7 +2,7 @@
 corpus. Slow (about 2 minutes on 2 idle cores) but part of the default test run.
 
 Stated result: the validation loss falls by at least 2.3 nats from step 0 (about 5.3, near the
-uniform ln 257 = 5.55) to the last step. Measured: see the threshold's comment.
+uniform ln 257 = 5.55) to step 120. Measured: see MIN_VAL_LOSS_DROP.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "quickstart.toml"
 
 MIN_VAL_LOSS_DROP = 2.3
-"""Nats. Measured with adamw (lr 3e-3): 5.32 -> 2.68 (drop 2.64); see the report/commit."""
+"""Nats. Measured (120 steps, seed 0): AdamW on 2 FSDP2 ranks 5.320 -> 2.679 (drop 2.64);
+DolphinFlow in one process on the same 1,024 tokens/step 5.304 -> 2.508 (drop 2.80)."""
 
 
 def _optimizer_overrides() -> list[str]:
