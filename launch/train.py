@@ -1,0 +1,22 @@
+# Train from a TOML run config.
+#
+# How to run (from the repository root):
+#   torchrun --standalone --nproc-per-node 2 launch/train.py configs/quickstart.toml
+#   python launch/train.py configs/smollm2-135m-1gpu.toml --optim.lr 3e-4 --train.steps 200
+#   python launch/train.py configs/llama3-8b-fsdp8.toml --dry-run      # plan only, no allocation
+# Overrides: any field as --section.field VALUE (or --section.field=VALUE).
+# How long: the quickstart about 2 minutes on 2 CPU cores; other configs as their header says.
+# Needs: torch; tqdm for the progress bar, matplotlib for the loss PNG (plot extra),
+#   transformers for Hugging Face models (hf extra). The process count must match run.nproc.
+# Writes: <out_dir>/metrics.jsonl, loss.png, summary.json, checkpoints/, final/.
+"""Thin torchrun entry point for training; the work is in shardflow.train."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from shardflow.train.cli import main_train  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main_train(sys.argv[1:]))

@@ -1,0 +1,457 @@
+"""Run configs: TOML files read into typed dataclasses, one schema, command-line overrides.
+
+A run config has one table per section (``[run]``, ``[model]``, ``[data]``, ``[placement]``,
+``[optim]``, ``[schedule]``, ``[train]``, ``[checkpoint]``, ``[log]``). Every field is typed
+and documented by the string literal under it; :func:`config_reference` turns those strings into
+the README's config reference. Unknown keys are rejected with the nearest valid name, wrong types
+name the field, the value and the expected type, and ``--section.field value`` overrides any
+scalar field from the command line.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A run config (file or override) that cannot be used; the message says how to fix it."""
+
+
+@dataclass(kw_only=True, slots=True)
+class RunConfig:
+    name: str = "run"
+    """Run name, used in plot legends and as the default output folder name."""
+    out_dir: str = ""
+    """Folder for metrics, checkpoints, plots and the saved model ("" = runs/<name>)."""
+    seed: int = 0
+    """Seed for model initialisation and batch sampling; the same seed gives the same run."""
+    nproc: int = 1
+    """Process count the run expects; launching with another count is an error."""
+    device: str = "auto"
+    """"cpu", "cuda" or "auto" (cuda when available); cpu uses gloo, cuda uses nccl."""
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    kind: str = "builtin"
+    """"builtin" (the Llama-style decoder below) or "hf" (a local Hugging Face causal LM)."""
+    path: str = ""
+    """For kind="hf": a local directory with config.json, weights and a tokenizer."""
+    dim: int = 256
+    """Built-in model: hidden size."""
+    n_layers: int = 6
+    """Built-in model: decoder blocks."""
+    n_heads: int = 8
+    """Built-in model: attention (query) heads; dim must be divisible by it."""
+    n_kv_heads: int = 4
+    """Built-in model: key/value heads for grouped-query attention; divides n_heads."""
+    ffn_dim: int = 688
+    """Built-in model: SwiGLU hidden size."""
+    vocab_size: int = 257
+    """Built-in model: vocabulary; at least 257 for byte tokens (256 bytes + end of document)."""
+    max_seq_len: int = 1024
+    """Built-in model: longest sequence the rotary tables cover."""
+    rope_theta: float = 10000.0
+    """Built-in model: rotary embedding base."""
+    norm_eps: float = 1e-5
+    """Built-in model: RMSNorm epsilon."""
+    tie_embeddings: bool = True
+    """Built-in model: share the token embedding with the output head."""
+    dtype: str = "float32"
+    """Parameter dtype: "float32" or "bfloat16"."""
+
+
+@dataclass(kw_only=True, slots=True)
+class DataConfig:
+    paths: list[str] = field(default_factory=list)
+    """Text files, folders (read recursively) and .jsonl files; empty = the embedded corpus."""
+    extensions: list[str] = field(default_factory=lambda: [".txt", ".md", ".py", ".jsonl"])
+    """File suffixes read when a folder is given."""
+    text_field: str = "text"
+    """Field holding the text in each JSONL record."""
+    val_fraction: float = 0.05
+    """Share of files (chosen by a hash of their path) held out for validation."""
+    max_bytes: int = 3_000_000
+    """Cap on the text read (bytes), so a big folder or the embedded corpus loads quickly."""
+    max_doc_bytes: int = 65_536
+    """Documents are cut to this many characters, so one huge file cannot dominate a split."""
+    seq_len: int = 128
+    """Tokens per training sequence."""
+
+
+@dataclass(kw_only=True, slots=True)
+class PlacementConfig:
+    kind: str = "none"
+    """"none" (one process), "ddp" (replicated), "fsdp" (fully_shard per block) or "offload"."""
+    backend: str = "auto"
+    """Collective backend: "auto" (gloo on cpu, nccl on cuda), "gloo" or "nccl"."""
+
+
+@dataclass(kw_only=True, slots=True)
+class GroupRule:
+    pattern: str
+    """Regular expression searched in each parameter name; the first rule that matches wins."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Param-group keys set for the matched parameters (lr, weight_decay, ortho_mode, ...);
+    in TOML they are written beside ``pattern``; the string "none" means None."""
+
+
+@dataclass(kw_only=True, slots=True)
+class OptimConfig:
+    name: str = "adamw"
+    """Optimizer name in shardflow.optim.registry (adamw, dolphinflow, whiteflow, ...)."""
+    lr: float = 1e-3
+    """Peak learning rate (each group may set its own lr, scaled by the same schedule)."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 = no clipping)."""
+    hyper: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments for the optimizer's constructor ([optim.hyper] table)."""
+    groups: list[GroupRule] = field(default_factory=list)
+    """Param-group routing, [[optim.groups]] tables; every parameter must match one rule
+    (end with pattern = ".*" for the rest); empty = one group with every parameter."""
+
+
+@dataclass(kw_only=True, slots=True)
+class ScheduleConfig:
+    warmup_steps: int = 10
+    """Linear warm-up from 0 to the peak lr over this many steps."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at peak lr times this ratio on the last step."""
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    steps: int = 100
+    """Optimizer steps."""
+    micro_batch: int = 8
+    """Sequences per rank per forward/backward."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    eval_every: int = 50
+    """Validation loss every N steps and at the end (0 = never)."""
+    eval_batches: int = 4
+    """Micro-batches per validation."""
+
+
+@dataclass(kw_only=True, slots=True)
+class CheckpointConfig:
+    every: int = 0
+    """Checkpoint every N steps and at the end (0 = never)."""
+    keep: int = 2
+    """Newest complete checkpoints kept; older ones are deleted."""
+    resume: bool = True
+    """Resume from the newest complete checkpoint in the run's checkpoint folder."""
+    save_model: bool = True
+    """Write the final model as safetensors (save_pretrained for Hugging Face models)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class LogConfig:
+    every: int = 1
+    """Metrics row every N steps."""
+    progress: bool = True
+    """Progress bar on rank 0 (needs tqdm; plain lines without it)."""
+    plot: bool = True
+    """Loss-curve PNG at the end (needs matplotlib, the plot extra)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    """Name, output folder, seed, process count, device."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Built-in decoder or Hugging Face model."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training text."""
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
+    """How the model is spread over processes."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and param-group routing."""
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """Learning-rate schedule."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Steps, batch and validation."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoints and resume."""
+    log: LogConfig = field(default_factory=LogConfig)
+    """Progress, metrics and plots."""
+
+    def output_dir(self) -> Path:
+        """The run's output folder."""
+        return Path(self.run.out_dir or f"runs/{self.run.name}")
+
+
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "run.device": ("auto", "cpu", "cuda"),
+    "model.kind": ("builtin", "hf"),
+    "model.dtype": ("float32", "bfloat16"),
+    "placement.kind": ("none", "ddp", "fsdp", "offload"),
+    "placement.backend": ("auto", "gloo", "nccl"),
+}
+"""Fields whose string value must be one of a few words."""
+
+
+# ---------------------------------------------------------------------------------- reading
+
+
+def _nearest(name: str, valid: list[str]) -> str:
+    near = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+    return f" Did you mean {near[0]!r}?" if near else f" Valid keys: {', '.join(valid)}."
+
+
+def _unknown(where: str, key: str, valid: list[str]) -> ConfigError:
+    return ConfigError(f"unknown key {where}{key!r}.{_nearest(key, valid)}")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(path: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(path, value, inner[0])
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise _wrong_type(path, value, tp)
+        return [_coerce(f"{path}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _wrong_type(path, value, tp)
+        return dict(value)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise _wrong_type(path, value, tp)
+        return _build(tp, value, path)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        raise _wrong_type(path, value, tp)
+    if tp is int and isinstance(value, bool):
+        raise _wrong_type(path, value, tp)
+    if not isinstance(value, tp):
+        raise _wrong_type(path, value, tp)
+    choices = CHOICES.get(path)
+    if choices and value not in choices:
+        raise ConfigError(f"{path}={value!r} is not one of {', '.join(choices)}.")
+    return value
+
+
+def _wrong_type(path: str, value: Any, tp: Any) -> ConfigError:
+    return ConfigError(
+        f"{path}={value!r} has type {type(value).__name__}; expected {_type_name(tp)}."
+    )
+
+
+def _build(cls: type, table: dict[str, Any], where: str) -> Any:
+    """Build dataclass ``cls`` from a TOML table, rejecting unknown keys."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    if cls is GroupRule:
+        return _build_group(table, where)
+    kwargs = {}
+    for key, value in table.items():
+        if key not in hints:
+            raise _unknown(f"{where}." if where else "", key, names)
+        kwargs[key] = _coerce(f"{where}.{key}" if where else key, value, hints[key])
+    return cls(**kwargs)
+
+
+def _build_group(table: dict[str, Any], where: str) -> GroupRule:
+    """A [[optim.groups]] table: ``pattern`` plus any param-group keys."""
+    if "pattern" not in table:
+        raise ConfigError(f"{where} has no 'pattern'; add pattern = \"regex\" to the table.")
+    pattern = table["pattern"]
+    if not isinstance(pattern, str):
+        raise _wrong_type(f"{where}.pattern", pattern, str)
+    options = {k: (None if v == "none" else v) for k, v in table.items() if k != "pattern"}
+    for key, value in options.items():
+        if isinstance(value, dict | list):
+            raise ConfigError(
+                f"{where}.{key}={value!r}: param-group keys take numbers, strings or booleans."
+            )
+    return GroupRule(pattern=pattern, options=options)
+
+
+def config_from_dict(table: dict[str, Any]) -> Config:
+    """A :class:`Config` from a parsed TOML document."""
+    return _build(Config, table, "")
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a TOML run config and apply ``--section.field value`` overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist; pass a configs/*.toml path.")
+    try:
+        table = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from exc
+    apply_overrides(table, overrides or [])
+    return config_from_dict(table)
+
+
+# -------------------------------------------------------------------------------- overrides
+
+
+def _parse_value(text: str) -> Any:
+    """A command-line value as TOML would read it; bare words stay strings."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def split_overrides(argv: list[str]) -> list[tuple[str, str]]:
+    """``--a.b 1 --c.d=x`` → [("a.b", "1"), ("c.d", "x")]."""
+    pairs = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or "." not in arg.split("=")[0]:
+            raise ConfigError(
+                f"override {arg!r} is not of the form --section.field VALUE (e.g. --optim.lr 3e-4)."
+            )
+        if "=" in arg:
+            key, text = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"override {arg!r} has no value; write {arg} VALUE.")
+            key, text = arg[2:], argv[i + 1]
+            i += 2
+        pairs.append((key, text))
+    return pairs
+
+
+def apply_overrides(table: dict[str, Any], overrides: list[str]) -> None:
+    """Set ``--section.field value`` overrides in a parsed TOML document, in place."""
+    for key, text in split_overrides(overrides):
+        section, _, name = key.partition(".")
+        if section not in SECTIONS:
+            raise _unknown("--", section, list(SECTIONS))
+        cls = SECTIONS[section]
+        hints = typing.get_type_hints(cls)
+        if name not in hints:
+            raise _unknown(f"--{section}.", name, [f.name for f in dataclasses.fields(cls)])
+        value = text if hints[name] is str else _parse_value(text)
+        table.setdefault(section, {})[name] = value
+
+
+# ------------------------------------------------------------------------------- reference
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The string literal under each field of dataclass ``cls``."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+        ):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+    else:
+        return "(required)"
+    if isinstance(value, GroupRule | list) and value and isinstance(value[0], GroupRule):
+        return "[]"
+    return repr(value).replace("'", '"').replace("True", "true").replace("False", "false")
+
+
+def config_reference() -> str:
+    """Markdown tables of every config field: key, type, default, meaning."""
+    lines = []
+    for section, cls in SECTIONS.items():
+        docs = field_docs(cls)
+        hints = typing.get_type_hints(cls)
+        lines += [f"`[{section}]`", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            tp = _type_name(hints[f.name]).replace("shardflow.train.config.", "")
+            doc = docs.get(f.name, "").replace("|", "\\|")
+            lines.append(f"| `{f.name}` | {tp} | `{_default_text(f)}` | {doc} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------- values
+
+
+def check_values(cfg: Config) -> None:
+    """Raise :class:`ConfigError` for numbers out of range (types were checked on reading)."""
+    positive = {
+        "run.nproc": cfg.run.nproc,
+        "train.steps": cfg.train.steps,
+        "train.micro_batch": cfg.train.micro_batch,
+        "train.grad_accum": cfg.train.grad_accum,
+        "train.eval_batches": cfg.train.eval_batches,
+        "checkpoint.keep": cfg.checkpoint.keep,
+        "log.every": cfg.log.every,
+        "model.dim": cfg.model.dim,
+        "model.n_layers": cfg.model.n_layers,
+        "model.n_heads": cfg.model.n_heads,
+        "model.n_kv_heads": cfg.model.n_kv_heads,
+        "model.ffn_dim": cfg.model.ffn_dim,
+        "data.max_bytes": cfg.data.max_bytes,
+        "data.max_doc_bytes": cfg.data.max_doc_bytes,
+    }
+    for name, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{name}={value} must be at least 1.")
+    non_negative = {
+        "train.eval_every": cfg.train.eval_every,
+        "checkpoint.every": cfg.checkpoint.every,
+        "schedule.warmup_steps": cfg.schedule.warmup_steps,
+        "optim.weight_decay": cfg.optim.weight_decay,
+        "optim.grad_clip": cfg.optim.grad_clip,
+    }
+    for name, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{name}={value} must not be negative.")
+    if cfg.optim.lr <= 0:
+        raise ConfigError(f"optim.lr={cfg.optim.lr} must be positive (e.g. 3e-4).")
+    if not 0 < cfg.data.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be in (0, 1).")
+    if not 0 <= cfg.schedule.min_lr_ratio <= 1:
+        raise ConfigError(f"schedule.min_lr_ratio={cfg.schedule.min_lr_ratio} must be in [0, 1].")
+    if cfg.data.seq_len < 2:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} must be at least 2.")
+    if cfg.model.kind == "hf" and not cfg.model.path:
+        raise ConfigError("model.kind='hf' needs model.path, a local Hugging Face model folder.")
+
+
+if __name__ == "__main__":  # python -m shardflow.train.config: the README's config reference
+    print(config_reference())

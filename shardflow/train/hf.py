@@ -1,0 +1,105 @@
+"""Hugging Face causal LMs from a local directory (the ``hf`` extra: transformers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from shardflow.train.config import ConfigError, ModelConfig
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError as exc:
+        raise ConfigError(
+            "model.kind='hf' needs transformers; install the hf extra: pip install 'shardflow[hf]'."
+        ) from exc
+    return transformers
+
+
+def check_hf_path(cfg: ModelConfig) -> Any:
+    """The model's config; raise :class:`ConfigError` unless ``cfg.path`` holds a causal LM."""
+    transformers = _transformers()
+    path = Path(cfg.path).expanduser()
+    if not cfg.path or not (path / "config.json").is_file():
+        raise ConfigError(
+            f"model.path={cfg.path!r} is not a Hugging Face model directory (no config.json); "
+            "download the model to a local folder and point model.path at it."
+        )
+    try:
+        hf_config = transformers.AutoConfig.from_pretrained(path)
+    except (ValueError, OSError, KeyError) as exc:
+        raise ConfigError(f"model.path={cfg.path!r}: config.json cannot be read ({exc}).") from exc
+    causal = transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    if hf_config.model_type not in causal:
+        raise ConfigError(
+            f"model.path={cfg.path!r} holds a {hf_config.model_type!r} model, which is not a "
+            "causal language model; give a causal LM (Llama, SmolLM2, Qwen2, GPT-2, ...)."
+        )
+    return hf_config
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer behind the small interface the data module uses."""
+
+    def __init__(self, path: str) -> None:
+        transformers = _transformers()
+        try:
+            self.inner = transformers.AutoTokenizer.from_pretrained(path)
+        except (ValueError, OSError) as exc:
+            raise ConfigError(
+                f"model.path={path!r} has no usable tokenizer ({exc}); save one beside the model."
+            ) from exc
+        eos = self.inner.eos_token_id
+        if eos is None:
+            raise ConfigError(f"the tokenizer in model.path={path!r} has no eos token; set one.")
+        self.eos_id = int(eos)
+        self.vocab_size = len(self.inner)
+
+    def encode(self, text: str) -> np.ndarray:
+        """Token ids of ``text`` without special tokens."""
+        return np.asarray(self.inner.encode(text, add_special_tokens=False), dtype=np.int64)
+
+
+class CausalLM(nn.Module):
+    """A Hugging Face causal LM that maps tokens to logits, like the built-in decoder."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def blocks(self) -> list[nn.Module]:
+        """The decoder layers: the largest ModuleList in the model."""
+        lists = [m for m in self.inner.modules() if isinstance(m, nn.ModuleList) and len(m)]
+        return list(max(lists, key=len)) if lists else []
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.inner(input_ids=tokens, use_cache=False).logits
+
+
+def build_hf_model(cfg: ModelConfig, seed: int, device: str = "cpu") -> CausalLM:
+    """Load the causal LM in ``cfg.path`` in ``cfg.dtype`` (meta device: shapes only)."""
+    transformers = _transformers()
+    hf_config = check_hf_path(cfg)
+    dtype = getattr(torch, cfg.dtype)
+    if device == "meta":
+        with torch.device("meta"):
+            inner = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+        return CausalLM(inner)
+    torch.manual_seed(seed)
+    inner = transformers.AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype)
+    return CausalLM(inner.to(device))
+
+
+def save_hf_model(
+    model: CausalLM, state: dict[str, torch.Tensor], out: Path, tok_path: str
+) -> None:
+    """save_pretrained of the fine-tuned weights and the tokenizer into ``out``."""
+    inner_state = {k.removeprefix("inner."): v for k, v in state.items()}
+    model.inner.save_pretrained(out, state_dict=inner_state)
+    _transformers().AutoTokenizer.from_pretrained(tok_path).save_pretrained(out)

@@ -1,0 +1,326 @@
+"""The training loop: preflight checks, model and optimizer set-up, steps, eval, checkpoints.
+
+:func:`preflight` runs on every rank before any collective and is deterministic, so bad input
+fails identically everywhere (rank 0 prints, every rank exits) instead of hanging a collective.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from shardflow.train import ckpt
+from shardflow.train.config import Config, ConfigError, check_values
+from shardflow.train.data import ByteTokenizer, Corpus, load_corpus, sample_batch
+from shardflow.train.groups import RoutedGroup, route_params
+from shardflow.train.metrics import MetricsLog, Progress, plot_losses, read_metrics
+from shardflow.train.model import build_decoder, check_model_config
+from shardflow.train.optimizers import (
+    build_run_optimizer,
+    check_optimizer_name,
+    check_optimizer_placement,
+)
+from shardflow.train.placement import (
+    ProcessInfo,
+    check_placement,
+    gradient_sync,
+    inner_model,
+    place_model,
+    process_group_for,
+    resolve_device,
+)
+
+KILL_ENV = "SHARDFLOW_TEST_KILL_AT_STEP"
+"""Test hook: rank 0 SIGKILLs itself when this step begins (simulates a crashed node)."""
+
+
+@dataclass(slots=True)
+class Prepared:
+    """What preflight found: the device, tokenizer and corpus the run will use."""
+
+    device: torch.device
+    tokenizer: Any
+    corpus: Corpus
+
+
+def build_model(cfg: Config, device: str = "cpu") -> nn.Module:
+    """The configured model, initialised from ``run.seed`` (``device="meta"``: shapes only)."""
+    if cfg.model.kind == "hf":
+        from shardflow.train.hf import build_hf_model
+
+        return build_hf_model(cfg.model, cfg.run.seed, device)
+    model = build_decoder(cfg.model, device)
+    if device != "meta":
+        model.reset_parameters(cfg.run.seed)
+    return model
+
+
+def _placed_model(cfg: Config, device: torch.device, mesh: Any) -> nn.Module:
+    """The model placed on ``device``; built-in FSDP models are sharded before allocation."""
+    if cfg.model.kind == "builtin" and cfg.placement.kind == "fsdp":
+        model = place_model(build_model(cfg, "meta"), cfg, device, mesh)
+        model.to_empty(device=device)
+        model.reset_parameters(cfg.run.seed)
+        return model
+    return place_model(build_model(cfg, "cpu"), cfg, device, mesh)
+
+
+def preflight(cfg: Config, proc: ProcessInfo) -> Prepared:
+    """Check everything that can be checked without collectives; raise :class:`ConfigError`."""
+    check_values(cfg)
+    check_placement(cfg, proc)
+    check_optimizer_name(cfg.optim.name)
+    check_optimizer_placement(cfg.optim.name, cfg.placement.kind)
+    device = resolve_device(cfg, proc)
+    if cfg.model.kind == "hf":
+        from shardflow.train.hf import HFTokenizer, check_hf_path
+
+        hf_config = check_hf_path(cfg.model)
+        tokenizer = HFTokenizer(cfg.model.path)
+        vocab = getattr(hf_config, "vocab_size", tokenizer.vocab_size)
+    else:
+        check_model_config(cfg.model, cfg.data.seq_len)
+        tokenizer = ByteTokenizer()
+        vocab = cfg.model.vocab_size
+    if tokenizer.vocab_size > vocab:
+        raise ConfigError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {vocab}; "
+            "use the model's own tokenizer or raise model.vocab_size."
+        )
+    route_params(build_model(cfg, "meta").named_parameters(), cfg.optim.groups)
+    corpus = load_corpus(cfg.data, tokenizer)
+    return Prepared(device, tokenizer, corpus)
+
+
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Linear warm-up to 1 over ``warmup`` steps, then cosine down to ``min_ratio`` at ``total``."""
+    if warmup and step <= warmup:
+        return step / warmup
+    span = max(1, total - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _mean_over_ranks(value: torch.Tensor) -> float:
+    value = value.detach().float().reshape(1).clone()
+    if dist.is_initialized():
+        dist.all_reduce(value)
+        value /= dist.get_world_size()
+    return value.item()
+
+
+def _to_float(norm: torch.Tensor) -> float:
+    full = getattr(norm, "full_tensor", None)
+    return float(full() if full else norm)
+
+
+def token_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy in float32."""
+    logits = model(inputs)
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, cfg: Config, corpus: Corpus, proc: ProcessInfo, device) -> float:
+    """Validation loss over a fixed set of windows, averaged over ranks."""
+    model.eval()
+    total = torch.zeros((), device=device)
+    for i in range(cfg.train.eval_batches):
+        x, y = sample_batch(
+            corpus.val, cfg.data.seq_len, cfg.train.micro_batch, cfg.run.seed, "val", i, proc.rank
+        )
+        total += token_loss(model, x.to(device), y.to(device))
+    model.train()
+    return _mean_over_ranks(total / cfg.train.eval_batches)
+
+
+def _train_step(model, optimizer, cfg: Config, corpus: Corpus, step: int, proc, device) -> tuple:
+    """One optimizer step over ``grad_accum`` micro-batches; returns (loss, grad norm)."""
+    accum = cfg.train.grad_accum
+    total = torch.zeros((), device=device)
+    for micro in range(accum):
+        x, y = sample_batch(
+            corpus.train,
+            cfg.data.seq_len,
+            cfg.train.micro_batch,
+            cfg.run.seed,
+            "train",
+            step,
+            micro,
+            proc.rank,
+        )
+        with gradient_sync(model, micro == accum - 1):
+            loss = token_loss(model, x.to(device), y.to(device))
+            (loss / accum).backward()
+        total += loss.detach()
+    max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return _mean_over_ranks(total / accum), _to_float(norm)
+
+
+def _save_final_model(model: nn.Module, cfg: Config, out: Path, proc: ProcessInfo) -> None:
+    """Gather the full weights and write them (rank 0): safetensors or save_pretrained."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(model, options=options)
+    if not proc.is_main:
+        return
+    target = out / "final"
+    target.mkdir(parents=True, exist_ok=True)
+    if cfg.model.kind == "hf":
+        from shardflow.train.hf import save_hf_model
+
+        save_hf_model(inner_model(model), state, target, cfg.model.path)
+        return
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in state.items()}, target / "model.safetensors")
+    (target / "config.json").write_text(json.dumps(dataclasses.asdict(cfg.model), indent=2))
+
+
+def _describe(
+    cfg: Config,
+    model: nn.Module,
+    groups: list[RoutedGroup],
+    prep: Prepared,
+    proc: ProcessInfo,
+    start: int,
+) -> str:
+    n_params = sum(p.numel() for p in inner_model(model).parameters())
+    tokens = cfg.train.micro_batch * cfg.data.seq_len * cfg.train.grad_accum * proc.world
+    lines = [
+        f"run {cfg.run.name}: {n_params / 1e6:.2f}M params, placement={cfg.placement.kind}, "
+        f"{proc.world} rank(s) on {prep.device}, optimizer={cfg.optim.name}",
+        f"data: {prep.corpus.source}: {len(prep.corpus.train):,} train tokens "
+        f"({prep.corpus.train_docs} docs), {len(prep.corpus.val):,} val tokens "
+        f"({prep.corpus.val_docs} docs); {tokens:,} tokens/step",
+    ]
+    lines += [f"group {g.index} /{g.pattern}/ {g.options}: {len(g.names)} params" for g in groups]
+    if start:
+        lines.append(f"resumed from step {start}")
+    return "\n".join(lines)
+
+
+def train(cfg: Config, prep: Prepared, proc: ProcessInfo) -> dict[str, Any]:
+    """Run the configured training; every rank calls it. Returns a summary (rank 0's numbers)."""
+    out = cfg.output_dir()
+    device = prep.device
+    mesh = process_group_for(cfg, device)
+    torch.manual_seed(cfg.run.seed)
+    model = _placed_model(cfg, device, mesh)
+    groups = route_params(inner_model(model).named_parameters(), cfg.optim.groups)
+    optimizer = build_run_optimizer(cfg.optim, groups, mesh)
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
+
+    ck_dir = out / "checkpoints"
+    start, tokens_seen = 0, 0
+    found = ckpt.latest(ck_dir) if cfg.checkpoint.resume else None
+    if found is not None:
+        extra = ckpt.load(found, model=model, optimizer=optimizer)
+        start, tokens_seen = int(extra["step"]), int(extra.get("tokens", 0))
+    if proc.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    log = MetricsLog(
+        out / "metrics.jsonl", enabled=proc.is_main, resume_step=start if found else None
+    )
+    bar = Progress(
+        total=cfg.train.steps,
+        start=start,
+        main=proc.is_main,
+        bar=cfg.log.progress,
+        desc=cfg.run.name,
+    )
+    bar.note(_describe(cfg, model, groups, prep, proc, start))
+
+    if start == 0 and cfg.train.eval_every:
+        log.write({"step": 0, "val_loss": evaluate(model, cfg, prep.corpus, proc, device)})
+    tokens_per_step = cfg.train.micro_batch * cfg.data.seq_len * cfg.train.grad_accum * proc.world
+    kill_at = int(os.environ.get(KILL_ENV, "0"))
+    began = time.perf_counter()
+    for step in range(start + 1, cfg.train.steps + 1):
+        if step == kill_at and proc.is_main:
+            os.kill(os.getpid(), signal.SIGKILL)
+        factor = lr_factor(
+            step, cfg.train.steps, cfg.schedule.warmup_steps, cfg.schedule.min_lr_ratio
+        )
+        for group, base in zip(optimizer.param_groups, base_lrs):
+            group["lr"] = base * factor
+        tick = time.perf_counter()
+        loss, grad_norm = _train_step(model, optimizer, cfg, prep.corpus, step, proc, device)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss} at step {step}; lower optim.lr.")
+        seconds = time.perf_counter() - tick
+        tokens_seen += tokens_per_step
+        lr = base_lrs[0] * factor
+        if step % cfg.log.every == 0 or step == cfg.train.steps:
+            log.write(
+                {
+                    "step": step,
+                    "loss": loss,
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "tokens": tokens_seen,
+                    "tokens_per_s": tokens_per_step / seconds,
+                    "elapsed_s": time.perf_counter() - began,
+                }
+            )
+        bar.update(step, loss, lr, tokens_per_step / seconds)
+        last = step == cfg.train.steps
+        if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or last):
+            val = evaluate(model, cfg, prep.corpus, proc, device)
+            log.write({"step": step, "val_loss": val})
+            bar.note(f"step {step}: val_loss {val:.4f}")
+        if cfg.checkpoint.every and (step % cfg.checkpoint.every == 0 or last):
+            ckpt.save(
+                ckpt.step_dir(ck_dir, step),
+                model=model,
+                optimizer=optimizer,
+                extra={"step": step, "tokens": tokens_seen},
+                keep=cfg.checkpoint.keep,
+            )
+    bar.close()
+    if cfg.checkpoint.save_model:
+        _save_final_model(model, cfg, out, proc)
+    return finish(cfg, out, proc)
+
+
+def finish(cfg: Config, out: Path, proc: ProcessInfo) -> dict[str, Any]:
+    """Summarise the metrics and draw the loss curve (rank 0)."""
+    if not proc.is_main:
+        return {}
+    rows = read_metrics(out / "metrics.jsonl")
+    train = [r["loss"] for r in rows if "loss" in r]
+    val = [r["val_loss"] for r in rows if "val_loss" in r]
+    tail = train[-10:]
+    summary = {
+        "name": cfg.run.name,
+        "optimizer": cfg.optim.name,
+        "lr": cfg.optim.lr,
+        "steps": cfg.train.steps,
+        "first_loss": train[0] if train else None,
+        "final_loss": sum(tail) / len(tail) if tail else None,
+        "first_val_loss": val[0] if val else None,
+        "final_val_loss": val[-1] if val else None,
+        "elapsed_s": max((r.get("elapsed_s", 0.0) for r in rows), default=0.0),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if cfg.log.plot:
+        png = plot_losses({cfg.run.name: rows}, out / "loss.png", f"{cfg.run.name}: loss")
+        summary["plot"] = str(png) if png else None
+    return summary

@@ -1,0 +1,120 @@
+"""Optimizers for a run: names, construction with the right process group, state-size table."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import pkgutil
+from typing import Any
+
+import torch
+
+from shardflow.train.config import ConfigError, OptimConfig
+from shardflow.train.groups import RoutedGroup
+
+STATE_BYTES_PER_PARAM: dict[str, float] = {
+    "adamw": 8.0,
+    "dolphinflow": 8.0,
+    "whiteflow": 4.0,
+    "factored_adam": 0.2,
+    "dolphinflow8bit": 2.0,
+}
+"""Optimizer state per parameter (bytes), for dry-run memory estimates; unknown names get 8."""
+
+ORTHOGONALIZING = {"dolphinflow", "dolphinflow8bit", "whiteflow"}
+"""Optimizers that orthogonalize 2-D updates (their matrices get Newton-Schulz owner ranks)."""
+
+
+def _load_optimizer_modules() -> None:
+    """Import every shardflow.optim module so each optimizer registers its name."""
+    import shardflow.optim as package
+
+    for info in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"shardflow.optim.{info.name}")
+
+
+def known_optimizers() -> list[str]:
+    """Names the registry accepts after every optimizer module is imported."""
+    from shardflow.optim.registry import optimizer_names
+
+    _load_optimizer_modules()
+    return optimizer_names()
+
+
+def check_optimizer_name(name: str) -> None:
+    """Raise :class:`ConfigError` for an optimizer name the registry does not know."""
+    names = known_optimizers()
+    if name.lower() not in names:
+        import difflib
+
+        near = difflib.get_close_matches(name.lower(), names, n=1)
+        hint = f" Did you mean {near[0]!r}?" if near else ""
+        raise ConfigError(f"optim.name={name!r} is not a known optimizer.{hint} Known: {names}.")
+
+
+def _factory(name: str) -> Any:
+    from shardflow.optim import registry
+
+    getter = getattr(registry, "get_optimizer_factory", None)
+    return getter(name) if getter else registry._REGISTRY[name.lower()]
+
+
+def accepts_process_group(name: str) -> bool:
+    """Whether the optimizer's constructor takes ``process_group=`` (ShardFlow ones do)."""
+    try:
+        return "process_group" in inspect.signature(_factory(name)).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def sharded_optimizers_available() -> bool:
+    """Whether ShardFlow optimizers can take a process group yet (shardflow.distributed.sharded)."""
+    return importlib.util.find_spec("shardflow.distributed.sharded") is not None
+
+
+def check_optimizer_placement(name: str, placement: str) -> None:
+    """Raise :class:`ConfigError` when ``name`` cannot run under ``placement`` in this build."""
+    sharded = placement in ("ddp", "fsdp") and accepts_process_group(name)
+    if sharded and not sharded_optimizers_available():
+        raise ConfigError(
+            f"optim.name={name!r} with placement.kind={placement!r} needs "
+            "shardflow.distributed.sharded, which this build does not have yet; use "
+            "placement.kind='none' (one process) or optim.name='adamw'."
+        )
+
+
+def default_option(name: str, key: str) -> Any:
+    """The constructor default of ``key`` for optimizer ``name`` (None when it has none)."""
+    try:
+        param = inspect.signature(_factory(name)).parameters.get(key)
+    except (TypeError, ValueError):
+        return None
+    return None if param is None or param.default is inspect.Parameter.empty else param.default
+
+
+def state_bytes_per_param(name: str) -> float:
+    """Bytes of optimizer state per parameter: the optimizer's own figure, else the table."""
+    own = getattr(_factory(name), "state_bytes_per_param", None)
+    if isinstance(own, int | float):
+        return float(own)
+    return STATE_BYTES_PER_PARAM.get(name.lower(), 8.0)
+
+
+def build_run_optimizer(
+    cfg: OptimConfig, groups: list[RoutedGroup], process_group: Any = None
+) -> torch.optim.Optimizer:
+    """The configured optimizer over ``groups``; ``process_group`` only where it is accepted."""
+    from shardflow.optim.registry import build_optimizer
+
+    hyper = {"lr": cfg.lr, "weight_decay": cfg.weight_decay, **cfg.hyper}
+    if process_group is not None and accepts_process_group(cfg.name):
+        hyper["process_group"] = process_group
+    param_groups = [g.as_param_group() for g in groups]
+    try:
+        return build_optimizer(cfg.name, param_groups, **hyper)
+    except TypeError as exc:
+        raise ConfigError(
+            f"optim.name={cfg.name!r} rejected its arguments ({exc}); check [optim.hyper] and "
+            "the keys of [[optim.groups]]."
+        ) from exc
