@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    /work/venv/bin/python -m bench.step                  # default: 2 layers, ~4 min on 2 cores
+    /work/venv/bin/python -m bench.step                  # 2 layers: ~2.5 min of CPU; ~7 min wall at load 10
     /work/venv/bin/python -m bench.step --layers 30 --only adamw-fused,df-vector
     /work/venv/bin/python -m bench.step --profile        # + where DolphinFlow vector's time goes
 
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import statistics
 import subprocess
@@ -417,9 +418,11 @@ def main(argv: list[str] | None = None) -> None:
             continue
         contenders.append(c)
     grad_sum = sum(float(g.double().sum()) for g in grads.values())
+    load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     run_round_robin(contenders, params, grads, args.warmup, args.steps, log)
     wall = time.perf_counter() - t0
+    load_after = os.getloadavg()[0]
     check_finite(model, contenders)
     if abs(sum(float(g.double().sum()) for g in grads.values()) - grad_sum) > 1e-9 * max(
         1.0, abs(grad_sum)
@@ -451,8 +454,9 @@ def main(argv: list[str] | None = None) -> None:
         f"(orthogonalized), rest element-wise (embedding, tied head, norms)",
         f"- rounds: {args.warmup} warm-up + {args.steps} timed, round-robin; Newton-Schulz steps "
         f"{args.ns_steps} for every NS mode; run wall time {wall:.0f} s",
-        "- caveat: 2 CPU cores shared with other engineers' jobs; medians damp that, but ratios "
-        "can move by ~10-20% between runs",
+        f"- caveat: 2 CPU cores shared with other engineers' jobs (1-min load average "
+        f"{load_before:.1f} before, {load_after:.1f} after the timed rounds); medians damp that, "
+        "but compare ratios within a run, and expect them to move between runs",
         *[f"- {n}" for n in notes],
         "",
         *lines,
