@@ -31,6 +31,9 @@ def _child(directory: str, moment: str, paused) -> None:
     """Save step 1, step, then save step 2 pausing (to be killed) at ``moment``."""
     from shardflow.checkpoint import _directory, _format, core  # noqa: PLC0415
 
+    # A forked child that inherits a used OpenMP pool can hang in its first parallel op.
+    torch.set_num_threads(1)
+
     def pause(*_):
         paused.set()
         time.sleep(120)
@@ -83,7 +86,10 @@ def _kill_midway(directory: Path, moment: str) -> None:
     child = ctx.Process(target=_child, args=(str(directory), moment, paused), daemon=True)
     child.start()
     try:
-        assert paused.wait(timeout=60), "the child never reached the pause"
+        deadline = time.monotonic() + 60
+        while not paused.wait(timeout=0.1):
+            assert child.is_alive(), f"the child exited ({child.exitcode}) before the pause"
+            assert time.monotonic() < deadline, "the child never reached the pause"
         os.kill(child.pid, signal.SIGKILL)
         child.join(timeout=30)
         assert child.exitcode == -signal.SIGKILL

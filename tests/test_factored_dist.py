@@ -73,7 +73,7 @@ def _set_grads(params, step):
 def _train(kind, hyper, dtype, steps, sharded, state=None, start=0):
     """Run ``steps`` steps from ``start``; returns the full params (rows gathered) and state."""
     if sharded:
-        base.resolve_placement = lambda groups, pg: RowShards(groups)
+        base.resolve_placement = lambda groups, pg, *_: RowShards(groups)
     params = _params(dtype)
     opt = CLASSES[kind](params, **hyper)
     if state is not None:
@@ -173,7 +173,7 @@ def _reshard(opt_state, layout, params, placement):
 
 
 def _ranks_resume(rank, world_size, kind, hyper, saved_params, saved_state, steps):
-    base.resolve_placement = lambda groups, pg: RowShards(groups)
+    base.resolve_placement = lambda groups, pg, *_: RowShards(groups)
     params = _params(torch.float64)
     opt = CLASSES[kind](params, **hyper)
     with torch.no_grad():
