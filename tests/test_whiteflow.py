@@ -8,12 +8,13 @@ import math
 import pytest
 import torch
 
+from shardflow.optim.precision import hash32_int, round_bf16_stochastic
 from shardflow.optim.projection import projection
 from shardflow.optim.whiteflow import (
     WhiteFlow,
     beta2_at,
+    bf16_stochastic,
     second_moment_weight,
-    stochastic_round_to_bf16_,
 )
 
 EPS = 1e-8
@@ -257,39 +258,24 @@ def test_bad_projection_settings_name_the_fix():
 # -- stochastic rounding --------------------------------------------------------------------
 
 
-def test_stochastic_rounding_is_unbiased_and_lands_on_neighbours():
-    x = torch.full((200_000,), 1.0 + 2**-9, dtype=torch.float32)  # a quarter of a bf16 ulp above 1
-    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32)
-    out = stochastic_round_to_bf16_(torch.empty_like(x, dtype=torch.bfloat16), x, noise)
-    assert set(out.float().unique().tolist()) == {1.0, 1.0 + 2**-7}
-    assert abs(out.double().mean().item() - x[0].item()) < 2e-5
-    neg = stochastic_round_to_bf16_(torch.empty_like(x, dtype=torch.bfloat16), -x, noise)
-    torch.testing.assert_close(neg.float(), -out.float(), rtol=0, atol=0)
-    exact = torch.tensor([0.5, -3.0, 0.0])
-    got = stochastic_round_to_bf16_(
-        torch.empty(3, dtype=torch.bfloat16), exact, torch.full((3,), 65535, dtype=torch.int32)
-    )
-    torch.testing.assert_close(got.float(), exact, rtol=0, atol=0)
+def test_rounding_is_precision_round_bf16_stochastic_bit_for_bit():
+    """WhiteFlow's in-kernel rounding draws precision.py's counter-based stream exactly."""
+    x = torch.randn(300, 70) * 1e-3
+    for seed, offset in ((7, 0), (123456789, 5_000), (2**32 - 1, 2**31)):
+        key = torch.tensor(hash32_int(seed), dtype=torch.int64)
+        got = bf16_stochastic(x, key, torch.tensor(offset))
+        torch.testing.assert_close(got, round_bf16_stochastic(x, seed, offset), rtol=0, atol=0)
 
 
-def test_rounding_noise_does_not_depend_on_the_shard():
-    opt = WhiteFlow([torch.nn.Parameter(torch.zeros(1))])
-    full = opt._rounding_noise(
-        torch.Size([1000, 70]), row_start=0, global_rows=1000, key=(0, 3, 5, "m"), device="cpu"
-    )
-    for start, stop in ((0, 250), (250, 500), (997, 1000), (123, 937), (400, 400)):
-        part = opt._rounding_noise(
-            torch.Size([stop - start, 70]),
-            row_start=start,
-            global_rows=1000,
-            key=(0, 3, 5, "m"),
-            device="cpu",
-        )
+def test_rounding_is_unbiased_and_does_not_depend_on_the_shard():
+    x = torch.full((2000, 100), 1.0 + 2**-9)  # a quarter of a bf16 ulp above 1
+    key = torch.tensor(hash32_int(11))
+    full = bf16_stochastic(x, key, torch.tensor(0))
+    assert set(full.float().unique().tolist()) == {1.0, 1.0 + 2**-7}
+    assert abs(full.double().mean().item() - x[0, 0].item()) < 2e-5
+    for start, stop in ((0, 250), (997, 1000), (123, 937), (400, 400)):
+        part = bf16_stochastic(x[start:stop], key, torch.tensor(start * 100))
         torch.testing.assert_close(part, full[start:stop], rtol=0, atol=0)
-    other = opt._rounding_noise(
-        torch.Size([1000, 70]), row_start=0, global_rows=1000, key=(0, 3, 6, "m"), device="cpu"
-    )
-    assert (other != full).float().mean() > 0.99
 
 
 def test_bf16_momentum_tracks_the_fp32_reference():

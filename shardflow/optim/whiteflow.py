@@ -67,14 +67,16 @@ from shardflow.optim._validate import (
     check_unit_interval,
 )
 from shardflow.optim.base import Item, Layout, ShardFlowOptimizer, step_counter
-from shardflow.optim.orthogonalize import orthograd_, orthograd_sums
-from shardflow.optim.projection import ProjectionCache, mix_seed
+from shardflow.optim.orthogonalize import orthograd_
+from shardflow.optim.precision import hash32, hash32_int, mix_seed
+from shardflow.optim.projection import ProjectionCache
 from shardflow.optim.routing import is_hidden_matrix
 
 SECOND_MOMENTS = ("projected", "dense")
 ORTHO_MODES = ("vector", None)
-_ROW_BLOCK = 4096
-"""Global rows per block of stochastic-rounding row noise."""
+_SR_EXP_AVG, _SR_EXP_AVG_SQ = 1, 2
+_M32 = 0xFFFFFFFF
+"""Stochastic-rounding streams (mixed into the seed with the param index and step)."""
 
 
 def beta2_at(beta2: float, t: int) -> float:
@@ -120,6 +122,8 @@ class WhiteFlow(ShardFlowOptimizer):
             compute device only while used).
         process_group: ProcessGroup or 1-D DeviceMesh to shard over; None: one process.
         foreach: use ``torch._foreach_*`` kernels (None: when all tensors share a device).
+        compiled: run each parameter's direction (:func:`whiteflow_direction`) through
+            ``torch.compile`` (None: on CUDA only; on a CPU inductor emits C++).
     """
 
     state_layout: ClassVar[dict[str, Layout]] = {
@@ -150,6 +154,7 @@ class WhiteFlow(ShardFlowOptimizer):
         projection_device: str = "param",
         process_group: Any = None,
         foreach: bool | None = None,
+        compiled: bool | None = None,
     ) -> None:
         self.projections = ProjectionCache(projection_device)
         self.projection_device = projection_device
@@ -169,7 +174,12 @@ class WhiteFlow(ShardFlowOptimizer):
         )
         self._names: dict[Tensor, str] = {}
         self._index: dict[Tensor, int] = {}
-        self._generators: dict[torch.device, torch.Generator] = {}
+        if compiled is not None and not isinstance(compiled, bool):
+            raise ValueError(
+                f"compiled={compiled!r} is invalid: pass True, False or None (compile on CUDA only)."
+            )
+        self._compiled = compiled
+        self._hyper_cache: tuple[Any, Tensor | None] = (None, None)
         super().__init__(
             params,
             defaults,
@@ -275,69 +285,72 @@ class WhiteFlow(ShardFlowOptimizer):
         self._apply(group, items, ops)
 
     def _directions(self, group: dict[str, Any], t: int, items: list[Item], ops: ListOps) -> None:
-        """Overwrite each ``item.grad`` with the direction ``u`` (steps 1–5 of the rule)."""
-        beta1, beta2 = group["betas"]
-        routes = [self.route(it.param, group) for it in items]
-        self._orthograd([it for it, r in zip(items, routes) if r != "elementwise"])
+        """Overwrite each ``item.grad`` with the direction ``u`` (steps 1–5 of the rule).
 
-        grads = [it.grad for it in items]
-        moms = [it.state["exp_avg"].to(g.dtype, copy=True) for it, g in zip(items, grads)]
-        ops.lerp_(moms, grads, 1.0 - beta1)
-        for it, m in zip(items, moms):
-            self._store(group, it, "exp_avg", m, t)
-        ops.mul_(moms, 1.0 / (1.0 - beta1**t))  # M̂
-
-        b2, weight = beta2_at(beta2, t), second_moment_weight(beta2, t)
-        dense = [i for i, r in enumerate(routes) if r != "projected"]
-        sq = [items[i].state["exp_avg_sq"].to(grads[i].dtype, copy=True) for i in dense]
-        ops.square_ema_(sq, [grads[i] for i in dense], b2)
-        for i, v in zip(dense, sq):
-            self._store(group, items[i], "exp_avg_sq", v, t)
-        second = dict(zip(dense, sq))
-
-        elementwise = [i for i, r in enumerate(routes) if r == "elementwise"]
-        ops.div_by_rms_denominator_(
-            [moms[i] for i in elementwise],
-            [second[i] for i in elementwise],
-            1.0 / weight,
-            group["eps"],
-        )
-        for i, (it, route) in enumerate(zip(items, routes)):
-            if route == "dense":
-                scale = _dense_channel_scale(moms[i], second[i], weight, group["eps"])
-            elif route == "projected":
-                scale = self._projected_channel_scale(group, it, moms[i], t, b2, weight)
-            else:
-                continue
-            _rows(moms[i]).mul_(scale.unsqueeze(1))
-        for it, u in zip(items, moms):
-            it.grad = u
-
-    def _orthograd(self, items: list[Item]) -> None:
+        One call of :func:`whiteflow_direction` per parameter — eagerly, or through
+        ``torch.compile`` when :attr:`compiled` says so (one fused kernel per route and shape).
+        """
         for it in items:
-            if it.grad.numel() == 0:  # an empty shard
-                continue
-            sums = orthograd_sums(it.grad, it.local, rowwise=True)
-            orthograd_(it.grad, it.local, rowwise=True, restore_norm=True, sums=sums)
+            route = self.route(it.param, group)
+            g = _rows(it.grad)
+            m = _rows(it.state["exp_avg"])
+            v = it.state["exp_avg_sq_proj" if route == "projected" else "exp_avg_sq"]
+            v = v if route == "projected" else _rows(v)
+            proj = None
+            if route == "projected":
+                n, r = _width(self.placement.global_shape(it.param)), v.shape[1]
+                refresh = (t - 1) // group["proj_update_freq"]
+                proj = self.projections.get(
+                    group["seed"], n, r, refresh, device=g.device, dtype=g.dtype
+                )
+            rounding = group["stochastic_rounding"] and m.dtype == torch.bfloat16
+            u = self._kernel(g)(
+                g,
+                _rows(it.local) if route != "elementwise" else g,
+                m,
+                v,
+                proj,
+                self._hyper(group, t, g),
+                self._rounding_keys(group, it, t, v.shape[1]) if rounding else None,
+                route=route,
+            )
+            it.grad = u.view_as(it.grad)
 
-    def _projected_channel_scale(
-        self, group: dict[str, Any], it: Item, mhat: Tensor, t: int, b2: float, weight: float
-    ) -> Tensor:
-        """``sᵢ = √(n/r)·‖R̃ᵢ‖/‖M_R,ᵢ‖``, updating the projected second moment ``V_R``."""
-        n = _width(self.placement.global_shape(it.param))
-        r = self.proj_rank(it.param, group)
-        refresh = (t - 1) // group["proj_update_freq"]
-        proj = self.projections.get(
-            group["seed"], n, r, refresh, device=mhat.device, dtype=mhat.dtype
-        )
-        g, m = _rows(it.grad), _rows(mhat)
-        projected_grad = g @ proj
-        projected_mom = m @ proj
-        v = it.state["exp_avg_sq_proj"].to(mhat.dtype, copy=True)
-        v.mul_(b2).addcmul_(projected_grad, projected_grad, value=1.0 - b2)
-        self._store(group, it, "exp_avg_sq_proj", v, t)
-        adapted = projected_mom / v.div_(weight).sqrt_().add_(group["eps"])
-        return _ratio(_row_norms(adapted), _row_norms(projected_mom)).mul_(math.sqrt(n / r))
+    @property
+    def compiled(self) -> bool | None:
+        """Run :func:`whiteflow_direction` through ``torch.compile`` (None: on CUDA only)."""
+        return self._compiled
+
+    def _kernel(self, g: Tensor):
+        compiled = self._compiled if self._compiled is not None else g.device.type == "cuda"
+        return _compiled_direction() if compiled else whiteflow_direction
+
+    def _hyper(self, group: dict[str, Any], t: int, like: Tensor) -> Tensor:
+        """The step's scalars as one tensor (a compiled kernel then never recompiles for them)."""
+        key = (id(group), t, like.device, like.dtype)
+        if self._hyper_cache[0] != key:
+            beta1, beta2 = group["betas"]
+            b2, weight = beta2_at(beta2, t), second_moment_weight(beta2, t)
+            values = [1.0 - beta1, 1.0 / (1.0 - beta1**t), b2, 1.0 - b2, 1.0 / weight]
+            hyper = torch.tensor([*values, group["eps"]], dtype=like.dtype)
+            self._hyper_cache = (key, hyper.to(like.device, non_blocking=True))
+        return self._hyper_cache[1]
+
+    def _rounding_keys(self, group: dict[str, Any], it: Item, t: int, v_width: int) -> Tensor:
+        """``[key_m, offset_m, key_v, offset_v]`` for :func:`bf16_stochastic`: the counter-based
+        stream of :mod:`shardflow.optim.precision`, seeded by (seed, param index, step, state),
+        at the global flat index of this shard's first element (so 1, 2 or 4 ranks agree)."""
+        rows = self.placement.row_range(it.param)
+        row0 = rows[0] if rows else 0
+        width = _width(self.placement.global_shape(it.param))
+        index = self.param_index(it.param)
+        keys = [
+            hash32_int(mix_seed(group["seed"], index, t, _SR_EXP_AVG)),
+            row0 * width,
+            hash32_int(mix_seed(group["seed"], index, t, _SR_EXP_AVG_SQ)),
+            row0 * v_width,
+        ]
+        return torch.tensor(keys, dtype=torch.int64).to(it.grad.device, non_blocking=True)
 
     def _limit_norm_growth(self, group: dict[str, Any], items: list[Item], ops: ListOps) -> None:
         gamma = group["norm_growth_limit"]
@@ -373,82 +386,74 @@ class WhiteFlow(ShardFlowOptimizer):
         shape = self.placement.global_shape(param)
         return 2.0 / (shape[0] + _width(shape))
 
-    # -- bf16 storage -----------------------------------------------------------------------
 
-    def _store(self, group: dict[str, Any], it: Item, key: str, value: Tensor, t: int) -> None:
-        """Write ``value`` into ``state[key]``, stochastically rounded when that is bf16."""
-        dst = it.state[key]
-        if dst.dtype != torch.bfloat16 or not group["stochastic_rounding"]:
-            dst.copy_(value)
-            return
-        rows = self.placement.row_range(it.param)
-        noise = self._rounding_noise(
-            value.shape,
-            row_start=rows[0] if rows else 0,
-            global_rows=_global_rows(self.placement.global_shape(it.param)),
-            key=(group["seed"], self.param_index(it.param), t, key),
-            device=value.device,
-        )
-        stochastic_round_to_bf16_(dst, value, noise)
+def whiteflow_direction(
+    g: Tensor,
+    w: Tensor,
+    m: Tensor,
+    v: Tensor,
+    proj: Tensor | None,
+    hyper: Tensor,
+    keys: Tensor | None,
+    *,
+    route: str,
+) -> Tensor:
+    """The direction ``u`` of one parameter (steps 1–5 of the module docstring); updates ``m, v``.
 
-    def _rounding_noise(
-        self,
-        shape: torch.Size,
-        *,
-        row_start: int,
-        global_rows: int,
-        key: tuple,
-        device: torch.device,
-    ) -> Tensor:
-        """Uniform 16-bit integers for a tensor whose rows start at global row ``row_start``.
-
-        ``noise[i, j] = (a[j] + b[i]) mod 2¹⁶`` with ``a`` (one value per column) and ``b`` (one
-        per global row) uniform, drawn fresh for every ``key`` (which holds the step): every
-        element's noise is uniform and new at each step, and the elements of a row are
-        independent — all stochastic rounding needs — for ``rows + cols`` random draws instead of
-        ``rows · cols`` (random numbers cost ~10 ns each on a CPU, 100× an element-wise op).
-        ``b`` comes in blocks of :data:`_ROW_BLOCK` global rows, each from a generator seeded by
-        ``(key, block)``; a shard slices the blocks it overlaps, so its noise does not depend on
-        where the shard boundaries are.
-        """
-        rows = shape[0] if len(shape) else 1
-        width = math.prod(shape[1:]) if len(shape) > 1 else 1
-        if rows == 0 or width == 0:
-            return torch.zeros(shape, dtype=torch.int32, device=device)
-        gen = self._generators.get(device)
-        if gen is None:
-            gen = self._generators[device] = torch.Generator(device=device)
-
-        def draw(n: int, *salt) -> Tensor:
-            gen.manual_seed(mix_seed("whiteflow-rounding", *key, *salt))
-            return torch.randint(0, 1 << 16, (n,), generator=gen, dtype=torch.int32, device=device)
-
-        block = min(global_rows, _ROW_BLOCK)
-        parts = []
-        for b in range(row_start // block, (row_start + rows - 1) // block + 1):
-            lo = max(row_start, b * block) - b * block
-            hi = min(row_start + rows, (b + 1) * block) - b * block
-            parts.append(draw(block, "rows", b)[lo:hi])
-        per_row = parts[0] if len(parts) == 1 else torch.cat(parts)
-        noise = per_row.unsqueeze(1) + draw(width, "cols").unsqueeze(0)
-        return noise.bitwise_and_(0xFFFF).reshape(shape)
-
-
-def stochastic_round_to_bf16_(dst: Tensor, value: Tensor, noise: Tensor) -> Tensor:
-    """``dst ← bf16(value)`` rounded stochastically with ``noise`` (uniform in ``[0, 2¹⁶)``).
-
-    Adds the noise to the 16 low bits of the fp32 bit pattern and truncates them: the magnitude
-    rounds up with probability equal to the dropped fraction, so the rounding is unbiased.
+    ``g`` (fp32/fp64, clipped), ``w``, ``m`` and (dense) ``v`` are ``(rows, n)`` views; ``v`` is
+    ``(rows, r)`` and ``proj`` ``(n, r)`` for ``route="projected"``. ``hyper`` holds
+    ``[1−β₁, 1/(1−β₁ᵗ), β₂ₜ, 1−β₂ₜ, 1/cₜ, eps]``; ``keys`` the stochastic-rounding keys
+    (:meth:`WhiteFlow._rounding_keys`) or None to round to nearest. Written as one pure function so
+    that ``torch.compile`` can fuse it; eager it runs op by op.
     """
-    bits = value.float().contiguous().view(torch.int32) + noise
-    dst.copy_(bits.bitwise_and_(-65536).view(torch.float32))
-    return dst
+    one_minus_b1, corr1, b2, one_minus_b2, inv_weight, eps = hyper.unbind()
+    if route != "elementwise":
+        g = orthograd_(g.clone(), w, rowwise=True, restore_norm=True)
+    mom = m.to(g.dtype, copy=True).lerp_(g, one_minus_b1)
+    _store(m, mom, keys, 0)
+    mhat = mom.mul_(corr1)
+    if route == "projected":
+        g = g @ proj
+        mhat_p = mhat @ proj
+    sq = v.to(g.dtype, copy=True).mul_(b2).addcmul_(g, g, value=one_minus_b2)
+    _store(v, sq, keys, 2)
+    denom = sq.mul_(inv_weight).sqrt_().add_(eps)
+    if route == "elementwise":
+        return mhat.div_(denom)
+    adapted = (mhat_p if route == "projected" else mhat) / denom
+    ref = mhat_p if route == "projected" else mhat
+    scale = _ratio(_row_norms(adapted), _row_norms(ref))
+    if route == "projected":
+        scale = scale * math.sqrt(mhat.shape[1] / proj.shape[1])
+    return mhat.mul_(scale.unsqueeze(1))
 
 
-def _dense_channel_scale(mhat: Tensor, v: Tensor, weight: float, eps: float) -> Tensor:
-    """``sᵢ = ‖Ũᵢ‖ / ‖M̂ᵢ‖`` with ``Ũ = M̂ / (√(v/cₜ) + eps)``."""
-    adapted = mhat / (v / weight).sqrt_().add_(eps)
-    return _ratio(_row_norms(_rows(adapted)), _row_norms(_rows(mhat)))
+def _store(dst: Tensor, value: Tensor, keys: Tensor | None, at: int) -> None:
+    """``dst ← value``, rounded stochastically with ``keys[at], keys[at + 1]`` when given."""
+    if keys is None:
+        dst.copy_(value)
+    else:
+        dst.copy_(bf16_stochastic(value, keys[at], keys[at + 1]))
+
+
+def bf16_stochastic(x: Tensor, key: Tensor, offset: Tensor) -> Tensor:
+    """``x`` rounded stochastically to bf16 with the bits of
+    :func:`shardflow.optim.precision.random_bits` (``key = hash32_int(seed)``, 0-d tensors so a
+    compiled kernel does not recompile per step): bit-identical to
+    ``precision.round_bf16_stochastic(x, seed, offset)`` for ``offset + numel ≤ 2³²``."""
+    index = torch.arange(x.numel(), dtype=torch.int64, device=x.device).reshape(x.shape)
+    noise = (hash32(((index + offset) & _M32) ^ key) & 0xFFFF).to(torch.int32)
+    bits = (x.to(torch.float32).contiguous().view(torch.int32) + noise) & -65536
+    return bits.view(torch.float32).to(torch.bfloat16)
+
+
+_COMPILED: list[Any] = []
+
+
+def _compiled_direction():
+    if not _COMPILED:
+        _COMPILED.append(torch.compile(whiteflow_direction, dynamic=None))
+    return _COMPILED[0]
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -468,7 +473,3 @@ def _ratio(num: Tensor, den: Tensor) -> Tensor:
 def _width(shape: torch.Size) -> int:
     """Columns of the ``(out, rest)`` view of a parameter of this shape."""
     return math.prod(shape[1:]) if len(shape) > 1 else 1
-
-
-def _global_rows(shape: torch.Size) -> int:
-    return shape[0] if len(shape) else 1
