@@ -309,7 +309,8 @@ def train(steps: int, final_steps: int, lrs: list[float]) -> None:
     )
     variants = {
         "AdamW": ("adamw", None),
-        "WhiteFlow projected r=64": ("whiteflow", {"second_moment": "projected", "rank": 64}),
+        "WhiteFlow projected r=256 (default)": ("whiteflow", {"second_moment": "projected"}),
+        "WhiteFlow projected r=32": ("whiteflow", {"second_moment": "projected", "rank": 32}),
         "WhiteFlow dense": ("whiteflow", {"second_moment": "dense"}),
     }
     evals = {100, steps}

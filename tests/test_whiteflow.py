@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from shardflow.optim.whiteflow import (
     beta2_at,
     bf16_stochastic,
     second_moment_weight,
+    whiteflow_direction,
 )
 
 EPS = 1e-8
@@ -253,6 +255,42 @@ def test_bad_projection_settings_name_the_fix():
         WhiteFlow(p, projection_device="cuda:0")
     with pytest.raises(ValueError, match=r"norm_growth_limit=1 is invalid: pass a number > 1"):
         WhiteFlow(p, norm_growth_limit=1)
+    with pytest.raises(ValueError, match=r"compiled='yes' is invalid: pass True, False or None"):
+        WhiteFlow(p, compiled="yes")
+
+
+def test_compiled_defaults_to_cuda_only():
+    p = torch.nn.Parameter(torch.randn(3, 3))
+    opt = WhiteFlow([p])
+    assert opt.compiled is None and opt._kernel(p) is whiteflow_direction  # a CPU tensor: eager
+
+
+@pytest.mark.skipif(
+    os.environ.get("SHARDFLOW_COMPILE_TESTS") != "1",
+    reason="torch.compile on a CPU takes 1-3 minutes here; set SHARDFLOW_COMPILE_TESTS=1",
+)
+@pytest.mark.parametrize("mode", ["projected", "dense"])
+def test_compiled_equals_eager(mode):
+    """One fused kernel gives the eager result: bf16 states bit for bit (the same rounding bits),
+    weights to fp32 rounding (inductor reorders the fp32 arithmetic): measured 3e-8."""
+    shapes = {"l1.weight": (64, 48), "l2.weight": (32, 64), "norm.weight": (64,)}
+    runs = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        named = [(n, torch.nn.Parameter(torch.randn(s) * 0.1)) for n, s in shapes.items()]
+        opt = WhiteFlow(named, rank=16, second_moment=mode, compiled=compiled)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            for _, p in named:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        runs.append((named, opt))
+    (eager, opt_e), (fused, opt_c) = runs
+    for (_, a), (_, b) in zip(eager, fused):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(
+            opt_c.state[b]["exp_avg"], opt_e.state[a]["exp_avg"], rtol=0, atol=0
+        )
 
 
 # -- stochastic rounding --------------------------------------------------------------------
