@@ -5,6 +5,7 @@ Run from the repository root (CPU, one thread, so that timings on a shared machi
     python bench/whiteflow.py memory            # bytes/param on SmolLM2-135M shapes (meta tensors)
     python bench/whiteflow.py speed  --reps 7   # step time vs torch AdamW fused/foreach, interleaved
     python bench/whiteflow.py train  --steps 300 --final-steps 1000   # lr sweep + ablation + long run
+    python bench/whiteflow.py report RUN_DIR...  # table + PNG from launch/compare.py run dirs
 
 ``memory`` takes seconds; ``speed`` about a minute; ``train`` about 5–10 minutes on a 2-core
 CPU. Each prints Markdown tables with ratios against AdamW measured in the same run.
@@ -17,6 +18,7 @@ decoder written here, trained on the running Python's standard-library sources.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import sys
@@ -130,9 +132,7 @@ def speed(reps: int, layers: int) -> None:
         ),
         "WhiteFlow dense": lambda ps: WhiteFlow(ps, second_moment="dense", compiled=False),
         "WhiteFlow projected r=256, compiled": lambda ps: WhiteFlow(ps, rank=256, compiled=True),
-        "WhiteFlow dense, compiled": lambda ps: WhiteFlow(
-            ps, second_moment="dense", compiled=True
-        ),
+        "WhiteFlow dense, compiled": lambda ps: WhiteFlow(ps, second_moment="dense", compiled=True),
     }
     compile_s: dict[str, float] = {}
     results: dict[str, dict[str, float]] = {}
@@ -352,9 +352,87 @@ def train(steps: int, final_steps: int, lrs: list[float]) -> None:
         )
 
 
+# -- convergence report (runs of bench/convergence.py / launch/compare.py) --------------------
+
+
+def _read_run(metrics: Path) -> tuple[list[float], dict[int, float]]:
+    """Train losses (by step) and validation losses from one run's metrics.jsonl."""
+    losses, val = [], {}
+    for line in metrics.read_text().splitlines():
+        row = json.loads(line)
+        if "val_loss" in row:
+            val[row["step"]] = row["val_loss"]
+        elif "loss" in row:
+            losses.append(row["loss"])
+    return losses, val
+
+
+def _max_spike(losses: list[float], window: int = 50) -> float:
+    """max over steps of loss / median of the previous ``window`` losses (from step 10)."""
+    return max(
+        (losses[i] / statistics.median(losses[max(0, i - window) : i]))
+        for i in range(10, len(losses))
+    )
+
+
+def report(run_dirs: list[str], out_stem: str) -> None:
+    """Table (val@100, val@last, × AdamW, NaN, max spike) and a PNG of the best lr of each.
+
+    ``run_dirs`` are directories named ``<optimizer>-lr<lr>`` holding ``metrics.jsonl``. The
+    best lr per optimizer is chosen by the final validation loss.
+    """
+    runs = {}
+    for d in map(Path, run_dirs):
+        name, lr = d.name.rsplit("-lr", 1)
+        runs[(name, float(lr))] = _read_run(d / "metrics.jsonl")
+    last = max(max(v) for _, v in runs.values())
+    best = {}
+    for (name, lr), (_, val) in runs.items():
+        if name not in best or val[last] < runs[(name, best[name])][1][last]:
+            best[name] = lr
+    ref = runs[("adamw", best["adamw"])][1]
+    print(
+        f"| optimizer | lr | val@100 | val@{last} | × AdamW @100 | × AdamW @{last} | NaN | "
+        "max spike (× median of previous 50) |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for (name, lr), (losses, val) in sorted(runs.items()):
+        mark = " **(best)**" if best[name] == lr else ""
+        nan = sum(not math.isfinite(x) for x in losses) + sum(
+            not math.isfinite(x) for x in val.values()
+        )
+        print(
+            f"| {name}{mark} | {lr:g} | {val[100]:.4f} | {val[last]:.4f} | "
+            f"{val[100] / ref[100]:.3f} | {val[last] / ref[last]:.3f} | {nan} | "
+            f"{_max_spike(losses):.2f} |"
+        )
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for (name, lr), (losses, val) in sorted(runs.items()):
+        style = "-" if best[name] == lr else ":"
+        smooth = [statistics.fmean(losses[max(0, i - 20) : i + 1]) for i in range(len(losses))]
+        left.plot(range(1, len(losses) + 1), smooth, style, label=f"{name} lr={lr:g}")
+        steps = sorted(val)
+        right.plot(steps, [val[s] for s in steps], style + "o", label=f"{name} lr={lr:g}")
+    left.set(title="train loss (mean of 21 steps)", xlabel="step", ylabel="nats", ylim=(1.2, 3.5))
+    right.set(title="validation loss", xlabel="step", ylabel="nats", ylim=(1.2, 3.5))
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(f"{out_stem}.png", dpi=110)
+    print(f"\n![convergence]({Path(out_stem).name}.png)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["memory", "speed", "train"])
+    parser.add_argument("what", choices=["memory", "speed", "train", "report"])
+    parser.add_argument("runs", nargs="*", help="report: run directories <optimizer>-lr<lr>")
+    parser.add_argument("--out", default="bench/results/whiteflow-convergence", help="report")
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--steps", type=int, default=300)
@@ -367,6 +445,8 @@ def main() -> None:
         memory()
     elif args.what == "speed":
         speed(args.reps, args.layers)
+    elif args.what == "report":
+        report(args.runs, args.out)
     else:
         train(args.steps, args.final_steps, args.lrs)
 
