@@ -117,12 +117,11 @@ def _grads(params, seed=0):
         p.grad = torch.randn(p.shape, generator=gen) * 1e-3
 
 
-def speed(reps: int, layers: int) -> None:
+def speed(reps: int, layers: int, embedding: bool = True) -> None:
     """Median step time per optimizer, interleaved (one step of each, ``reps`` rounds)."""
-    scopes = {
-        f"{layers} hidden layers": smollm2_shapes(layers, embedding=False),
-        "embedding (49152×576)": [("embed_tokens.weight", (VOCAB, HIDDEN))],
-    }
+    scopes = {f"{layers} hidden layers": smollm2_shapes(layers, embedding=False)}
+    if embedding:
+        scopes["embedding (49152×576)"] = [("embed_tokens.weight", (VOCAB, HIDDEN))]
     makers = {
         "AdamW fused": lambda ps: torch.optim.AdamW([p for _, p in ps], lr=1e-3, fused=True),
         "AdamW foreach": lambda ps: torch.optim.AdamW([p for _, p in ps], lr=1e-3, foreach=True),
@@ -167,6 +166,8 @@ def speed(reps: int, layers: int) -> None:
     print("\nFirst two steps of the compiled variants (compilation included, cold cache):\n")
     for key, seconds in compile_s.items():
         print(f"- {key}: {seconds:.1f} s")
+    if not embedding:
+        return
     hidden, emb = list(scopes)
     print(f"\nWhole SmolLM2-135M estimate (30 layers = hidden × 30/{layers}, + embedding):\n")
     print("| optimizer | est. ms/step | × fused |")
@@ -299,7 +300,7 @@ def train_run(optimizer: str, lr: float, steps: int, data, val, evals, cfg=None)
     }
 
 
-def train(steps: int, final_steps: int, lrs: list[float]) -> None:
+def train(steps: int, final_steps: int, lrs: list[float], only: str = "") -> None:
     data = stdlib_bytes()
     split = int(0.9 * len(data))
     train_data, val = data[:split], data[split:]
@@ -313,6 +314,7 @@ def train(steps: int, final_steps: int, lrs: list[float]) -> None:
         "WhiteFlow projected r=32": ("whiteflow", {"second_moment": "projected", "rank": 32}),
         "WhiteFlow dense": ("whiteflow", {"second_moment": "dense"}),
     }
+    variants = {k: v for k, v in variants.items() if only in k}
     evals = {100, steps}
     print(f"### lr sweep: {steps} steps, warm-up {max(1, steps // 20)}, cosine to 10%\n")
     print(f"| optimizer | lr | val@100 | val@{steps} | max spike | NaN | opt ms/step | B/param |")
@@ -439,16 +441,18 @@ def main() -> None:
     parser.add_argument("--final-steps", type=int, default=1000)
     parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-embedding", action="store_true", help="speed: hidden layers only")
+    parser.add_argument("--only", default="", help="train: variants whose label contains this")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.what == "memory":
         memory()
     elif args.what == "speed":
-        speed(args.reps, args.layers)
+        speed(args.reps, args.layers, not args.no_embedding)
     elif args.what == "report":
         report(args.runs, args.out)
     else:
-        train(args.steps, args.final_steps, args.lrs)
+        train(args.steps, args.final_steps, args.lrs, args.only)
 
 
 if __name__ == "__main__":
