@@ -9,10 +9,11 @@ import os
 import pytest
 import torch
 
-from shardflow.optim.precision import hash32_int, round_bf16_stochastic
+from shardflow.optim.precision import hash32, hash32_int, round_bf16_stochastic
 from shardflow.optim.projection import projection
 from shardflow.optim.whiteflow import (
     WhiteFlow,
+    _hash32_low16,
     beta2_at,
     bf16_stochastic,
     second_moment_weight,
@@ -398,3 +399,13 @@ def test_state_bytes_match_the_layout():
     assert dense.state_bytes_per_param() == 4.0
     capped = WhiteFlow(model.parameters(), rank=1000)
     assert capped.state_dict()["state"][0]["exp_avg_sq_proj"].shape == (32, 64)
+
+
+def test_int32_hash_equals_precision_hash32():
+    x = torch.cat(
+        [
+            torch.randint(0, 2**32, (100_000,), dtype=torch.int64),
+            torch.tensor([0, 1, 2**31 - 1, 2**31, 2**32 - 1]),
+        ]
+    )
+    torch.testing.assert_close(_hash32_low16(x).long(), hash32(x) & 0xFFFF, rtol=0, atol=0)
