@@ -272,8 +272,11 @@ def test_compiled_defaults_to_cuda_only():
 )
 @pytest.mark.parametrize("mode", ["projected", "dense"])
 def test_compiled_equals_eager(mode):
-    """One fused kernel gives the eager result: bf16 states bit for bit (the same rounding bits),
-    weights to fp32 rounding (inductor reorders the fp32 arithmetic): measured 3e-8."""
+    """One fused kernel gives the eager result up to the order of fp32 arithmetic (inductor
+    reorders it): a few ulps, except where that flips a bf16 rounding of a state element (same
+    random bits, input a few ulps off), which moves one state element by ≤ 1 bf16 ulp (2⁻⁷
+    relative) and that row's weights by ≤ lr·2⁻⁸ per remaining step. Measured after 4 steps:
+    projected 3e-8, dense 2.8e-7 (9 of 3072 weights above 1e-7)."""
     shapes = {"l1.weight": (64, 48), "l2.weight": (32, 64), "norm.weight": (64,)}
     runs = []
     for compiled in (False, True):
@@ -288,10 +291,10 @@ def test_compiled_equals_eager(mode):
         runs.append((named, opt))
     (eager, opt_e), (fused, opt_c) = runs
     for (_, a), (_, b) in zip(eager, fused):
-        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
-        torch.testing.assert_close(
-            opt_c.state[b]["exp_avg"], opt_e.state[a]["exp_avg"], rtol=0, atol=0
-        )
+        torch.testing.assert_close(b, a, rtol=0, atol=4 * 1e-3 * 2**-8)
+        m_c, m_e = opt_c.state[b]["exp_avg"].float(), opt_e.state[a]["exp_avg"].float()
+        torch.testing.assert_close(m_c, m_e, rtol=2**-7, atol=0)
+        assert (m_c != m_e).float().mean() < 0.01  # flips are rare, not systematic
 
 
 # -- stochastic rounding --------------------------------------------------------------------
