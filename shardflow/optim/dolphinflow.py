@@ -51,7 +51,7 @@ from shardflow.optim._validate import (
     check_optional_positive,
     check_unit_interval,
 )
-from shardflow.optim.base import Item, Layout, ShardFlowOptimizer, step_counter
+from shardflow.optim.base import Item, Layout, ShardFlowOptimizer, _compute_dtype, step_counter
 from shardflow.optim.orthogonalize import (
     NS_TOL,
     _rows,
@@ -103,6 +103,9 @@ class DolphinFlow(ShardFlowOptimizer):
             loop per parameter instead of ~10 list passes (:func:`fused_update`); None: on CUDA
             only. The first step pays the compilation (tens of seconds on a CPU).
     """
+
+    scratch_grads: ClassVar[bool] = False
+    """The compiled pass reads the raw gradient; other paths copy it (:func:`_make_scratch`)."""
 
     state_layout: ClassVar[dict[str, Layout]] = {
         "step": "replicated",
@@ -263,6 +266,11 @@ class DolphinFlow(ShardFlowOptimizer):
         routes = {it.param: self.route(it.param, group) for it in items}
         fusable = group["adaptive_lr"] and group["trust_region"] is None
         fused = [it for it in items if fusable and routes[it.param] in ("vector", "elementwise")]
+        compiled = bool(items) and self._use_compiled(items[0].grad)
+        # only the compiled pass reads the raw gradient; every other path works in a scratch copy
+        raw = {id(it) for it in fused if compiled and it.grad.dtype in _RAW_DTYPES}
+        if not self.scratch_grads:
+            _make_scratch([it for it in items if id(it) not in raw], ops)
         rest = [
             it for it in items if not (fusable and routes[it.param] in ("vector", "elementwise"))
         ]
@@ -312,10 +320,12 @@ class DolphinFlow(ShardFlowOptimizer):
         epss = [eps * c**0.5 for c in corr]
         if self._use_compiled(items[0].grad):
             fn = _compiled_fused_update()
-            dtype, device = items[0].grad.dtype, items[0].grad.device
+            dtype, device = _compute_dtype(items[0].grad), items[0].grad.device
             rows = [  # one tensor each: views into one would differ in storage offset
-                torch.tensor([decay, 1.0 - mu, beta2, s, e], dtype=dtype, device=device)
-                for mu, s, e in zip(mus, scales, epss)
+                torch.tensor(
+                    [decay, 1.0 - mu, beta2, s, e, it.grad_scale], dtype=dtype, device=device
+                )
+                for it, mu, s, e in zip(items, mus, scales, epss)
             ]
             for it, r in zip(items, rows):
                 # detach: parameters would get static shapes (one graph per shape)
@@ -329,7 +339,11 @@ class DolphinFlow(ShardFlowOptimizer):
                 elif fold is not None:  # rare: apply ⊥Grad first, then the plain pass
                     self._apply_fold(group, it, fold)
                     fold = None
-                a, b = (None, None) if fold is None else (fold[0][:, None], fold[1][:, None])
+                # ⊥Grad of the clipped gradient c·g: (a·c)·g − (b·c)·w (a, b from the raw sums)
+                c = it.grad_scale
+                a, b = (
+                    (None, None) if fold is None else (fold[0][:, None] * c, fold[1][:, None] * c)
+                )
                 fn(*tensors, a, b, r, nesterov=group["nesterov"])
             return
 
@@ -522,15 +536,15 @@ def fused_update(
     A function of its arguments only, written for ``torch.compile`` (one generated loop reads
     ``w, g, m, v`` and writes ``w, m, v``, as fused AdamW does). ``s`` holds the step's scalars as
     one tensor, ``(1 − lr·wd, 1 − μ, β₂, lr·√(1 − β₂ᵗ)/W, eps·√(1 − β₂ᵗ))``, so new values never
-    recompile. With ``a, b`` (per-row, broadcastable against ``g``) the gradient is first
-    ``a·g − b·w`` (⊥Grad folded, :func:`~shardflow.optim.orthogonalize.orthograd_fold`). Then
+    recompile; its last entry ``c`` scales ``g`` (the clip factor, when ``g`` is the raw gradient).
+    With ``a, b`` (per-row, broadcastable against ``g``, ``c`` already folded in) the gradient is
+    instead ``a·g − b·w`` (⊥Grad folded, :func:`~shardflow.optim.orthogonalize.orthograd_fold`). Then
     ``v ← β₂v + (1−β₂)g²``, ``m ← m + (1−μ)(g − m)``, ``n = g + μ(m − g)`` (Nesterov) or ``m``,
     ``w ← w·(1 − lr·wd) − s₃·n / (√v + s₄)``.
     """
-    decay, one_minus_mu, beta2, scale, eps = s.unbind()
-    w32 = w.to(g.dtype)
-    if a is not None and b is not None:
-        g = a * g - b * w32
+    decay, one_minus_mu, beta2, scale, eps, c = s.unbind()
+    w32 = w.to(s.dtype)
+    g = a * g - b * w32 if a is not None and b is not None else c * g
     v_new = beta2 * v + (1 - beta2) * g * g
     m_new = m + one_minus_mu * (g - m)
     n = g + (1 - one_minus_mu) * (m_new - g) if nesterov else m_new
@@ -553,6 +567,21 @@ def _compiled_fused_update():
         # recompile for every other shape
         _COMPILED.append(shape_config.patch(use_duck_shape=False)(compiled))
     return _COMPILED[0]
+
+
+_RAW_DTYPES = (torch.float32, torch.float64)
+"""Gradient dtypes the compiled pass reads directly (others are copied to fp32 first)."""
+
+
+def _make_scratch(items: list[Item], ops: ListOps) -> None:
+    """Give ``items`` clipped scratch gradients in the compute dtype (the base's default)."""
+    if not items:
+        return
+    copies = ops.clone_scaled(
+        [it.grad for it in items], items[0].grad_scale, _compute_dtype(items[0].grad)
+    )
+    for it, g in zip(items, copies):
+        it.grad, it.grad_scale = g, 1.0
 
 
 def _one_or_each(values: list[float]) -> float | list[float]:
