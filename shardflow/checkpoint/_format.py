@@ -164,27 +164,37 @@ def write_safetensors_stream(
     raw += b" " * (-len(raw) % 8)
     digest = hashlib.sha256()
     written = 0
-    # Hash chunk k while the writer thread writes it (both release the GIL).
     with open(path, "wb") as f, ThreadPoolExecutor(1) as pool:
         for piece in (struct.pack("<Q", len(raw)), raw):
             f.write(piece)
             digest.update(piece)
             written += len(piece)
-        for (name, shape, dtype), t in zip(specs, tensors, strict=True):
-            if t.shape != shape or t.dtype != dtype:
-                raise CheckpointError(
-                    f"{name} changed while being written: {tuple(t.shape)} {t.dtype}, header "
-                    f"says {tuple(shape)} {dtype}."
-                )
-            for chunk in _byte_chunks(t):
-                pending = pool.submit(f.write, chunk)
-                digest.update(chunk)
-                written += pending.result()
+        for name, shape, dtype in specs:
+            # The tensor lives only inside _write_tensor: a lazily gathered one is freed before
+            # the next is produced.
+            written += _write_tensor(f, pool, digest, name, shape, dtype, next(tensors, None))
+        if next(tensors, None) is not None:
+            raise CheckpointError(f"{path}: more tensors were given than the header lists.")
         f.flush()
         os.fsync(f.fileno())
     if written != 8 + len(raw) + offset:
         raise CheckpointError(f"{path}: wrote {written} bytes, expected {8 + len(raw) + offset}.")
     return FileRecord(bytes=written, sha256=digest.hexdigest())
+
+
+def _write_tensor(f, pool, digest, name: str, shape, dtype: torch.dtype, t: Tensor | None) -> int:
+    """Write one tensor's bytes, hashing chunk k while the writer thread writes it."""
+    if t is None or t.shape != shape or t.dtype != dtype:
+        got = "nothing" if t is None else f"{tuple(t.shape)} {t.dtype}"
+        raise CheckpointError(
+            f"{name} changed while being written: {got}, header says {tuple(shape)} {dtype}."
+        )
+    written = 0
+    for chunk in _byte_chunks(t):
+        pending = pool.submit(f.write, chunk)
+        digest.update(chunk)
+        written += pending.result()
+    return written
 
 
 def _element_size(dtype: torch.dtype) -> int:

@@ -11,6 +11,7 @@ written under each of their names. ``safetensors.torch.load_file(path)`` reads t
 
 from __future__ import annotations
 
+import collections
 import os
 import secrets
 from collections.abc import Iterator
@@ -32,7 +33,8 @@ from shardflow.checkpoint._format import (
 
 def _full(value: Tensor) -> Tensor:
     """The whole tensor: a DTensor is all-gathered (every rank must take part), else as is."""
-    return value.full_tensor().detach() if _is_dtensor(value) else value.detach()
+    with torch.no_grad():
+        return value.full_tensor() if _is_dtensor(value) else value.detach()
 
 
 def save_model_weights(
@@ -83,8 +85,8 @@ def save_model_weights(
         except Exception as exc:  # noqa: BLE001 - shared with the other ranks below
             error = exc
             tmp.unlink(missing_ok=True)
-    for _ in stream:  # other ranks take part in each gather; rank 0 finishes them after an error
-        pass
+    # Other ranks take part in each gather (rank 0 finishes them after an error), keeping none.
+    collections.deque(stream, maxlen=0)
     statuses = comm.all_gather(None if error is None else f"{type(error).__name__}: {error}")
     if error is not None:
         raise error
