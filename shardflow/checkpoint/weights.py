@@ -7,6 +7,14 @@ removed) with ``{"format": "pt"}`` metadata, which ``transformers`` expects. Sha
 written, freed — so no rank ever holds the whole model beyond its own shard plus one parameter.
 Rank 0 writes; the file appears atomically (temporary name, fsync, rename). Tied weights are
 written under each of their names. ``safetensors.torch.load_file(path)`` reads the result.
+
+**Hugging Face models.** Pass the ``transformers`` model itself (or the one inside a wrapper, e.g.
+the runtime's ``CausalLM.inner``): the names are then the Hugging Face names, and with the
+config beside it the directory loads with ``AutoModelForCausalLM.from_pretrained``::
+
+    save_model_weights(out / "model.safetensors", hf_model)   # every rank
+    if rank == 0:
+        hf_model.config.save_pretrained(out)
 """
 
 from __future__ import annotations
