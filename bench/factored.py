@@ -129,7 +129,9 @@ def speed(rounds: int) -> list[str]:
     ]
     for case, shapes in cases.items():
         torch.manual_seed(0)
-        params = {n: [torch.nn.Parameter(torch.randn(s)) for s in shapes.values()] for n in contenders}
+        params = {
+            n: [torch.nn.Parameter(torch.randn(s)) for s in shapes.values()] for n in contenders
+        }
         grads = [torch.randn(s) for s in shapes.values()]
         opts = {n: make(params[n]) for n, make in contenders.items()}
         times: dict[str, list[float]] = {n: [] for n in contenders}
@@ -246,8 +248,10 @@ def _machine() -> str:
     except OSError:
         lscpu = []
     head = [ln for ln in lscpu if ln.split(":")[0] in ("Architecture", "CPU(s)", "Model name")]
-    return f"{platform.node()}: " + "; ".join(" ".join(ln.split()) for ln in head) + (
-        f"; torch {torch.__version__}"
+    return (
+        f"{platform.node()}: "
+        + "; ".join(" ".join(ln.split()) for ln in head)
+        + (f"; torch {torch.__version__}")
     )
 
 

@@ -454,7 +454,6 @@ class _Factored(ShardFlowOptimizer):
                 if u is not None:
                     self._apply(group, it, it.local, u, lr_eff, offset=self._offset(it, 0))
         self._finish_columns(group, items, partials)
-        self._after_moments(group, items, lr)
 
     def _dense(self, it: Item) -> tuple[Tensor, Tensor, Tensor | None]:
         return it.state["exp_avg"], it.state["exp_avg_sq"], it.state.get("exp_avg_slow")
@@ -580,9 +579,6 @@ class _Factored(ShardFlowOptimizer):
 
     def _before_moments(self, group: dict[str, Any], items: list[Item], lr: float) -> None:
         """Hook before the moments change (Prodigy gathers its statistics here)."""
-
-    def _after_moments(self, group: dict[str, Any], items: list[Item], lr: float) -> None:
-        """Hook after every parameter of the group has moved (Prodigy updates ``d`` here)."""
 
     def _ademamix(self, group: dict[str, Any], step: float) -> tuple[float, float]:
         if not group["ademamix"]:
@@ -790,8 +786,8 @@ class FactoredProdigy(_Factored):
 
     The ``(d/d₀)`` factor (from the official code) and the paper's ``(1−√β₂)`` factor cancel in
     ``d̂``. Every term of a step uses that step's ``d`` (the paper; the official code adds the
-    next ``d`` to ``eps``), so ``d`` is updated once the group has moved, from one
-    ``sum_over_model`` of ``(⟨g, x₀ − x⟩, ‖s‖₁)`` over the whole group: a global, world-size
+    next ``d`` to ``eps``), so ``d`` is updated once every group has moved, from one
+    ``sum_over_model`` per step of every group's ``(⟨g, x₀ − x⟩, ‖s‖₁)``: a global, world-size
     invariant estimate. ``d`` is per param group (as prodigy-plus-schedule-free's
     ``split_groups``); every parameter's state carries a copy (``"d"``, ``"d_numerator"``).
 
@@ -847,6 +843,8 @@ class FactoredProdigy(_Factored):
         compiled: bool | None = None,
     ) -> None:
         defaults = _defaults(locals())
+        self._pending: dict[int, tuple[Tensor, list[Item], float]] = {}
+        """Per param group updated this step: local ``(⟨g, x₀ − x⟩, ‖s‖₁)``, items, lr."""
         super().__init__(
             params,
             defaults,
@@ -914,15 +912,32 @@ class FactoredProdigy(_Factored):
             s = it.state["s"]
             s.mul_(beta3).add_(g, alpha=weight)
             sums.append(torch.stack([(g * (it.state["p0"].to(g.dtype) - x)).sum(), s.abs().sum()]))
-        device = items[0].grad.device if items else torch.device("cpu")
-        self._prodigy_sums = (
-            torch.stack(sums).double().sum(0) if sums else torch.zeros(2, dtype=torch.float64)
-        ).to(device)
+        index = next(i for i, g in enumerate(self.param_groups) if g is group)
+        self._pending[index] = (torch.stack(sums).double().sum(0), items, lr)
 
-    def _after_moments(self, group: dict[str, Any], items: list[Item], lr: float) -> None:
-        """``d ← max(d, min(d̂, d·growth_rate))`` from the group's global sums."""
+    def _after_step(self, loss: Any) -> None:
+        """``d ← max(d, min(d̂, d·growth_rate))`` per group, from one ``sum_over_model`` of every
+        group's ``(⟨g, x₀ − x⟩, ‖s‖₁)``.
+
+        The base calls ``_update_group`` only for groups where this rank updates something (a
+        DDP-aware rank may own no parameter of a group), so the reduction waits until here,
+        where every rank arrives, and carries zeros for the groups this rank did not update.
+        """
+        pending, self._pending = self._pending, {}
+        local = torch.zeros(len(self.param_groups), 2, dtype=torch.float64)
+        for index, (sums, _, _) in pending.items():
+            local[index] = sums.cpu()
+        device = next((it.grad.device for _, items, _ in pending.values() for it in items), None)
+        totals = self.placement.sum_over_model(local if device is None else local.to(device))
+        totals = totals.double().tolist()
+        for index, (_, items, lr) in pending.items():
+            self._update_d(self.param_groups[index], items, lr, *totals[index])
+        super()._after_step(loss)
+
+    def _update_d(
+        self, group: dict[str, Any], items: list[Item], lr: float, dot: float, l1: float
+    ) -> None:
         d, numerator = self._d(group, items)
-        dot, l1 = self.placement.sum_over_model(self._prodigy_sums).double().tolist()
         numerator = self._beta3(group) * numerator + (d / group["d0"]) * d * lr * dot
         if l1 > 0:
             d_hat = group["d_coef"] * numerator / l1
