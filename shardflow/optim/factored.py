@@ -91,24 +91,57 @@ _SR_PARAM, _SR_EXP_AVG_ROW, _SR_EXP_AVG_COL = 0, 1, 2
 # 1-bit signs
 # ----------------------------------------------------------------------------------------------
 
-_BIT_WEIGHTS = [1 << i for i in range(8)]
+
+def _int64(x: int) -> int:
+    """A 64-bit pattern as the signed int64 torch stores."""
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+# Bit tricks on 8 bytes at once (one int64 per 8 columns; products wrap modulo 2⁶⁴):
+_GATHER = 0x0102040810204080
+"""``(x·_GATHER) >> 56``: the low bits of the 8 bytes of ``x`` (each 0 or 1) as one byte, byte
+``i``'s bit at bit ``i`` (the products ``bᵢ·2^(8i + 56 − 7j)`` never collide or carry)."""
+_SPREAD = 0x0101010101010101
+"""``b·_SPREAD``: byte ``b`` copied into all 8 bytes (no carries for ``b < 256``)."""
+_BIT_I_OF_BYTE_I = _int64(0x8040201008040201)
+_TO_TOP = 0x00406070787C7E7F
+"""Adding ``0x80 − 2ⁱ`` to byte ``i`` (holding 0 or ``2ⁱ``) sets its top bit iff its bit was set."""
+
+
+def _shifts(device: torch.device) -> Tensor:
+    return torch.arange(8, dtype=torch.uint8, device=device)
+
+
+def _bits(packed: Tensor, cols: int) -> Tensor:
+    """The stored bits as a uint8 ``(rows, cols)`` tensor of 0/1 (the form inductor fuses)."""
+    bits = (packed.unsqueeze(-1) >> _shifts(packed.device)) & 1
+    return bits.reshape(packed.shape[0], packed.shape[1] * 8)[:, :cols]
+
+
+_SIGN_INT = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16}
 
 
 def pack_signs(negative: Tensor) -> Tensor:
     """Pack a ``(rows, cols)`` bool tensor into ``(rows, ⌈cols/8⌉)`` uint8, bit ``j % 8`` of byte
     ``j // 8`` holding column ``j`` (little-endian bits; padding bits are 0).
 
-    Packing per row keeps a row shard's bytes aligned with its rows whatever ``cols`` is.
+    Packing per row keeps a row shard's bytes aligned with its rows whatever ``cols`` is. Eight
+    bools are read as one int64 and gathered into a byte by one multiplication (``_GATHER``):
+    no per-bit temporaries.
     """
     rows, cols = negative.shape
     nbytes = (cols + 7) // 8
-    if cols % 8:
+    if not rows or not cols:
+        return torch.zeros(rows, nbytes, dtype=torch.uint8, device=negative.device)
+    if cols % 8 or not negative.is_contiguous():
         padded = torch.zeros(rows, nbytes * 8, dtype=torch.bool, device=negative.device)
         padded[:, :cols] = negative
         negative = padded
-    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=negative.device)
-    bits = negative.reshape(rows, nbytes, 8).to(torch.uint8) * weights
-    return bits.sum(-1, dtype=torch.uint8)
+    if torch.compiler.is_compiling():  # plain arithmetic: inductor fuses it into its loop
+        bits = negative.reshape(rows, nbytes, 8).to(torch.uint8) << _shifts(negative.device)
+        return bits.sum(-1, dtype=torch.uint8)
+    words = negative.view(torch.uint8).view(torch.int64)
+    return words.mul(_GATHER).bitwise_right_shift_(56).bitwise_and_(0xFF).to(torch.uint8)
 
 
 def unpack_signs(packed: Tensor, cols: int) -> Tensor:
@@ -119,29 +152,30 @@ def unpack_signs(packed: Tensor, cols: int) -> Tensor:
             f"packed signs of shape {tuple(packed.shape)} cannot hold cols={cols}: they need "
             f"{(cols + 7) // 8} bytes per row."
         )
-    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
-    bits = (packed.unsqueeze(-1) >> shifts) & 1
-    return bits.reshape(rows, nbytes * 8)[:, :cols].bool()
-
-
-_LUTS: dict[tuple[torch.device, torch.dtype], Tensor] = {}
-
-
-def _sign_lut(device: torch.device, dtype: torch.dtype) -> Tensor:
-    """``(256, 8)`` table: row ``b`` holds ``±1`` for the 8 bits of byte ``b`` (bit set: −1)."""
-    key = (device, dtype)
-    if key not in _LUTS:
-        byte = torch.arange(256, device=device).unsqueeze(1)
-        bit = torch.arange(8, device=device)
-        _LUTS[key] = (1 - 2 * ((byte >> bit) & 1)).to(dtype)
-    return _LUTS[key]
+    if not rows or not cols:
+        return torch.zeros(rows, cols, dtype=torch.bool, device=packed.device)
+    if torch.compiler.is_compiling():
+        return _bits(packed, cols).bool()
+    words = packed.to(torch.int64).mul_(_SPREAD).bitwise_and_(_BIT_I_OF_BYTE_I)
+    words.add_(_TO_TOP).bitwise_right_shift_(7).bitwise_and_(_SPREAD)
+    return words.view(torch.uint8).view(torch.bool)[:, :cols]
 
 
 def apply_signs_(magnitude: Tensor, packed: Tensor) -> Tensor:
-    """``magnitude ← magnitude · (±1)`` with the signs :func:`pack_signs` stored; returns it."""
+    """``magnitude ← magnitude · (±1)`` with the signs :func:`pack_signs` stored; returns it.
+
+    The sign bit of each float is flipped where the stored bit is set (an integer xor: no float
+    temporaries)."""
     rows, cols = magnitude.shape
-    signs = _sign_lut(magnitude.device, magnitude.dtype)[packed.int()]
-    return magnitude.mul_(signs.reshape(rows, packed.shape[1] * 8)[:, :cols])
+    if not rows or not cols:
+        return magnitude
+    if torch.compiler.is_compiling():
+        return magnitude.mul_(1 - 2 * _bits(packed, cols).to(magnitude.dtype))
+    itype = _SIGN_INT[magnitude.dtype]
+    flip = unpack_signs(packed, cols).to(itype)
+    flip.bitwise_left_shift_(magnitude.element_size() * 8 - 1)
+    magnitude.view(itype).bitwise_xor_(flip)
+    return magnitude
 
 
 # ----------------------------------------------------------------------------------------------
@@ -211,15 +245,16 @@ def adam_direction(
     x = g if s.scale == 1.0 else g * s.scale
     m.lerp_(x, 1.0 - s.beta1)
     v.mul_(s.beta2).addcmul_(x, x, value=1.0 - s.beta2)
-    num = m / s.bc1
+    num = m
     if slow is not None:
         slow.lerp_(x, 1.0 - s.beta3)
-        num.add_(slow, alpha=s.alpha)
-    den = (v / s.bc2).sqrt_()
-    if atan2:
-        u = torch.atan2(num, den).mul_(ATAN2_SCALE)
-    else:
-        u = num.div_(den.add_(s.eps))
+        num = torch.add(m, slow, alpha=s.alpha * s.bc1)  # bc₁·(m/bc₁ + α·m₂)
+    root_bc2 = math.sqrt(s.bc2)
+    if atan2:  # atan2 is invariant to scaling both arguments by √bc₂
+        u = torch.atan2(num * (root_bc2 / s.bc1), v.sqrt()).mul_(ATAN2_SCALE)
+    else:  # num / (bc₁·(√v/√bc₂ + eps)): three passes for the denominator, one divide
+        den = v.sqrt().mul_(s.bc1 / root_bc2).add_(s.eps * s.bc1)
+        u = torch.div(num, den, out=den)
     return _grams(u, g) if grams else u
 
 
