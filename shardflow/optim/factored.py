@@ -673,7 +673,8 @@ _COMMON_ARGS = """
         gradient_clipping: global gradient-norm bound (None: off).
         process_group: ProcessGroup or 1-D DeviceMesh to shard over; None: one process.
         compiled: run the per-chunk reconstruct/update/refactor through ``torch.compile``
-            (one fused kernel instead of ~20 passes); None: on CUDA only."""
+            (fused kernels instead of ~20 passes); None: on CUDA only (works on CPU too, but
+            inductor's C++ was slower than eager there: bench/results/factored-cpu-*.md)."""
 
 
 class FactoredAdam(_Factored):
