@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import subprocess
 import sys
 
@@ -350,3 +351,18 @@ def test_import_shardflow_does_not_import_bitsandbytes():
         "print('ok')\n"
     )
     assert out.stdout.split() == ["bnb", "not", "loaded", "ok"], out.stderr
+
+
+def test_shardflow_dolphinflow8bit_without_bitsandbytes_raises_install_hint(monkeypatch):
+    """``shardflow.DolphinFlow8bit(...)`` with bitsandbytes absent (in this process)."""
+    import shardflow  # noqa: PLC0415
+
+    for name in ("bitsandbytes", "bitsandbytes.functional"):
+        monkeypatch.setitem(sys.modules, name, None)  # None in sys.modules: ImportError
+    for name in ("dolphinflow8bit", "quant8"):  # imported anew, against the missing package
+        monkeypatch.delitem(sys.modules, f"shardflow.optim.{name}")
+        monkeypatch.delattr(shardflow.optim, name, raising=False)
+    with pytest.raises(ImportError, match=r"pip install 'shardflow\[bnb\]'"):
+        shardflow.DolphinFlow8bit(_model().parameters())
+    monkeypatch.undo()
+    assert importlib.import_module("shardflow.optim.dolphinflow8bit").DolphinFlow8bit
