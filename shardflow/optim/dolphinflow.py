@@ -36,7 +36,7 @@ gradients agree and shrinks when they oppose.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 import torch
@@ -268,7 +268,12 @@ class DolphinFlow(ShardFlowOptimizer):
         fused = [it for it in items if fusable and routes[it.param] in ("vector", "elementwise")]
         compiled = bool(items) and self._use_compiled(items[0].grad)
         # only the compiled pass reads the raw gradient; every other path works in a scratch copy
-        raw = {id(it) for it in fused if compiled and it.grad.dtype in _RAW_DTYPES}
+        # (dynamic momentum applies ⊥Grad to the gradient itself: it needs the copy)
+        raw = {
+            id(it)
+            for it in fused
+            if compiled and not group["dynamic_momentum"] and it.grad.dtype in _RAW_DTYPES
+        }
         if not self.scratch_grads:
             _make_scratch([it for it in items if id(it) not in raw], ops)
         rest = [
@@ -319,7 +324,7 @@ class DolphinFlow(ShardFlowOptimizer):
         scales = [lr * c**0.5 / w for c, w in zip(corr, weights)]
         epss = [eps * c**0.5 for c in corr]
         if self._use_compiled(items[0].grad):
-            fn = _compiled_fused_update()
+            fn = _compiled(fused_update)
             dtype, device = _compute_dtype(items[0].grad), items[0].grad.device
             rows = [  # one tensor each: views into one would differ in storage offset
                 torch.tensor(
@@ -336,7 +341,8 @@ class DolphinFlow(ShardFlowOptimizer):
                 if all(t.is_contiguous() for t in tensors):  # views of the same memory
                     rowwise = group["vector_mode"] == "rowwise"
                     tensors = [t.view(-1) if fold is None else _rows(t, rowwise) for t in tensors]
-                elif fold is not None:  # rare: apply ⊥Grad first, then the plain pass
+                elif fold is not None:  # rare: apply ⊥Grad first (to a copy), then the pass
+                    it.grad = it.grad.clone()
                     self._apply_fold(group, it, fold)
                     fold = None
                 # ⊥Grad of the clipped gradient c·g: (a·c)·g − (b·c)·w (a, b from the raw sums)
@@ -419,7 +425,9 @@ class DolphinFlow(ShardFlowOptimizer):
         if not items:
             return {}
         rowwise = group["vector_mode"] == "rowwise"
-        sums = [orthograd_sums(it.grad, it.local, rowwise=rowwise) for it in items]
+        # compiled: the three row sums in one pass over g and w
+        sums_of = _compiled(orthograd_sums) if self._use_compiled(items[0].grad) else orthograd_sums
+        sums = [sums_of(it.grad, it.local.detach(), rowwise=rowwise) for it in items]
         if not rowwise:
             sums = list(self.placement.sum_over_shards(torch.cat(sums)).split(1))
         if fold:
@@ -553,20 +561,20 @@ def fused_update(
     v.copy_(v_new)
 
 
-_COMPILED: list[Any] = []
+_COMPILED: dict[Callable[..., Any], Callable[..., Any]] = {}
 
 
-def _compiled_fused_update():
-    """:func:`fused_update` through ``torch.compile``, built once (dynamic shapes: one graph
-    per variant — with or without ⊥Grad, Nesterov or not, dtype — whatever the shapes)."""
-    if not _COMPILED:
+def _compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` through ``torch.compile``, built once (dynamic shapes: one graph per variant —
+    with or without ⊥Grad, Nesterov or not, dtype — whatever the shapes)."""
+    if fn not in _COMPILED:
         from torch.fx.experimental import _config as shape_config  # noqa: PLC0415
 
-        compiled = torch.compile(fused_update, dynamic=True, fullgraph=True)
+        compiled = torch.compile(fn, dynamic=True, fullgraph=True)
         # no duck shaping: a square first matrix would tie rows to columns in the guards and
         # recompile for every other shape
-        _COMPILED.append(shape_config.patch(use_duck_shape=False)(compiled))
-    return _COMPILED[0]
+        _COMPILED[fn] = shape_config.patch(use_duck_shape=False)(compiled)
+    return _COMPILED[fn]
 
 
 _RAW_DTYPES = (torch.float32, torch.float64)
