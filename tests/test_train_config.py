@@ -273,25 +273,39 @@ def test_hf_path_that_is_not_a_causal_lm(tmp_path):
 # ---------------------------------------------------------------------------- checkpoints
 
 
-def test_latest_ignores_incomplete(tmp_path):
+def test_resume_uses_newest_complete_checkpoint_and_makes_lazy_state(tmp_path):
+    """keep=2 prunes, a torn checkpoint (no index) is ignored, and a fresh torch AdamW (whose
+    state is made lazily) resumes with exactly the saved weights and moments."""
     model = tiny_model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    model(torch.randint(0, 257, (1, 4))).sum().backward()
-    opt.step()
     for step in (2, 4, 6):
-        ckpt.save(
-            ckpt.step_dir(tmp_path, step), model=model, optimizer=opt, extra={"step": step}, keep=2
-        )
+        model(torch.randint(0, 257, (1, 4))).sum().backward()
+        opt.step()
+        ckpt.save_step(tmp_path, step, model=model, optimizer=opt, extra={"step": step}, keep=2)
     assert [p.name for p in ckpt.checkpoints(tmp_path)] == ["step_00000004", "step_00000006"]
-    (tmp_path / "step_00000008.tmp").mkdir()
-    (tmp_path / "step_00000010").mkdir()  # torn: no metadata
+    (tmp_path / "step_00000010").mkdir()  # torn: no index.json
     assert ckpt.latest(tmp_path).name == "step_00000006"
+    fresh = tiny_model()
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=5e-4)
+    assert ckpt.resume(tmp_path, model=fresh, optimizer=fresh_opt) == {"step": 6}
+    for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), name
+    for p, q in zip(model.parameters(), fresh.parameters()):
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(opt.state[p][key], fresh_opt.state[q][key]), key
+    assert fresh_opt.param_groups[0]["lr"] == 1e-3  # hyperparameters come from the checkpoint
+    assert ckpt.resume(tmp_path / "none", model=fresh, optimizer=fresh_opt) is None
+
+
+def test_materialize_state_leaves_weights_unchanged():
+    model = tiny_model(tie_embeddings=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with torch.no_grad():
-        for p in model.parameters():
-            p.zero_()
-    assert ckpt.load(ckpt.latest(tmp_path), model=model, optimizer=opt) == {"step": 6}
+    ckpt.materialize_state(opt)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+    assert all("exp_avg" in opt.state[p] for p in model.parameters())
+    assert opt.param_groups[0]["lr"] == 1e-2
 
 
 # -------------------------------------------------------------------------------- dry run

@@ -18,7 +18,11 @@ import torch.distributed as dist
 from shardflow.train.config import Config, ConfigError, load_config
 from shardflow.train.loop import preflight, train
 from shardflow.train.metrics import plot_losses, read_metrics
-from shardflow.train.optimizers import check_optimizer_name, check_optimizer_placement
+from shardflow.train.optimizers import (
+    accepts_option,
+    check_optimizer_name,
+    check_optimizer_placement,
+)
 from shardflow.train.placement import ProcessInfo, init_distributed, process_info
 
 BAD_INPUT = 2
@@ -43,7 +47,10 @@ def _parser(prog: str, compare: bool) -> argparse.ArgumentParser:
     )
     if compare:
         parser.add_argument(
-            "--optimizers", required=True, help="comma-separated optimizer names, run in turn"
+            "--optimizers",
+            required=True,
+            help="comma-separated optimizer names, run in turn; --optim.hyper.KEY VALUE goes to "
+            "those whose constructor takes KEY",
         )
         parser.add_argument(
             "--lrs", default="", help="comma-separated peak learning rates tried for each optimizer"
@@ -82,6 +89,18 @@ def main_train(argv: list[str]) -> int:
     return 0
 
 
+def hyper_for(name: str, hyper: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """The ``[optim.hyper]`` keys optimizer ``name`` takes; a key that none of ``names`` takes
+    is an error (a misspelling), a key only some take goes to those."""
+    for key in hyper:
+        if not any(accepts_option(n, key) for n in names):
+            raise ConfigError(
+                f"optim.hyper.{key} is an argument of none of {names}; check its spelling "
+                "against the optimizers' constructors."
+            )
+    return {k: v for k, v in hyper.items() if accepts_option(name, k)}
+
+
 def _variants(cfg: Config, names: list[str], lrs: list[float]) -> list[Config]:
     base = cfg.output_dir()
     out = []
@@ -90,6 +109,7 @@ def _variants(cfg: Config, names: list[str], lrs: list[float]) -> list[Config]:
             variant = copy.deepcopy(cfg)
             label = name if not lrs else f"{name}-lr{lr:g}"
             variant.optim.name, variant.optim.lr = name, lr
+            variant.optim.hyper = hyper_for(name, cfg.optim.hyper, names)
             variant.run.name, variant.run.out_dir = label, str(base / label)
             out.append(variant)
     return out

@@ -348,17 +348,37 @@ def split_overrides(argv: list[str]) -> list[tuple[str, str]]:
 
 
 def apply_overrides(table: dict[str, Any], overrides: list[str]) -> None:
-    """Set ``--section.field value`` overrides in a parsed TOML document, in place."""
+    """Set ``--section.field value`` overrides in a parsed TOML document, in place.
+
+    A table field takes one key, ``--optim.hyper.factored false`` (sets ``factored = false`` in
+    ``[optim.hyper]``), or a whole TOML inline table, ``--optim.hyper '{factored = false}'``.
+    """
     for key, text in split_overrides(overrides):
-        section, _, name = key.partition(".")
+        section, _, rest = key.partition(".")
+        name, _, sub = rest.partition(".")
         if section not in SECTIONS:
             raise _unknown("--", section, list(SECTIONS))
         cls = SECTIONS[section]
         hints = typing.get_type_hints(cls)
         if name not in hints:
             raise _unknown(f"--{section}.", name, [f.name for f in dataclasses.fields(cls)])
+        is_table = typing.get_origin(hints[name]) is dict
+        if sub and not is_table:
+            raise ConfigError(
+                f"override --{key}: {section}.{name} is not a table; write --{section}.{name} VALUE."
+            )
         value = text if hints[name] is str else _parse_value(text)
-        table.setdefault(section, {})[name] = value
+        if is_table and not sub and not isinstance(value, dict):
+            raise ConfigError(
+                f"override --{key} {text!r}: {section}.{name} is a table; set one key with "
+                f"--{section}.{name}.KEY VALUE (e.g. --optim.hyper.factored false) or all of "
+                f"it with --{section}.{name} '{{KEY = VALUE, ...}}'."
+            )
+        target = table.setdefault(section, {})
+        if sub:
+            target = target.setdefault(name, {})
+            name = sub
+        target[name] = value
 
 
 # ------------------------------------------------------------------------------- reference

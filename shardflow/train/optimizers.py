@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import inspect
@@ -60,12 +61,32 @@ def _factory(name: str) -> Any:
     return getter(name) if getter else registry._REGISTRY[name.lower()]
 
 
+@functools.cache
+def optimizer_class(name: str) -> Any:
+    """The class ``name`` builds: the factory itself, or (a lazy factory function) the type of
+    what it returns for one 2x2 parameter."""
+    factory = _factory(name)
+    if isinstance(factory, type):
+        return factory
+    return type(factory([torch.nn.Parameter(torch.zeros(2, 2))], lr=1e-3))
+
+
+def _parameters(name: str) -> dict[str, inspect.Parameter]:
+    try:
+        return dict(inspect.signature(optimizer_class(name)).parameters)
+    except (TypeError, ValueError):
+        return {}
+
+
+def accepts_option(name: str, key: str) -> bool:
+    """Whether optimizer ``name``'s constructor takes the keyword ``key``."""
+    params = _parameters(name)
+    return key in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
 def accepts_process_group(name: str) -> bool:
     """Whether the optimizer's constructor takes ``process_group=`` (ShardFlow ones do)."""
-    try:
-        return "process_group" in inspect.signature(_factory(name)).parameters
-    except (TypeError, ValueError):
-        return False
+    return "process_group" in _parameters(name)
 
 
 def sharded_optimizers_available() -> bool:
@@ -86,16 +107,13 @@ def check_optimizer_placement(name: str, placement: str) -> None:
 
 def default_option(name: str, key: str) -> Any:
     """The constructor default of ``key`` for optimizer ``name`` (None when it has none)."""
-    try:
-        param = inspect.signature(_factory(name)).parameters.get(key)
-    except (TypeError, ValueError):
-        return None
+    param = _parameters(name).get(key)
     return None if param is None or param.default is inspect.Parameter.empty else param.default
 
 
 def state_bytes_per_param(name: str) -> float:
     """Bytes of optimizer state per parameter: the optimizer's own figure, else the table."""
-    own = getattr(_factory(name), "state_bytes_per_param", None)
+    own = getattr(optimizer_class(name), "state_bytes_per_param", None)
     if isinstance(own, int | float):
         return float(own)
     return STATE_BYTES_PER_PARAM.get(name.lower(), 8.0)
