@@ -115,6 +115,19 @@ def test_override_errors(tmp_path):
         load_config(cfg, ["--train.steps", "many"])
 
 
+def test_table_overrides(tmp_path):
+    cfg = write(tmp_path / "c.toml", "[optim.hyper]\nrank = 8\n")
+    out = load_config(
+        cfg, ["--optim.hyper.factored", "false", "--optim.hyper.projection_device", "cpu"]
+    )
+    assert out.optim.hyper == {"rank": 8, "factored": False, "projection_device": "cpu"}
+    assert load_config(cfg, ["--optim.hyper", "{rank = 2}"]).optim.hyper == {"rank": 2}
+    with pytest.raises(ConfigError, match=r"optim\.hyper is a table; set one key with"):
+        load_config(cfg, ["--optim.hyper", "3"])
+    with pytest.raises(ConfigError, match=r"optim\.lr is not a table"):
+        load_config(cfg, ["--optim.lr.x", "3"])
+
+
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match=r"does not exist"):
         load_config(tmp_path / "nope.toml")
@@ -317,6 +330,21 @@ def test_llama3_8b_dry_run():
     assert re.search(r"8\.0\d\dB params", text)
     assert "8 rank(s)" in text and "rank 7" in text
     assert "memory per rank" in text and "Newton-Schulz owner ranks" in text
+
+
+def test_smollm2_offload_dry_run_from_shipped_shapes():
+    pytest.importorskip("transformers")
+    cfg = load_config(
+        ROOT / "configs" / "smollm2-135m-offload.toml",
+        ["--model.path", str(ROOT / "configs" / "hf" / "SmolLM2-135M")],
+    )
+    text = dry_run(cfg)
+    assert "0.135B params (hf model, float32), placement=offload" in text
+    device = re.search(r"device\s+weights\s+([\d.]+) GiB\s+grads\s+([\d.]+) GiB", text)
+    host = re.search(r"host\s+master\s+([\d.]+) GiB.*optim state\s+([\d.]+) GiB", text)
+    assert device and host, text
+    assert float(device.group(1)) == pytest.approx(0.50, abs=0.01)  # 134.5M x 4 B
+    assert float(host.group(2)) == pytest.approx(1.00, abs=0.01)  # DolphinFlow: 8 B/param
 
 
 def test_owner_plan_is_balanced():

@@ -136,7 +136,10 @@ def test_fsdp_two_ranks_end_to_end(full_run):
         "step_00000004",
         "step_00000008",
     ]
-    assert json.loads(result.stdout.strip().splitlines()[-1])["steps"] == 8
+    assert json.loads((out / "summary.json").read_text())["steps"] == 8
+    assert (
+        "validation loss" in result.stdout and f"loss curve:  {out / 'loss.png'}" in result.stdout
+    )
 
 
 def test_kill_and_resume_matches_uninterrupted(full_run, tmp_path):

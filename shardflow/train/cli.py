@@ -85,8 +85,33 @@ def main_train(argv: list[str]) -> int:
     finally:
         _finish_group()
     if proc.is_main:
-        print(json.dumps(summary), flush=True)
+        print(summary_text(cfg, summary), flush=True)
     return 0
+
+
+def summary_text(cfg: Config, summary: dict[str, Any]) -> str:
+    """What a finished run prints: losses, time, and where its files are."""
+    out = cfg.output_dir()
+
+    def loss(key: str) -> str:
+        value = summary.get(key)
+        return "n/a" if value is None else f"{value:.3f}"
+
+    lines = [
+        f"done: {summary['name']}, {summary['steps']} steps of {summary['optimizer']} "
+        f"in {summary['elapsed_s']:.0f} s",
+        f"  validation loss  {loss('first_val_loss')} -> {loss('final_val_loss')} nats/token",
+        f"  training loss    {loss('first_loss')} -> {loss('final_loss')} (mean of the last 10)",
+    ]
+    files = [
+        ("loss curve", summary.get("plot")),
+        ("metrics", out / "metrics.jsonl"),
+        ("summary", out / "summary.json"),
+        ("model", out / "final" / "model.safetensors" if cfg.checkpoint.save_model else None),
+        ("checkpoints", out / "checkpoints" if cfg.checkpoint.every else None),
+    ]
+    lines += [f"  {label + ':':<13}{path}" for label, path in files if path]
+    return "\n".join(lines)
 
 
 def hyper_for(name: str, hyper: dict[str, Any], names: list[str]) -> dict[str, Any]:

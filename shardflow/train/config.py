@@ -91,7 +91,8 @@ class DataConfig:
 @dataclass(kw_only=True, slots=True)
 class PlacementConfig:
     kind: str = "none"
-    """"none" (one process), "ddp" (replicated), "fsdp" (fully_shard per block) or "offload"."""
+    """"none" (one process), "ddp" (replicated), "fsdp" (fully_shard per block) or "offload"
+    (one process; optimizer and a float32 master copy on the host)."""
     backend: str = "auto"
     """Collective backend: "auto" (gloo on cpu, nccl on cuda), "gloo" or "nccl"."""
 
@@ -116,7 +117,8 @@ class OptimConfig:
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0 = no clipping)."""
     hyper: dict[str, Any] = field(default_factory=dict)
-    """Extra keyword arguments for the optimizer's constructor ([optim.hyper] table)."""
+    """Extra keyword arguments for the optimizer's constructor ([optim.hyper] table; on the
+    command line --optim.hyper.KEY VALUE)."""
     groups: list[GroupRule] = field(default_factory=list)
     """Param-group routing, [[optim.groups]] tables; every parameter must match one rule
     (end with pattern = ".*" for the rest); empty = one group with every parameter."""
@@ -153,7 +155,8 @@ class CheckpointConfig:
     resume: bool = True
     """Resume from the newest complete checkpoint in the run's checkpoint folder."""
     save_model: bool = True
-    """Write the final model as safetensors (save_pretrained for Hugging Face models)."""
+    """Write the final weights to final/model.safetensors (Hugging Face models: their own
+    names, with config.json and the tokenizer, so from_pretrained reads the folder)."""
 
 
 @dataclass(kw_only=True, slots=True)

@@ -242,8 +242,8 @@ def train(cfg: Config, prep: Prepared, proc: ProcessInfo) -> dict[str, Any]:
         main=proc.is_main,
         bar=cfg.log.progress,
         desc=cfg.run.name,
+        header=_describe(cfg, model, groups, prep, proc, start),
     )
-    bar.note(_describe(cfg, model, groups, prep, proc, start))
 
     if start == 0 and cfg.train.eval_every:
         log.write({"step": 0, "val_loss": evaluate(model, cfg, prep.corpus, proc, device)})
