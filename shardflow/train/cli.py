@@ -21,7 +21,6 @@ from shardflow.train.metrics import plot_losses, read_metrics
 from shardflow.train.optimizers import (
     accepts_option,
     check_optimizer_name,
-    check_optimizer_placement,
 )
 from shardflow.train.placement import ProcessInfo, init_distributed, process_info
 
@@ -166,7 +165,6 @@ def main_compare(argv: list[str]) -> int:
         names = [n.strip().lower() for n in args.optimizers.split(",") if n.strip()]
         for name in names:
             check_optimizer_name(name)
-            check_optimizer_placement(name, cfg.placement.kind)
         lrs = [float(x) for x in args.lrs.split(",") if x.strip()] if args.lrs else []
         variants = _variants(cfg, names, lrs)
         for variant in variants:

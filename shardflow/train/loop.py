@@ -31,7 +31,6 @@ from shardflow.train.offload import OffloadOptimizer, master_copy
 from shardflow.train.optimizers import (
     build_run_optimizer,
     check_optimizer_name,
-    check_optimizer_placement,
 )
 from shardflow.train.placement import (
     ProcessInfo,
@@ -103,7 +102,6 @@ def preflight(cfg: Config, proc: ProcessInfo) -> Prepared:
     check_values(cfg)
     check_placement(cfg, proc)
     check_optimizer_name(cfg.optim.name)
-    check_optimizer_placement(cfg.optim.name, cfg.placement.kind)
     device = resolve_device(cfg, proc)
     if cfg.model.kind == "hf":
         from shardflow.train.hf import HFTokenizer, check_hf_path

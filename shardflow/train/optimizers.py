@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import importlib.util
 import inspect
 import pkgutil
 from typing import Any
@@ -87,22 +86,6 @@ def accepts_option(name: str, key: str) -> bool:
 def accepts_process_group(name: str) -> bool:
     """Whether the optimizer's constructor takes ``process_group=`` (ShardFlow ones do)."""
     return "process_group" in _parameters(name)
-
-
-def sharded_optimizers_available() -> bool:
-    """Whether ShardFlow optimizers can take a process group yet (shardflow.distributed.sharded)."""
-    return importlib.util.find_spec("shardflow.distributed.sharded") is not None
-
-
-def check_optimizer_placement(name: str, placement: str) -> None:
-    """Raise :class:`ConfigError` when ``name`` cannot run under ``placement`` in this build."""
-    sharded = placement in ("ddp", "fsdp") and accepts_process_group(name)
-    if sharded and not sharded_optimizers_available():
-        raise ConfigError(
-            f"optim.name={name!r} with placement.kind={placement!r} needs "
-            "shardflow.distributed.sharded, which this build does not have yet; use "
-            "placement.kind='none' (one process) or optim.name='adamw'."
-        )
 
 
 def default_option(name: str, key: str) -> Any:
