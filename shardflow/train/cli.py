@@ -98,7 +98,7 @@ def summary_text(cfg: Config, summary: dict[str, Any]) -> str:
 
     lines = [
         f"done: {summary['name']}, {summary['steps']} steps of {summary['optimizer']} "
-        f"in {summary['elapsed_s']:.0f} s",
+        f"in {summary['elapsed_s']:.1f} s",
         f"  validation loss  {loss('first_val_loss')} -> {loss('final_val_loss')} nats/token",
         f"  training loss    {loss('first_loss')} -> {loss('final_loss')} (mean of the last 10)",
     ]

@@ -149,11 +149,13 @@ class TrainConfig:
 @dataclass(kw_only=True, slots=True)
 class CheckpointConfig:
     every: int = 0
-    """Checkpoint every N steps and at the end (0 = never)."""
+    """Checkpoint every N steps and at the end (0 = never): safetensors, one file per rank,
+    in <out_dir>/checkpoints/step_<N> (shardflow.checkpoint)."""
     keep: int = 2
     """Newest complete checkpoints kept; older ones are deleted."""
     resume: bool = True
-    """Resume from the newest complete checkpoint in the run's checkpoint folder."""
+    """Resume from the newest complete checkpoint in <out_dir>/checkpoints, whatever world
+    size or placement saved it."""
     save_model: bool = True
     """Write the final weights to final/model.safetensors (Hugging Face models: their own
     names, with config.json and the tokenizer, so from_pretrained reads the folder)."""
