@@ -142,6 +142,19 @@ def test_fsdp_two_ranks_end_to_end(full_run):
     )
 
 
+def test_ddp_matches_fsdp(full_run, tmp_path):
+    """The same 2-rank run under DDP (DolphinFlow's owner plan over averaged gradients) takes
+    the same steps as under FSDP2: same batches per rank, same maths; only the order of float
+    sums differs (tolerance: 1e-4 relative over 8 steps)."""
+    args = [str(tiny_config(tmp_path)), "--placement.kind", "ddp", "--log.plot", "false"]
+    result = launch(TRAIN, args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ddp = [r["loss"] for r in train_rows(tmp_path / "tiny")]
+    fsdp = [r["loss"] for r in train_rows(full_run[0])]
+    print("max relative difference", max(abs(a - b) / b for a, b in zip(ddp, fsdp)))
+    assert ddp == pytest.approx(fsdp, rel=1e-4)
+
+
 def test_kill_and_resume_matches_uninterrupted(full_run, tmp_path):
     """Rank 0 is SIGKILLed at step 6; the rerun resumes from step 4 and ends where the
     uninterrupted run ended (same data, same state: the same losses)."""

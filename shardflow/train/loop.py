@@ -37,6 +37,7 @@ from shardflow.train.placement import (
     check_placement,
     gradient_sync,
     inner_model,
+    is_ddp,
     place_model,
     process_group_for,
     resolve_device,
@@ -94,7 +95,11 @@ def build_model_and_optimizer(
         return model, optimizer, groups
     model = _placed_model(cfg, device, mesh)
     groups = route_params(inner_model(model).named_parameters(), cfg.optim.groups)
-    return model, build_run_optimizer(cfg.optim, groups, mesh), groups
+    optimizer = build_run_optimizer(cfg.optim, groups, mesh)
+    placement = getattr(optimizer, "placement", None)
+    if is_ddp(model) and hasattr(placement, "grads_reduced"):
+        placement.grads_reduced = True  # DDP has averaged them: no second gradient exchange
+    return model, optimizer, groups
 
 
 def preflight(cfg: Config, proc: ProcessInfo) -> Prepared:
