@@ -267,6 +267,10 @@ def test_compare_hyper_goes_to_optimizers_that_take_it():
     assert hyper_for("adamw", hyper, names) == {"betas": (0.9, 0.95)}
     assert hyper_for("factored_adam", hyper, names) == hyper
     assert hyper_for("dolphinflow", {}, names) == {}
+    # DolphinFlow8bit takes **kwargs and passes them to DolphinFlow: followed up the MRO
+    assert hyper_for("dolphinflow8bit", {"factored": False, "ortho_mode": "vector"}, names) == {
+        "ortho_mode": "vector"
+    }
     with pytest.raises(ConfigError, match=r"optim\.hyper\.factord is an argument of none of"):
         hyper_for("adamw", {"factord": False}, names)
 

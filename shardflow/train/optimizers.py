@@ -70,27 +70,39 @@ def optimizer_class(name: str) -> Any:
     return type(factory([torch.nn.Parameter(torch.zeros(2, 2))], lr=1e-3))
 
 
-def _parameters(name: str) -> dict[str, inspect.Parameter]:
-    try:
-        return dict(inspect.signature(optimizer_class(name)).parameters)
-    except (TypeError, ValueError):
-        return {}
+_UNKNOWN = inspect.Parameter("unknown", inspect.Parameter.KEYWORD_ONLY)
+
+
+def _find_parameter(name: str, key: str) -> inspect.Parameter | None:
+    """Constructor parameter ``key`` of optimizer ``name``: in its ``__init__``, or in a base
+    class's when ``**kwargs`` are passed on (up the MRO); None when it takes no such keyword."""
+    for cls in optimizer_class(name).__mro__:
+        if "__init__" not in vars(cls) or cls is object:
+            continue
+        try:
+            params = inspect.signature(cls.__init__).parameters
+        except (TypeError, ValueError):
+            return _UNKNOWN
+        if key in params:
+            return params[key]
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            return None
+    return None
 
 
 def accepts_option(name: str, key: str) -> bool:
     """Whether optimizer ``name``'s constructor takes the keyword ``key``."""
-    params = _parameters(name)
-    return key in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    return _find_parameter(name, key) is not None
 
 
 def accepts_process_group(name: str) -> bool:
     """Whether the optimizer's constructor takes ``process_group=`` (ShardFlow ones do)."""
-    return "process_group" in _parameters(name)
+    return accepts_option(name, "process_group")
 
 
 def default_option(name: str, key: str) -> Any:
     """The constructor default of ``key`` for optimizer ``name`` (None when it has none)."""
-    param = _parameters(name).get(key)
+    param = _find_parameter(name, key)
     return None if param is None or param.default is inspect.Parameter.empty else param.default
 
 
