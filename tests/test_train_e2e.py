@@ -109,6 +109,10 @@ def launch(script: str, args: list[str], nproc: int = 2, timeout: int = 120, env
     )
 
 
+def index_of(checkpoint: Path) -> dict:
+    return json.loads((checkpoint / "index.json").read_text())
+
+
 def train_rows(out: Path) -> list[dict]:
     return [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
 
@@ -210,9 +214,7 @@ def test_offload_matches_one_process(tmp_path):
     b = load_file(tmp_path / "offload" / "final" / "model.safetensors")
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-6, atol=1e-6)
-    index = json.loads(
-        (tmp_path / "offload" / "checkpoints" / "step_00000004" / "index.json").read_text()
-    )
+    index = index_of(tmp_path / "offload" / "checkpoints" / "step_00000004")
     assert index["optimizer"]["class"] == "DolphinFlow" and index["world_size"] == 1
 
 
@@ -340,4 +342,7 @@ def test_tiny_hf_model_fine_tunes_and_saves(tmp_path):
         if not p.detach().equal(dict(original.named_parameters())[name].detach())
     ]
     assert changed, "the saved model equals the original: fine-tuning did not reach the file"
+    exported = load_file(out / "final" / "model.safetensors")
+    assert exported.keys() == original.state_dict().keys()  # Hugging Face names, no wrapper
+    assert index_of(out / "checkpoints" / "step_00000006")["model"] is not None
     assert transformers.AutoTokenizer.from_pretrained(out / "final").eos_token == "</s>"
