@@ -31,7 +31,7 @@ class RunConfig:
     name: str = "run"
     """Run name, used in plot legends and as the default output folder name."""
     out_dir: str = ""
-    """Folder for metrics, checkpoints, plots and the saved model ("" = runs/<name>)."""
+    """Folder for metrics, checkpoints, plots and the saved model ("" = runs/NAME)."""
     seed: int = 0
     """Seed for model initialisation and batch sampling; the same seed gives the same run."""
     nproc: int = 1
@@ -150,11 +150,11 @@ class TrainConfig:
 class CheckpointConfig:
     every: int = 0
     """Checkpoint every N steps and at the end (0 = never): safetensors, one file per rank,
-    in <out_dir>/checkpoints/step_<N> (shardflow.checkpoint)."""
+    in OUT_DIR/checkpoints/step_N (shardflow.checkpoint)."""
     keep: int = 2
     """Newest complete checkpoints kept; older ones are deleted."""
     resume: bool = True
-    """Resume from the newest complete checkpoint in <out_dir>/checkpoints, whatever world
+    """Resume from the newest complete checkpoint in OUT_DIR/checkpoints, whatever world
     size or placement saved it."""
     save_model: bool = True
     """Write the final weights to final/model.safetensors (Hugging Face models: their own
