@@ -14,8 +14,16 @@ leak between them:
   while writing, fsync of every file and directory, verification by SHA-256 before loading);
 - ``torch``: ``torch.save({"model": sd, "optim": opt.state_dict()})`` (zip + pickle, no fsync)
   / ``torch.load(weights_only=True)`` + ``load_state_dict``;
+- ``torch+fsync``: the same, then ``fsync`` of the file and its directory — what a checkpoint
+  that survives a crash costs (ShardFlow and DCP both fsync);
 - ``dcp``: ``torch.distributed.checkpoint.save`` of ``get_model_state_dict`` /
   ``get_optimizer_state_dict`` (fsyncs its files) / ``dcp.load`` + ``set_*_state_dict``.
+
+and the model weights alone (``weights:`` rows, save only), the export other tools read:
+
+- ``weights:shardflow``: ``shardflow.checkpoint.save_model_weights`` (streams one tensor at a
+  time, fsyncs);
+- ``weights:safetensors``: ``safetensors.torch.save_file(model.state_dict())`` (no fsync).
 
 Throughput = state bytes / wall seconds (median of ``--repeats``); loads read a warm page cache
 (the files were just written; dropping the cache needs root and would disturb other users).
@@ -30,6 +38,7 @@ import argparse
 import datetime
 import gc
 import json
+import os
 import re
 import shutil
 import statistics
@@ -41,7 +50,8 @@ from pathlib import Path
 
 import torch
 
-METHODS = ("shardflow", "torch", "dcp")
+METHODS = ("shardflow", "torch", "torch+fsync", "dcp")
+WEIGHT_METHODS = ("weights:shardflow", "weights:safetensors")
 
 
 def _memory_kib() -> tuple[int, int]:
@@ -93,17 +103,40 @@ def _methods(model, opt, where: Path):
         def load():
             ck.load(where, model=model, optimizer=opt)
 
-    elif method == "torch":
+    elif method in ("torch", "torch+fsync"):
         file = where.with_suffix(".pt")
 
         def save():
             torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, file)
+            if method == "torch+fsync":
+                from shardflow.checkpoint._format import fsync_dir  # noqa: PLC0415
+
+                fd = os.open(file, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                fsync_dir(file.parent)
 
         def load():
             state = torch.load(file, weights_only=True)
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optim"])
 
+    elif method.startswith("weights:"):
+        file = where.with_suffix(".safetensors")
+
+        def save():
+            if method == "weights:shardflow":
+                import shardflow.checkpoint as ck  # noqa: PLC0415
+
+                ck.save_model_weights(file, model)
+            else:
+                from safetensors.torch import save_file  # noqa: PLC0415
+
+                save_file(model.state_dict(), str(file))
+
+        load = None
     else:
         import torch.distributed.checkpoint as dcp  # noqa: PLC0415
         from torch.distributed.checkpoint.state_dict import (  # noqa: PLC0415
@@ -147,16 +180,20 @@ def worker(method: str, hidden: int, layers: int, repeats: int) -> dict:
             where = Path(tmp) / f"run{i}"
             save, load = _methods(model, opt, where)
             saves.append(_measure(save))
-            loads.append(_measure(load))
+            if load is not None:
+                loads.append(_measure(load))
             shutil.rmtree(where, ignore_errors=True)
             where.with_suffix(".pt").unlink(missing_ok=True)
+            where.with_suffix(".safetensors").unlink(missing_ok=True)
+    if method.startswith("weights:"):
+        nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     return {
         "method": method,
         "bytes": nbytes,
         "save_s": statistics.median(s for s, _ in saves),
         "save_extra_mib": max(m for _, m in saves),
-        "load_s": statistics.median(s for s, _ in loads),
-        "load_extra_mib": max(m for _, m in loads),
+        "load_s": statistics.median(s for s, _ in loads) if loads else None,
+        "load_extra_mib": max(m for _, m in loads) if loads else None,
     }
 
 
@@ -172,21 +209,21 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=METHODS + WEIGHT_METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args.hidden, args.layers, args.repeats)))
         return
     rows = []
-    for method in METHODS:
+    for method in METHODS + WEIGHT_METHODS:
         cmd = [sys.executable, "-m", "bench.checkpoint", "--worker", method]
         cmd += ["--hidden", str(args.hidden), "--layers", str(args.layers)]
         cmd += ["--repeats", str(args.repeats)]
         done = subprocess.run(cmd, capture_output=True, text=True, check=True)
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(f"{method}: done", file=sys.stderr)
-    base = rows[0]
+    base, wbase = rows[0], rows[len(METHODS)]
     gb = base["bytes"] / 1e9
     params = args.hidden * (args.hidden + 1) * args.layers
     lines = [
@@ -197,18 +234,30 @@ def main() -> None:
         "",
         f"State: {params / 1e6:.1f}M params, DolphinFlow (fp32 weights + 2 fp32 moments + "
         f"scalars) = {gb:.3f} GB; one process, CPU, median of {args.repeats}; loads from a warm "
-        "page cache. Peak extra = peak RSS during the call minus RSS before it.",
+        "page cache. Peak extra = peak RSS during the call minus RSS before it. "
+        f"Load average at the start: {os.getloadavg()[0]:.1f} (2 cores, shared).",
         "",
         "| method | save GB/s | load GB/s | save peak extra MiB | load peak extra MiB |"
         " save time vs shardflow | load time vs shardflow |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        ref = wbase if r["method"].startswith("weights:") else base
+        rgb = r["bytes"] / 1e9
+        load = "—" if r["load_s"] is None else f"{rgb / r['load_s']:.2f}"
+        load_mib = "—" if r["load_extra_mib"] is None else f"{r['load_extra_mib']:.0f}"
+        load_x = "—" if r["load_s"] is None else f"{r['load_s'] / ref['load_s']:.2f}x"
         lines.append(
-            f"| {r['method']} | {gb / r['save_s']:.2f} | {gb / r['load_s']:.2f} | "
-            f"{r['save_extra_mib']:.0f} | {r['load_extra_mib']:.0f} | "
-            f"{r['save_s'] / base['save_s']:.2f}x | {r['load_s'] / base['load_s']:.2f}x |"
+            f"| {r['method']} | {rgb / r['save_s']:.2f} | {load} | "
+            f"{r['save_extra_mib']:.0f} | {load_mib} | "
+            f"{r['save_s'] / ref['save_s']:.2f}x | {load_x} |"
         )
+    wgb = wbase["bytes"] / 1e9
+    lines += [
+        "",
+        f"`weights:` rows: the model's weights alone ({wgb:.3f} GB), ratios against "
+        "`weights:shardflow`.",
+    ]
     lines += ["", "Machine (`lscpu | head`):", "", "```", *_machine(), "```", ""]
     text = "\n".join(lines)
     print(text)

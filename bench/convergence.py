@@ -7,8 +7,15 @@
 #   python bench/convergence.py --nproc 2                 # 2 ranks, FSDP2 (gloo)
 #   python bench/convergence.py --optimizers adamw,dolphinflow --lrs 1e-3,3e-3,1e-2 --steps 120
 #   python bench/convergence.py --train.micro_batch 8     # any config override is passed on
+#   python bench/convergence.py --optimizers adamw,factored_adam --optim.hyper.factored false
+#       # optimizer arguments: --optim.hyper.KEY VALUE goes to every optimizer in the list whose
+#       # constructor takes KEY (the others run without it); a KEY none takes is an error
+#   python bench/convergence.py --optimizers adamw,whiteflow --label whiteflow-small \
+#       --model.dim 128 --model.n_layers 4                # model-size overrides; --label names
+#       # the results files (default: the optimizer names), so concurrent runs never collide
 # How long: (optimizers x lrs) quickstart-sized runs, about 1-2 minutes each on 2 CPU cores.
-# Needs: torch; matplotlib for the plot. Writes bench/results/convergence-<tag>-<date>.{md,png,json}.
+# Needs: torch; matplotlib for the plot.
+# Writes bench/results/convergence-<label>-<tag>-<date>.{md,png,json}.
 """Compare optimizers on the embedded corpus with launch/compare.py and keep the results."""
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -37,7 +45,10 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--lrs", default="1e-3,3e-3,1e-2")
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--nproc", type=int, default=1, help="1: one process; >1: FSDP2 ranks")
-    parser.add_argument("--tag", default="cpu", help="hardware tag in the results file names")
+    parser.add_argument("--tag", default="cpu2", help="hardware tag in the results file names")
+    parser.add_argument(
+        "--label", default="", help="results file name part (default: the optimizer names)"
+    )
     args, extra = parser.parse_known_args()
     args.extra = extra  # passed on to compare.py as config overrides (--section.field VALUE)
     return args
@@ -95,17 +106,31 @@ def _best_per_optimizer(summaries: list[dict]) -> list[str]:
     return lines
 
 
+def _machine() -> str:
+    """``lscpu`` model line and core count, else what ``platform`` knows."""
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        rows = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+        model = rows.get("Model name", platform.processor()).strip()
+        return f"{model}, {rows.get('CPU(s)', '?').strip()} CPU(s)"
+    except (OSError, subprocess.CalledProcessError):
+        return f"{platform.machine()} {platform.processor() or 'cpu'}, {os.cpu_count()} CPU(s)"
+
+
 def main() -> int:
     args = _arguments()
     from shardflow.train.cli import summary_table
 
+    names = [n.strip().lower() for n in args.optimizers.split(",") if n.strip()]
+    label = args.label or "-".join(names)
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "convergence"
         command = _command(args, out)
         print(" ".join(command), flush=True)
         subprocess.run(command, cwd=ROOT, check=True)
         summaries = json.loads((out / "compare.json").read_text())
-        stem = f"convergence-{args.tag}-{datetime.date.today().isoformat()}"
+        stem = f"convergence-{label}-{args.tag}-{datetime.date.today().isoformat()}"
         results = ROOT / "bench" / "results"
         results.mkdir(parents=True, exist_ok=True)
         shutil.copy(out / "compare.png", results / f"{stem}.png")
@@ -114,10 +139,14 @@ def main() -> int:
         f"# Convergence on the embedded corpus ({datetime.date.today().isoformat()})",
         "",
         f"Command: `python bench/convergence.py --optimizers {args.optimizers} --lrs {args.lrs} "
-        f"--steps {args.steps} --nproc {args.nproc} --tag {args.tag} {' '.join(args.extra)}`",
-        f"Machine: {platform.machine()}, {platform.processor() or 'cpu'}, Python "
-        f"{platform.python_version()}; model and data: {Path(args.config).name} "
-        "(byte tokens, Python standard library, split by file).",
+        f"--steps {args.steps} --nproc {args.nproc} --tag {args.tag} "
+        f"{'--label ' + args.label + ' ' if args.label else ''}{' '.join(args.extra)}`",
+        f"Machine: {_machine()}, Python {platform.python_version()}; load average "
+        f"{load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after (1-minute; the machine is "
+        "shared, so times are indicative only).",
+        f"Model and data: {Path(args.config).name} (byte tokens, Python standard library, "
+        "split by file); warm-up + cosine schedule as in the config; schedule and data are the "
+        "same for every run, only the optimizer and its peak lr change.",
         "",
         "Best learning rate per optimizer (by final validation loss):",
         "",

@@ -15,6 +15,9 @@ parameter, for DolphinFlow in each mode and for the anchors, all on the same par
   as one step; its Newton-Schulz runs in bf16 (hard-coded in torch), which on a CPU without bf16
   units is ~15x slower than fp32, so by default the bench also runs a "Muon (fp32 NS)" twin
   that only changes that dtype, and compares DolphinFlow's matrix mode (fp32 on CPU) with it;
+- DolphinFlow's vector mode both eager (``compiled=False``) and with its element-wise pass
+  through ``torch.compile`` (``compiled=True``; the compilation happens in the warm-up round and
+  its first-step time is reported, not timed);
 - the published ``dolphinflow`` 0.2.0 package (skipped with a note when it is not installed).
 
 Every optimizer gets the same parameter groups: hidden matrices (every 2-D layer weight) are
@@ -71,6 +74,8 @@ class Contender:
     """Name of the Muon row this one is compared with (matrix modes)."""
     note: str = ""
     times: list[float] = field(default_factory=list)
+    first_step: float = 0.0
+    """Wall time of the first (untimed) step: includes ``torch.compile`` for compiled rows."""
 
     def step(self) -> None:
         for opt in self.optimizers:
@@ -195,7 +200,8 @@ CATALOG: dict[str, str] = {
     "adamw-fused-clip": "clip_grad_norm_(1.0) + torch.optim.AdamW(fused=True)",
     "muon-fp32": "torch.optim.Muon, NS in fp32 (+ fused AdamW on the rest)",
     "muon-bf16": "torch.optim.Muon as shipped, NS in bf16 (+ fused AdamW on the rest)",
-    "df-vector": "DolphinFlow ortho_mode=vector (rowwise)",
+    "df-vector": "DolphinFlow ortho_mode=vector (rowwise), eager",
+    "df-vector-compiled": "DolphinFlow ortho_mode=vector (rowwise), compiled=True",
     "df-vector-flat": "DolphinFlow ortho_mode=vector, vector_mode=flat",
     "df-vector-noadapt": "DolphinFlow ortho_mode=vector, adaptive_lr=False",
     "df-block": "DolphinFlow ortho_mode=block, block_size=128",
@@ -211,6 +217,7 @@ DEFAULT = [
     "adamw-fused-clip",
     "muon-fp32",
     "df-vector",
+    "df-vector-compiled",
     "df-vector-flat",
     "df-vector-noadapt",
     "df-block",
@@ -238,7 +245,8 @@ def make_contender(name: str, model: nn.Module, ns: int) -> Contender | None:
     if name == "muon-bf16":
         return Contender(name, muon_pair(model, ns))
     modes: dict[str, dict[str, Any]] = {
-        "df-vector": dict(ortho_mode="vector"),
+        "df-vector": dict(ortho_mode="vector", compiled=False),
+        "df-vector-compiled": dict(ortho_mode="vector", compiled=True),
         "df-vector-flat": dict(ortho_mode="vector", vector_mode="flat"),
         "df-vector-noadapt": dict(ortho_mode="vector", adaptive_lr=False),
         "df-block": dict(ortho_mode="block", block_size=128),
@@ -284,6 +292,8 @@ def run_round_robin(
             t0 = time.perf_counter()
             c.step()
             elapsed = time.perf_counter() - t0
+            if r == 0:
+                c.first_step = elapsed
             if r >= warmup:
                 c.times.append(elapsed)
         kind = "warm-up" if r < warmup else "timed"
@@ -430,12 +440,24 @@ def main(argv: list[str] | None = None) -> None:
         raise RuntimeError("a contender not marked mutates_grads changed the shared gradients")
 
     lines = table(contenders, n_params)
+    for c in contenders:
+        if "compiled" in c.name:
+            notes.append(
+                f"{c.name}: first step {c.first_step:.1f} s (includes torch.compile; in the "
+                "warm-up round, not in the median)"
+            )
+            log(f"note: {notes[-1]}")
     log("")
     log("\n".join(lines))
     prof_lines: list[str] = []
     if args.profile:
         prof_lines = profile(
-            contenders, ["adamw-fused", "df-vector"], params, grads, args.profile_steps, 25
+            contenders,
+            ["adamw-fused", "df-vector", "df-vector-compiled"],
+            params,
+            grads,
+            args.profile_steps,
+            25,
         )
         log("\n".join(prof_lines))
 

@@ -4,6 +4,8 @@
 #   torchrun --standalone --nproc-per-node 2 launch/compare.py configs/quickstart.toml \
 #       --optimizers adamw,dolphinflow [--lrs 1e-3,3e-3,1e-2] [--section.field VALUE ...]
 # How long: the config's run time times the number of optimizers (times the number of lrs).
+# Optimizer arguments: --optim.hyper.KEY VALUE goes to every listed optimizer whose constructor
+#   takes KEY (e.g. --optim.hyper.factored false reaches the factored ones, not adamw).
 # Needs: torch; matplotlib (plot extra) for compare.png; tqdm for the progress bar.
 # Writes: <out_dir>/<optimizer>[-lr<lr>]/metrics.jsonl per run, and <out_dir>/compare.png,
 #   compare.md (table, best validation loss first) and compare.json.

@@ -23,10 +23,11 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:
-    if name == "DolphinFlow8bit":
-        from shardflow.optim.dolphinflow8bit import DolphinFlow8bit
+    """Lazy exports (``DolphinFlow8bit``) come from :mod:`shardflow.optim`."""
+    from shardflow import optim
 
-        return DolphinFlow8bit
+    if name in optim.__all__:
+        return getattr(optim, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
+import queue as queue_module
 import socket
 import traceback
 from collections.abc import Callable
@@ -34,7 +36,9 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
         dist.init_process_group(
             "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
         )
-        result = fn(rank, world_size, *args)
+        # Pickled here, as bytes: tensors put on a fork queue directly travel through shared
+        # memory that dies with this process.
+        result = pickle.dumps(fn(rank, world_size, *args))
         queue.put((rank, "ok", result))
     except BaseException:  # noqa: BLE001 - report everything to the parent
         queue.put((rank, "error", traceback.format_exc()))
@@ -64,12 +68,12 @@ def run_on_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 120
         for _ in range(world_size):
             try:
                 rank, status, payload = queue.get(timeout=timeout)
-            except Exception as exc:  # queue.Empty
+            except queue_module.Empty as exc:
                 missing = sorted(set(range(world_size)) - set(results))
                 raise RankFailed(f"ranks {missing} did not finish within {timeout} s") from exc
             if status == "error":
                 raise RankFailed(f"rank {rank} of {world_size} failed:\n{payload}")
-            results[rank] = payload
+            results[rank] = pickle.loads(payload)
         ok = True
     finally:
         for p in procs:

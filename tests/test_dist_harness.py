@@ -12,6 +12,10 @@ def _sum_ranks(rank, world_size):
     return t.item()
 
 
+def _tensor_of_rank(rank, world_size):
+    return torch.full((1000, 1000), float(rank))
+
+
 def _fail_on_one(rank, world_size):
     if rank == 1:
         raise ValueError("rank one is broken")
@@ -29,6 +33,12 @@ def _hang_on_one(rank, world_size):
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_all_ranks_run_and_reduce(world_size):
     assert run_on_ranks(_sum_ranks, world_size) == [sum(range(world_size))] * world_size
+
+
+def test_tensors_come_back_from_the_ranks():
+    results = run_on_ranks(_tensor_of_rank, 2)
+    for rank, t in enumerate(results):
+        torch.testing.assert_close(t, torch.full((1000, 1000), float(rank)))
 
 
 def test_a_rank_exception_fails_with_its_traceback():

@@ -55,6 +55,11 @@ def test_sign_packing_round_trips_for_every_size(rows, cols):
     torch.testing.assert_close(apply_signs_(magnitude.clone(), packed), expected, rtol=0, atol=0)
 
 
+def test_sign_bits_are_little_endian_within_each_byte():
+    negative = torch.tensor([[True, False, False, True, False, False, False, False, True]])
+    torch.testing.assert_close(pack_signs(negative), torch.tensor([[9, 1]], dtype=torch.uint8))
+
+
 def test_unpacking_with_the_wrong_column_count_names_the_fix():
     with pytest.raises(ValueError, match=r"cannot hold cols=17: they need 3 bytes per row"):
         unpack_signs(torch.zeros(2, 2, dtype=torch.uint8), 17)

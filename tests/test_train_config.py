@@ -115,6 +115,19 @@ def test_override_errors(tmp_path):
         load_config(cfg, ["--train.steps", "many"])
 
 
+def test_table_overrides(tmp_path):
+    cfg = write(tmp_path / "c.toml", "[optim.hyper]\nrank = 8\n")
+    out = load_config(
+        cfg, ["--optim.hyper.factored", "false", "--optim.hyper.projection_device", "cpu"]
+    )
+    assert out.optim.hyper == {"rank": 8, "factored": False, "projection_device": "cpu"}
+    assert load_config(cfg, ["--optim.hyper", "{rank = 2}"]).optim.hyper == {"rank": 2}
+    with pytest.raises(ConfigError, match=r"optim\.hyper is a table; set one key with"):
+        load_config(cfg, ["--optim.hyper", "3"])
+    with pytest.raises(ConfigError, match=r"optim\.lr is not a table"):
+        load_config(cfg, ["--optim.lr.x", "3"])
+
+
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match=r"does not exist"):
         load_config(tmp_path / "nope.toml")
@@ -273,25 +286,39 @@ def test_hf_path_that_is_not_a_causal_lm(tmp_path):
 # ---------------------------------------------------------------------------- checkpoints
 
 
-def test_latest_ignores_incomplete(tmp_path):
+def test_resume_uses_newest_complete_checkpoint_and_makes_lazy_state(tmp_path):
+    """keep=2 prunes, a torn checkpoint (no index) is ignored, and a fresh torch AdamW (whose
+    state is made lazily) resumes with exactly the saved weights and moments."""
     model = tiny_model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    model(torch.randint(0, 257, (1, 4))).sum().backward()
-    opt.step()
     for step in (2, 4, 6):
-        ckpt.save(
-            ckpt.step_dir(tmp_path, step), model=model, optimizer=opt, extra={"step": step}, keep=2
-        )
+        model(torch.randint(0, 257, (1, 4))).sum().backward()
+        opt.step()
+        ckpt.save_step(tmp_path, step, model=model, optimizer=opt, extra={"step": step}, keep=2)
     assert [p.name for p in ckpt.checkpoints(tmp_path)] == ["step_00000004", "step_00000006"]
-    (tmp_path / "step_00000008.tmp").mkdir()
-    (tmp_path / "step_00000010").mkdir()  # torn: no metadata
+    (tmp_path / "step_00000010").mkdir()  # torn: no index.json
     assert ckpt.latest(tmp_path).name == "step_00000006"
+    fresh = tiny_model()
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=5e-4)
+    assert ckpt.resume(tmp_path, model=fresh, optimizer=fresh_opt) == {"step": 6}
+    for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), name
+    for p, q in zip(model.parameters(), fresh.parameters()):
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(opt.state[p][key], fresh_opt.state[q][key]), key
+    assert fresh_opt.param_groups[0]["lr"] == 1e-3  # hyperparameters come from the checkpoint
+    assert ckpt.resume(tmp_path / "none", model=fresh, optimizer=fresh_opt) is None
+
+
+def test_materialize_state_leaves_weights_unchanged():
+    model = tiny_model(tie_embeddings=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with torch.no_grad():
-        for p in model.parameters():
-            p.zero_()
-    assert ckpt.load(ckpt.latest(tmp_path), model=model, optimizer=opt) == {"step": 6}
+    ckpt.materialize_state(opt)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+    assert all("exp_avg" in opt.state[p] for p in model.parameters())
+    assert opt.param_groups[0]["lr"] == 1e-2
 
 
 # -------------------------------------------------------------------------------- dry run
@@ -303,6 +330,21 @@ def test_llama3_8b_dry_run():
     assert re.search(r"8\.0\d\dB params", text)
     assert "8 rank(s)" in text and "rank 7" in text
     assert "memory per rank" in text and "Newton-Schulz owner ranks" in text
+
+
+def test_smollm2_offload_dry_run_from_shipped_shapes():
+    pytest.importorskip("transformers")
+    cfg = load_config(
+        ROOT / "configs" / "smollm2-135m-offload.toml",
+        ["--model.path", str(ROOT / "configs" / "hf" / "SmolLM2-135M")],
+    )
+    text = dry_run(cfg)
+    assert "0.135B params (hf model, float32), placement=offload" in text
+    device = re.search(r"device\s+weights\s+([\d.]+) GiB\s+grads\s+([\d.]+) GiB", text)
+    host = re.search(r"host\s+master\s+([\d.]+) GiB.*optim state\s+([\d.]+) GiB", text)
+    assert device and host, text
+    assert float(device.group(1)) == pytest.approx(0.50, abs=0.01)  # 134.5M x 4 B
+    assert float(host.group(2)) == pytest.approx(1.00, abs=0.01)  # DolphinFlow: 8 B/param
 
 
 def test_owner_plan_is_balanced():

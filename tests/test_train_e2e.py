@@ -10,13 +10,19 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
-from shardflow.train.cli import main_compare, main_train
+from shardflow.train import ckpt
+from shardflow.train.cli import hyper_for, main_compare, main_train
+from shardflow.train.config import ConfigError, load_config
+from shardflow.train.loop import build_model_and_optimizer
 from shardflow.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,7 +53,7 @@ seq_len = 32
 kind = "fsdp"
 
 [optim]
-name = "adamw"
+name = "dolphinflow"
 lr = 3e-3
 
 [[optim.groups]]
@@ -103,6 +109,10 @@ def launch(script: str, args: list[str], nproc: int = 2, timeout: int = 120, env
     )
 
 
+def index_of(checkpoint: Path) -> dict:
+    return json.loads((checkpoint / "index.json").read_text())
+
+
 def train_rows(out: Path) -> list[dict]:
     return [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
 
@@ -124,12 +134,29 @@ def test_fsdp_two_ranks_end_to_end(full_run):
     vals = [r for r in read_metrics(out / "metrics.jsonl") if "val_loss" in r]
     assert [r["step"] for r in vals] == [0, 4, 8]
     assert (out / "loss.png").stat().st_size > 10_000
-    assert (out / "final" / "model.safetensors").is_file()
+    weights = load_file(out / "final" / "model.safetensors")
+    assert "embed.weight" in weights and weights["embed.weight"].shape == (257, 64)  # gathered
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
         "step_00000004",
         "step_00000008",
     ]
-    assert json.loads(result.stdout.strip().splitlines()[-1])["steps"] == 8
+    assert json.loads((out / "summary.json").read_text())["steps"] == 8
+    assert (
+        "validation loss" in result.stdout and f"loss curve:  {out / 'loss.png'}" in result.stdout
+    )
+
+
+def test_ddp_matches_fsdp(full_run, tmp_path):
+    """The same 2-rank run under DDP (DolphinFlow's owner plan over averaged gradients) takes
+    the same steps as under FSDP2: same batches per rank, same maths; only the order of float
+    sums differs (tolerance: 1e-4 relative over 8 steps)."""
+    args = [str(tiny_config(tmp_path)), "--placement.kind", "ddp", "--log.plot", "false"]
+    result = launch(TRAIN, args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ddp = [r["loss"] for r in train_rows(tmp_path / "tiny")]
+    fsdp = [r["loss"] for r in train_rows(full_run[0])]
+    print("max relative difference", max(abs(a - b) / b for a, b in zip(ddp, fsdp)))
+    assert ddp == pytest.approx(fsdp, rel=1e-4)
 
 
 def test_kill_and_resume_matches_uninterrupted(full_run, tmp_path):
@@ -149,6 +176,46 @@ def test_kill_and_resume_matches_uninterrupted(full_run, tmp_path):
     reference = train_rows(full_run[0])
     for mine, ref in zip(rows, reference):
         assert mine["loss"] == pytest.approx(ref["loss"], rel=1e-5, abs=1e-5)
+
+
+def test_two_rank_checkpoint_resumes_in_one_process(full_run, tmp_path, capsys):
+    """The 2-rank FSDP2 checkpoint of step 8 loads in one process (placement none): the weights
+    equal the 2-rank run's exported final weights, and training continues from there."""
+    out = tmp_path / "tiny"
+    shutil.copytree(full_run[0], out)
+    config = tiny_config(tmp_path)
+    assert main_train([*one_process(config), "--train.steps", "10", "--log.plot", "false"]) == 0
+    assert "resumed from step 8" in capsys.readouterr().err
+    rows = train_rows(out)
+    assert [r["step"] for r in rows] == list(range(1, 11))
+    assert rows[8]["loss"] < rows[0]["loss"] - 0.5  # continues from the trained weights
+
+    cfg = load_config(config, ["--run.nproc", "1", "--placement.kind", "none"])
+    model, optimizer, _ = build_model_and_optimizer(cfg, torch.device("cpu"), None)
+    ckpt.resume(full_run[0] / "checkpoints", model=model, optimizer=optimizer)
+    exported = load_file(full_run[0] / "final" / "model.safetensors")
+    assert exported.keys() == model.state_dict().keys()
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, exported[name]), name
+
+
+def test_offload_matches_one_process(tmp_path):
+    """Placement offload (host-side optimizer on a float32 master copy) takes the same steps as
+    placement none: on this CPU machine both copies are CPU tensors, the maths is identical."""
+    config = tiny_config(tmp_path, **{"every = 4": "every = 2"})
+    losses = {}
+    for kind in ("none", "offload"):
+        args = [str(config), "--run.nproc", "1", "--placement.kind", kind]
+        args += ["--train.steps", "4", "--run.out_dir", str(tmp_path / kind), "--log.plot", "false"]
+        assert main_train(args) == 0
+        losses[kind] = [r["loss"] for r in train_rows(tmp_path / kind)]
+    assert losses["offload"] == pytest.approx(losses["none"], rel=1e-6, abs=1e-6)
+    a = load_file(tmp_path / "none" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "offload" / "final" / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-6, atol=1e-6)
+    index = index_of(tmp_path / "offload" / "checkpoints" / "step_00000004")
+    assert index["optimizer"]["class"] == "DolphinFlow" and index["world_size"] == 1
 
 
 def test_process_count_mismatch_fails_cleanly(tmp_path):
@@ -194,6 +261,20 @@ def test_compare_draws_all_optimizers(tmp_path):
     assert all(s["final_loss"] < s["first_loss"] for s in summaries)
     assert (base / "compare.png").stat().st_size > 10_000
     assert "| run | optimizer | lr |" in (base / "compare.md").read_text()
+
+
+def test_compare_hyper_goes_to_optimizers_that_take_it():
+    names = ["adamw", "factored_adam", "whiteflow"]
+    hyper = {"factored": False, "betas": (0.9, 0.95)}
+    assert hyper_for("adamw", hyper, names) == {"betas": (0.9, 0.95)}
+    assert hyper_for("factored_adam", hyper, names) == hyper
+    assert hyper_for("dolphinflow", {}, names) == {}
+    # DolphinFlow8bit takes **kwargs and passes them to DolphinFlow: followed up the MRO
+    assert hyper_for("dolphinflow8bit", {"factored": False, "ortho_mode": "vector"}, names) == {
+        "ortho_mode": "vector"
+    }
+    with pytest.raises(ConfigError, match=r"optim\.hyper\.factord is an argument of none of"):
+        hyper_for("adamw", {"factord": False}, names)
 
 
 # ---------------------------------------------------------------------- Hugging Face model
@@ -261,4 +342,7 @@ def test_tiny_hf_model_fine_tunes_and_saves(tmp_path):
         if not p.detach().equal(dict(original.named_parameters())[name].detach())
     ]
     assert changed, "the saved model equals the original: fine-tuning did not reach the file"
+    exported = load_file(out / "final" / "model.safetensors")
+    assert exported.keys() == original.state_dict().keys()  # Hugging Face names, no wrapper
+    assert index_of(out / "checkpoints" / "step_00000006")["model"] is not None
     assert transformers.AutoTokenizer.from_pretrained(out / "final").eos_token == "</s>"

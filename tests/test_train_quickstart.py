@@ -1,7 +1,7 @@
 """The embedded quickstart, exactly as shipped: 2 ranks, FSDP2 on CPU (gloo), the standard-library
 corpus. Slow (about 2 minutes on 2 idle cores) but part of the default test run.
 
-Stated result: the validation loss falls by at least 2.3 nats from step 0 (about 5.3, near the
+Stated result: the validation loss falls by at least 2.5 nats from step 0 (5.32, near the
 uniform ln 257 = 5.55) to step 120. Measured: see MIN_VAL_LOSS_DROP.
 """
 
@@ -15,27 +15,16 @@ from pathlib import Path
 
 import pytest
 
-from shardflow.train.config import ConfigError, load_config
 from shardflow.train.metrics import read_metrics
-from shardflow.train.optimizers import check_optimizer_placement
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "quickstart.toml"
 
-MIN_VAL_LOSS_DROP = 2.3
-"""Nats. Measured (120 steps, seed 0): AdamW on 2 FSDP2 ranks 5.320 -> 2.679 (drop 2.64);
-DolphinFlow in one process on the same 1,024 tokens/step 5.304 -> 2.508 (drop 2.80)."""
-
-
-def _optimizer_overrides() -> list[str]:
-    """The shipped optimizer (DolphinFlow) when it can shard over FSDP2 in this build, else
-    AdamW: the sharded DolphinFlow placement lands separately (shardflow.distributed.sharded)."""
-    cfg = load_config(CONFIG)
-    try:
-        check_optimizer_placement(cfg.optim.name, cfg.placement.kind)
-    except ConfigError:
-        return ["--optim.name", "adamw"]
-    return []
+MIN_VAL_LOSS_DROP = 2.5
+"""Nats. Measured as shipped (DolphinFlow, 2 FSDP2 ranks, 120 steps, warm-up 30, seed 0,
+2026-11-23): 5.320 -> 2.376 (drop 2.94). With warm-up 15: 5.320 -> 2.716 (2.60, after a one-step
+spike); AdamW at lr 3e-3 on 2 FSDP2 ranks, warm-up 15: 5.320 -> 2.679 (2.64). 2.5 leaves room
+for other CPUs' float differences without passing a run that learned markedly less."""
 
 
 @pytest.mark.slow
@@ -53,7 +42,6 @@ def test_quickstart_loss_falls(tmp_path):
         str(out),
         "--log.progress",
         "false",
-        *_optimizer_overrides(),
     ]
     began = time.perf_counter()
     result = subprocess.run(

@@ -34,8 +34,12 @@ from torch import Tensor
 FORMAT_NAME = "shardflow-checkpoint"
 FORMAT_VERSION = 1
 INDEX_NAME = "index.json"
-CHUNK_BYTES = 64 << 20
-"""Bytes copied from an accelerator (or hashed and written) at a time."""
+CHUNK_BYTES = 2 << 20
+"""Bytes hashed and written (or read and hashed) at a time. Small enough that the writer thread's
+copy and the hash read the same bytes from the CPU cache: 2 MiB saves ~15% over 16 or 64 MiB
+here (bench/checkpoint.py state, 2-core CPU, medians of 6 interleaved saves: 1.02 s vs 1.20 s)."""
+STAGE_BYTES = 64 << 20
+"""Bytes copied from an accelerator to the host at a time (the host staging memory a save needs)."""
 SMALL_TENSOR_ELEMENTS = 4096
 """Largest tensor hyperparameter stored inline in JSON."""
 
@@ -99,20 +103,22 @@ class FileRecord:
 
 
 def _byte_chunks(tensor: Tensor) -> Iterator[memoryview]:
-    """The tensor's bytes in order, at most :data:`CHUNK_BYTES` at a time, without a full copy.
+    """The tensor's bytes in order, :data:`CHUNK_BYTES` at a time, without a full copy.
 
     A contiguous CPU tensor is viewed, not copied; another device's tensor is copied to the CPU
-    one chunk at a time (so saving needs one chunk of host memory, not one tensor).
+    :data:`STAGE_BYTES` at a time (so saving needs one stage of host memory, not one tensor).
     """
     flat = tensor.detach().reshape(-1)
     if flat.numel() == 0:
         return
-    step = max(1, CHUNK_BYTES // flat.element_size())
+    step = max(1, STAGE_BYTES // flat.element_size())
     for start in range(0, flat.numel(), step):
         part = flat[start : start + step]
         if part.device.type != "cpu":
             part = part.cpu()
-        yield memoryview(part.contiguous().view(torch.uint8).numpy())
+        stage = memoryview(part.contiguous().view(torch.uint8).numpy())
+        for lo in range(0, len(stage), CHUNK_BYTES):
+            yield stage[lo : lo + CHUNK_BYTES]
 
 
 def fsync_dir(path: Path) -> None:
@@ -141,9 +147,11 @@ def write_safetensors_stream(
     specs: list[tuple[str, torch.Size, torch.dtype]],
     tensors: Iterator[Tensor],
     metadata: dict[str, str] | None = None,
+    checksum: bool = True,
 ) -> FileRecord:
     """Write a safetensors file whose header is ``specs`` (name, shape, dtype) and whose tensors
-    come one at a time from ``tensors`` (produced lazily: e.g. each gathered only when needed)."""
+    come one at a time from ``tensors`` (produced lazily: e.g. each gathered only when needed).
+    ``checksum=False`` skips the SHA-256 (the record's ``sha256`` is then empty)."""
     if sys.byteorder != "little":
         raise CheckpointError("safetensors files are little-endian; this machine is big-endian.")
     header: dict[str, Any] = {}
@@ -162,29 +170,47 @@ def write_safetensors_stream(
         header["__metadata__"] = metadata
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    digest = hashlib.sha256()
+    digest = hashlib.sha256() if checksum else _NoDigest()
     written = 0
-    # Hash chunk k while the writer thread writes it (both release the GIL).
     with open(path, "wb") as f, ThreadPoolExecutor(1) as pool:
         for piece in (struct.pack("<Q", len(raw)), raw):
             f.write(piece)
             digest.update(piece)
             written += len(piece)
-        for (name, shape, dtype), t in zip(specs, tensors, strict=True):
-            if t.shape != shape or t.dtype != dtype:
-                raise CheckpointError(
-                    f"{name} changed while being written: {tuple(t.shape)} {t.dtype}, header "
-                    f"says {tuple(shape)} {dtype}."
-                )
-            for chunk in _byte_chunks(t):
-                pending = pool.submit(f.write, chunk)
-                digest.update(chunk)
-                written += pending.result()
+        for name, shape, dtype in specs:
+            # The tensor lives only inside _write_tensor: a lazily gathered one is freed before
+            # the next is produced.
+            written += _write_tensor(f, pool, digest, name, shape, dtype, next(tensors, None))
+        if next(tensors, None) is not None:
+            raise CheckpointError(f"{path}: more tensors were given than the header lists.")
         f.flush()
         os.fsync(f.fileno())
     if written != 8 + len(raw) + offset:
         raise CheckpointError(f"{path}: wrote {written} bytes, expected {8 + len(raw) + offset}.")
     return FileRecord(bytes=written, sha256=digest.hexdigest())
+
+
+class _NoDigest:
+    def update(self, data: Any) -> None:
+        pass
+
+    def hexdigest(self) -> str:
+        return ""
+
+
+def _write_tensor(f, pool, digest, name: str, shape, dtype: torch.dtype, t: Tensor | None) -> int:
+    """Write one tensor's bytes, hashing chunk k while the writer thread writes it."""
+    if t is None or t.shape != shape or t.dtype != dtype:
+        got = "nothing" if t is None else f"{tuple(t.shape)} {t.dtype}"
+        raise CheckpointError(
+            f"{name} changed while being written: {got}, header says {tuple(shape)} {dtype}."
+        )
+    written = 0
+    for chunk in _byte_chunks(t):
+        pending = pool.submit(f.write, chunk)
+        digest.update(chunk)
+        written += pending.result()
+    return written
 
 
 def _element_size(dtype: torch.dtype) -> int:
@@ -214,7 +240,7 @@ def write_text(path: Path, text: str) -> None:
 def sha256_file(path: Path) -> str:
     """SHA-256 of a file's bytes, reading chunk k+1 (in a thread) while hashing chunk k."""
     digest = hashlib.sha256()
-    buffers = [bytearray(CHUNK_BYTES // 4), bytearray(CHUNK_BYTES // 4)]
+    buffers = [bytearray(CHUNK_BYTES), bytearray(CHUNK_BYTES)]
     with open(path, "rb", buffering=0) as f, ThreadPoolExecutor(1) as pool:
         current = 0
         pending = pool.submit(f.readinto, buffers[current])

@@ -7,10 +7,19 @@ removed) with ``{"format": "pt"}`` metadata, which ``transformers`` expects. Sha
 written, freed — so no rank ever holds the whole model beyond its own shard plus one parameter.
 Rank 0 writes; the file appears atomically (temporary name, fsync, rename). Tied weights are
 written under each of their names. ``safetensors.torch.load_file(path)`` reads the result.
+
+**Hugging Face models.** Pass the ``transformers`` model itself (or the one inside a wrapper, e.g.
+the runtime's ``CausalLM.inner``): the names are then the Hugging Face names, and with the
+config beside it the directory loads with ``AutoModelForCausalLM.from_pretrained``::
+
+    save_model_weights(out / "model.safetensors", hf_model)   # every rank
+    if rank == 0:
+        hf_model.config.save_pretrained(out)
 """
 
 from __future__ import annotations
 
+import collections
 import os
 import secrets
 from collections.abc import Iterator
@@ -32,7 +41,8 @@ from shardflow.checkpoint._format import (
 
 def _full(value: Tensor) -> Tensor:
     """The whole tensor: a DTensor is all-gathered (every rank must take part), else as is."""
-    return value.full_tensor().detach() if _is_dtensor(value) else value.detach()
+    with torch.no_grad():
+        return value.full_tensor() if _is_dtensor(value) else value.detach()
 
 
 def save_model_weights(
@@ -77,14 +87,14 @@ def save_model_weights(
     if comm.rank == 0:
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
-            write_safetensors_stream(tmp, specs, stream, {"format": "pt"})
+            write_safetensors_stream(tmp, specs, stream, {"format": "pt"}, checksum=False)
             os.replace(tmp, final)
             fsync_dir(final.parent)
         except Exception as exc:  # noqa: BLE001 - shared with the other ranks below
             error = exc
             tmp.unlink(missing_ok=True)
-    for _ in stream:  # other ranks take part in each gather; rank 0 finishes them after an error
-        pass
+    # Other ranks take part in each gather (rank 0 finishes them after an error), keeping none.
+    collections.deque(stream, maxlen=0)
     statuses = comm.all_gather(None if error is None else f"{type(error).__name__}: {error}")
     if error is not None:
         raise error

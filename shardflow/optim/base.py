@@ -9,6 +9,10 @@ A subclass supplies three things:
 - ``_update_group(group, items, ops)``: apply one step to the parameters of a group, given
   :class:`Item` records (local param, scratch fp32 gradient already clipped, state).
 
+A rule that only reads the gradient may set ``scratch_grads = False``: it then gets the raw
+local gradients (never to be written) with the clip factor in ``Item.grad_scale`` and saves the
+copy — one allocation and one full pass over the gradients per step.
+
 and may override ``_ns_tile(param, group, name)`` (which parameters Newton-Schulz orthogonalizes,
 and in which tiles: the sharded placements balance their owner plan on it; the default reads
 the ``ortho_mode``/``block_size`` group keys of the DolphinFlow family).
@@ -62,13 +66,19 @@ class Item:
     local: Tensor
     """The part of the parameter this rank updates, a plain tensor (updated in place)."""
     grad: Tensor
-    """Scratch copy of the local gradient in the compute dtype, clipped; the rule may overwrite it."""
+    """Scratch copy of the local gradient in the compute dtype, clipped; the rule may overwrite it
+    (with ``scratch_grads = False``: the raw local gradient, read-only, times ``grad_scale``)."""
     state: dict[str, Any]
     """The parameter's state as plain local tensors (update in place; see the module doc)."""
+    grad_scale: float = 1.0
+    """The clip factor still to apply to ``grad`` (1.0 when ``grad`` is a scratch copy)."""
 
 
 class ShardFlowOptimizer(torch.optim.Optimizer):
     """Base class of every ShardFlow optimizer (see the module docstring for the contract)."""
+
+    scratch_grads: ClassVar[bool] = True
+    """False: ``_update_group`` gets the raw gradients and ``Item.grad_scale`` (module doc)."""
 
     state_layout: ClassVar[dict[str, Layout]] = {}
     """For every state key the subclass creates, how it reshards (checkpoints read this)."""
@@ -236,10 +246,19 @@ class ShardFlowOptimizer(torch.optim.Optimizer):
         for group, params, grads in collected:
             if not params:
                 continue
-            scratch = ops.clone_scaled(grads, scale, _compute_dtype(grads[0]))
+            if self.scratch_grads:
+                grads, grad_scale = ops.clone_scaled(grads, scale, _compute_dtype(grads[0])), 1.0
+            else:
+                grad_scale = scale
             items = [
-                Item(p, self.placement.local(p), g, self.placement.state_view(self.state[p]))
-                for p, g in zip(params, scratch)
+                Item(
+                    p,
+                    self.placement.local(p),
+                    g,
+                    self.placement.state_view(self.state[p]),
+                    grad_scale,
+                )
+                for p, g in zip(params, grads)
             ]
             seen = [None if it.state is self.state[it.param] else dict(it.state) for it in items]
             self._update_group(group, items, ops)

@@ -36,7 +36,7 @@ gradients agree and shrinks when they oppose.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 import torch
@@ -51,8 +51,15 @@ from shardflow.optim._validate import (
     check_optional_positive,
     check_unit_interval,
 )
-from shardflow.optim.base import Item, Layout, ShardFlowOptimizer, step_counter
-from shardflow.optim.orthogonalize import NS_TOL, orthograd_, orthograd_sums
+from shardflow.optim.base import Item, Layout, ShardFlowOptimizer, _compute_dtype, step_counter
+from shardflow.optim.orthogonalize import (
+    NS_TOL,
+    _rows,
+    apply_fold_,
+    orthograd_,
+    orthograd_fold,
+    orthograd_sums,
+)
 from shardflow.optim.routing import is_hidden_matrix
 from shardflow.optim.schedule import LossAwareSchedule
 
@@ -91,7 +98,14 @@ class DolphinFlow(ShardFlowOptimizer):
         verbose: log per-step summaries to the ``shardflow`` logger.
         process_group: ProcessGroup or 1-D DeviceMesh to shard over; None: one process.
         foreach: use ``torch._foreach_*`` kernels (None: when all tensors share a device).
+        compiled: run the element-wise pass of the element-wise and vector routes (with
+            ``adaptive_lr`` and no ``trust_region``) through ``torch.compile`` — one generated
+            loop per parameter instead of ~10 list passes (:func:`fused_update`); None: on CUDA
+            only. The first step pays the compilation (tens of seconds on a CPU).
     """
+
+    scratch_grads: ClassVar[bool] = False
+    """The compiled pass reads the raw gradient; other paths copy it (:func:`_make_scratch`)."""
 
     state_layout: ClassVar[dict[str, Layout]] = {
         "step": "replicated",
@@ -127,6 +141,7 @@ class DolphinFlow(ShardFlowOptimizer):
         ns_dtype: torch.dtype | None = None,
         process_group: Any = None,
         foreach: bool | None = None,
+        compiled: bool | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -149,7 +164,12 @@ class DolphinFlow(ShardFlowOptimizer):
         )
         check_bool("loss_aware_schedule", loss_aware_schedule)
         check_bool("verbose", verbose)
+        if compiled is not None and not isinstance(compiled, bool):
+            raise ValueError(
+                f"compiled={compiled!r} is invalid: pass True, False or None (compile on CUDA only)."
+            )
         self.verbose = verbose
+        self.compiled = compiled
         self._names: dict[Tensor, str] = {}
         super().__init__(
             params,
@@ -244,26 +264,143 @@ class DolphinFlow(ShardFlowOptimizer):
     def _update_group(self, group: dict[str, Any], items: list[Item], ops: ListOps) -> None:
         lr = group["lr"] * group["lr_scale"]
         routes = {it.param: self.route(it.param, group) for it in items}
+        fusable = group["adaptive_lr"] and group["trust_region"] is None
+        fused = [it for it in items if fusable and routes[it.param] in ("vector", "elementwise")]
+        compiled = bool(items) and self._use_compiled(items[0].grad)
+        # only the compiled pass reads the raw gradient; every other path works in a scratch copy
+        # (dynamic momentum applies ⊥Grad to the gradient itself: it needs the copy)
+        raw = {
+            id(it)
+            for it in fused
+            if compiled and not group["dynamic_momentum"] and it.grad.dtype in _RAW_DTYPES
+        }
+        if not self.scratch_grads:
+            _make_scratch([it for it in items if id(it) not in raw], ops)
+        rest = [
+            it for it in items if not (fusable and routes[it.param] in ("vector", "elementwise"))
+        ]
         vector = [it for it in items if routes[it.param] == "vector"]
-        ortho = [it for it in items if routes[it.param] in ("matrix", "block")]
-        plain = [it for it in items if routes[it.param] in ("vector", "elementwise")]
-
-        self._orthograd(group, vector)
+        # ⊥Grad is folded into the fused pass, unless dynamic momentum must see g⊥ first
+        folds = self._orthograd(group, vector, fold=fusable and not group["dynamic_momentum"])
         mus = self._momenta(group, items)
-        grads = [it.grad for it in items]
+        mu_of = dict(zip(map(id, items), mus))
         for it in items:
             it.state["step"] += 1
-        if group["adaptive_lr"]:
-            ops.square_ema_([it.state["exp_avg_sq"] for it in items], grads, group["beta2"])
-        bufs = [it.state["exp_avg"] for it in items]
-        ops.lerp_(bufs, grads, [1.0 - mu for mu in mus])
+        if fused:
+            self._fused_update(group, fused, [mu_of[id(it)] for it in fused], lr, folds, ops)
+        if rest:
+            self._stepwise_update(group, rest, [mu_of[id(it)] for it in rest], lr, routes, ops)
+
+    def _nesterov_weights(self, group: dict[str, Any], items: list[Item], mus: list[float]):
+        """Advance each item's accumulated EMA weight; return the bias correction of its ``n``."""
         weights = []
         for it, mu in zip(items, mus):
             it.state["momentum_weight"].mul_(mu).add_(1.0 - mu)
             w = float(it.state["momentum_weight"])
             weights.append(mu * w + (1.0 - mu) if group["nesterov"] else w)
+        return weights
+
+    def _fused_update(
+        self,
+        group: dict[str, Any],
+        items: list[Item],
+        mus: list[float],
+        lr: float,
+        folds: dict[int, tuple[Tensor, Tensor]],
+        ops: ListOps,
+    ) -> None:
+        """Element-wise and vector routes with ``adaptive_lr`` and no trust region: one pass.
+
+        Steps 3-7 of the rule with the bias corrections folded into two scalars per parameter
+        (``1 − β₂ᵗ = c``, ``W`` the Nesterov weight):
+        ``u = (n/W) / (√(v/c) + eps) = s·n / (√v + eps·√c)`` with ``s = √c / W``, so the update
+        is ``w ← w·(1 − lr·wd) − lr·s·n / (√v + eps·√c)``; ⊥Grad enters as ``g ← a·g − b·w``
+        (:func:`~shardflow.optim.orthogonalize.orthograd_fold`). Compiled
+        (:func:`fused_update`, one loop reading ``w, g, m, v``) or eager (in-place list ops).
+        """
+        weights = self._nesterov_weights(group, items, mus)
+        beta2, eps, decay = group["beta2"], group["eps"], 1.0 - lr * group["weight_decay"]
+        corr = [1.0 - beta2 ** float(it.state["step"]) for it in items]
+        scales = [lr * c**0.5 / w for c, w in zip(corr, weights)]
+        epss = [eps * c**0.5 for c in corr]
+        if self._use_compiled(items[0].grad):
+            fn = _compiled(fused_update)
+            dtype, device = _compute_dtype(items[0].grad), items[0].grad.device
+            rows = [  # one tensor each: views into one would differ in storage offset
+                torch.tensor(
+                    [decay, 1.0 - mu, beta2, s, e, it.grad_scale], dtype=dtype, device=device
+                )
+                for it, mu, s, e in zip(items, mus, scales, epss)
+            ]
+            for it, r in zip(items, rows):
+                # detach: parameters would get static shapes (one graph per shape)
+                tensors = [it.local.detach(), it.grad, it.state["exp_avg"], it.state["exp_avg_sq"]]
+                if it.grad.numel() == 0:
+                    continue
+                fold = folds.get(id(it))
+                if all(t.is_contiguous() for t in tensors):  # views of the same memory
+                    rowwise = group["vector_mode"] == "rowwise"
+                    tensors = [t.view(-1) if fold is None else _rows(t, rowwise) for t in tensors]
+                elif fold is not None:  # rare: apply ⊥Grad first (to a copy), then the pass
+                    it.grad = it.grad.clone()
+                    self._apply_fold(group, it, fold)
+                    fold = None
+                # ⊥Grad of the clipped gradient c·g: (a·c)·g − (b·c)·w (a, b from the raw sums)
+                c = it.grad_scale
+                a, b = (
+                    (None, None) if fold is None else (fold[0][:, None] * c, fold[1][:, None] * c)
+                )
+                fn(*tensors, a, b, r, nesterov=group["nesterov"])
+            return
+
+        grads = [it.grad for it in items]
+        rowwise = group["vector_mode"] == "rowwise"
+        for it in items:
+            if id(it) in folds:
+                self._apply_fold(group, it, folds[id(it)])
+        bufs = [it.state["exp_avg"] for it in items]
+        sqs = [it.state["exp_avg_sq"] for it in items]
+        ops.square_ema_(sqs, grads, beta2)
+        ops.lerp_(bufs, grads, _one_or_each([1.0 - mu for mu in mus]))
         if group["nesterov"]:
-            ops.lerp_(grads, bufs, mus)  # g ← μ·m + (1−μ)·g
+            ops.lerp_(grads, bufs, _one_or_each(mus))  # n = μ·m + (1−μ)·g, in g
+        nums = grads if group["nesterov"] else bufs
+        denoms = _sqrt_plus(sqs, epss, ops.foreach)
+        locals_ = [it.local for it in items]
+        if group["weight_decay"] and lr:
+            ops.mul_(locals_, decay)
+        _addcdiv_(locals_, nums, denoms, [-s for s in scales], ops.foreach)
+
+    @staticmethod
+    def _apply_fold(group: dict[str, Any], it: Item, fold: tuple[Tensor, Tensor]) -> None:
+        rowwise = group["vector_mode"] == "rowwise"
+        scale = group["restore_norm"]
+        apply_fold_(_rows(it.grad, rowwise), _rows(it.local, rowwise), *fold, scale=scale)
+
+    def _use_compiled(self, t: Tensor) -> bool:
+        return self.compiled if self.compiled is not None else t.device.type == "cuda"
+
+    def _stepwise_update(
+        self,
+        group: dict[str, Any],
+        items: list[Item],
+        mus: list[float],
+        lr: float,
+        routes: dict[Tensor, str],
+        ops: ListOps,
+    ) -> None:
+        """Every route and option, one list pass per operation (Newton-Schulz, trust region and
+        the RMS normalization need the whole direction before the weights move)."""
+        ortho = [it for it in items if routes[it.param] in ("matrix", "block")]
+        plain = [it for it in items if routes[it.param] in ("vector", "elementwise")]
+        grads = [it.grad for it in items]
+        if group["adaptive_lr"]:
+            ops.square_ema_([it.state["exp_avg_sq"] for it in items], grads, group["beta2"])
+        bufs = [it.state["exp_avg"] for it in items]
+        ops.lerp_(bufs, grads, _one_or_each([1.0 - mu for mu in mus]))
+        weights = self._nesterov_weights(group, items, mus)
+        if group["nesterov"]:
+            ops.lerp_(grads, bufs, _one_or_each(mus))  # g ← μ·m + (1−μ)·g
         else:
             for g, m in zip(grads, bufs):
                 g.copy_(m)
@@ -280,17 +417,27 @@ class DolphinFlow(ShardFlowOptimizer):
         self._trust_region(group, items, lr, ops)
         self._apply(group, items, lr, ops)
 
-    def _orthograd(self, group: dict[str, Any], items: list[Item]) -> None:
+    def _orthograd(
+        self, group: dict[str, Any], items: list[Item], fold: bool
+    ) -> dict[int, tuple[Tensor, Tensor]]:
+        """⊥Grad for the vector route: applied to ``it.grad`` now, or (``fold``) returned as
+        per-row coefficients ``(a, b)`` by ``id(item)`` for the fused pass to apply."""
         if not items:
-            return
+            return {}
         rowwise = group["vector_mode"] == "rowwise"
-        sums = [orthograd_sums(it.grad, it.local, rowwise=rowwise) for it in items]
+        # compiled: the three row sums in one pass over g and w
+        sums_of = _compiled(orthograd_sums) if self._use_compiled(items[0].grad) else orthograd_sums
+        sums = [sums_of(it.grad, it.local.detach(), rowwise=rowwise) for it in items]
         if not rowwise:
             sums = list(self.placement.sum_over_shards(torch.cat(sums)).split(1))
+        if fold:
+            restore = group["restore_norm"]
+            return {id(it): orthograd_fold(s, restore_norm=restore) for it, s in zip(items, sums)}
         for it, s in zip(items, sums):
             orthograd_(
                 it.grad, it.local, rowwise=rowwise, restore_norm=group["restore_norm"], sums=s
             )
+        return {}
 
     def _momenta(self, group: dict[str, Any], items: list[Item]) -> list[float]:
         """Each item's μ for this step (updating the stored per-parameter μ when dynamic)."""
@@ -379,3 +526,95 @@ def _default_ns_dtype(t: Tensor) -> torch.dtype:
     if t.dtype == torch.float64:
         return torch.float64
     return torch.bfloat16 if t.device.type == "cuda" else torch.float32
+
+
+def fused_update(
+    w: Tensor,
+    g: Tensor,
+    m: Tensor,
+    v: Tensor,
+    a: Tensor | None,
+    b: Tensor | None,
+    s: Tensor,
+    *,
+    nesterov: bool,
+) -> None:
+    """One element-wise pass of DolphinFlow's step, in place on ``w``, ``m`` and ``v``.
+
+    A function of its arguments only, written for ``torch.compile`` (one generated loop reads
+    ``w, g, m, v`` and writes ``w, m, v``, as fused AdamW does). ``s`` holds the step's scalars as
+    one tensor, ``(1 − lr·wd, 1 − μ, β₂, lr·√(1 − β₂ᵗ)/W, eps·√(1 − β₂ᵗ))``, so new values never
+    recompile; its last entry ``c`` scales ``g`` (the clip factor, when ``g`` is the raw gradient).
+    With ``a, b`` (per-row, broadcastable against ``g``, ``c`` already folded in) the gradient is
+    instead ``a·g − b·w`` (⊥Grad folded, :func:`~shardflow.optim.orthogonalize.orthograd_fold`). Then
+    ``v ← β₂v + (1−β₂)g²``, ``m ← m + (1−μ)(g − m)``, ``n = g + μ(m − g)`` (Nesterov) or ``m``,
+    ``w ← w·(1 − lr·wd) − s₃·n / (√v + s₄)``.
+    """
+    decay, one_minus_mu, beta2, scale, eps, c = s.unbind()
+    w32 = w.to(s.dtype)
+    g = a * g - b * w32 if a is not None and b is not None else c * g
+    v_new = beta2 * v + (1 - beta2) * g * g
+    m_new = m + one_minus_mu * (g - m)
+    n = g + (1 - one_minus_mu) * (m_new - g) if nesterov else m_new
+    w.copy_((w32 * decay - scale * n / (v_new.sqrt() + eps)).to(w.dtype))
+    m.copy_(m_new)
+    v.copy_(v_new)
+
+
+_COMPILED: dict[Callable[..., Any], Callable[..., Any]] = {}
+
+
+def _compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` through ``torch.compile``, built once (dynamic shapes: one graph per variant —
+    with or without ⊥Grad, Nesterov or not, dtype — whatever the shapes)."""
+    if fn not in _COMPILED:
+        from torch.fx.experimental import _config as shape_config  # noqa: PLC0415
+
+        compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+        # no duck shaping: a square first matrix would tie rows to columns in the guards and
+        # recompile for every other shape
+        _COMPILED[fn] = shape_config.patch(use_duck_shape=False)(compiled)
+    return _COMPILED[fn]
+
+
+_RAW_DTYPES = (torch.float32, torch.float64)
+"""Gradient dtypes the compiled pass reads directly (others are copied to fp32 first)."""
+
+
+def _make_scratch(items: list[Item], ops: ListOps) -> None:
+    """Give ``items`` clipped scratch gradients in the compute dtype (the base's default)."""
+    if not items:
+        return
+    copies = ops.clone_scaled(
+        [it.grad for it in items], items[0].grad_scale, _compute_dtype(items[0].grad)
+    )
+    for it, g in zip(items, copies):
+        it.grad, it.grad_scale = g, 1.0
+
+
+def _one_or_each(values: list[float]) -> float | list[float]:
+    """One scalar when every value is equal (the foreach kernels take it), else the list."""
+    return values[0] if values and all(v == values[0] for v in values) else values
+
+
+def _sqrt_plus(xs: list[Tensor], adds: list[float], foreach: bool) -> list[Tensor]:
+    """New tensors ``√x + add``, one ``add`` per tensor."""
+    if foreach and xs:
+        out = torch._foreach_sqrt(xs)
+        torch._foreach_add_(out, adds)
+        return out
+    return [x.sqrt().add_(a) for x, a in zip(xs, adds)]
+
+
+def _addcdiv_(
+    xs: list[Tensor], nums: list[Tensor], dens: list[Tensor], values: list[float], foreach: bool
+) -> None:
+    """``x += value · num / den`` per tensor; ``x`` may be of a lower precision (bf16 weights)."""
+    if foreach and xs and xs[0].dtype == nums[0].dtype:
+        torch._foreach_addcdiv_(xs, nums, dens, values)
+        return
+    for x, n, d, v in zip(xs, nums, dens, values):
+        if x.dtype == n.dtype:
+            x.addcdiv_(n, d, value=v)
+        else:
+            x.add_(d.reciprocal_().mul_(n).to(x.dtype), alpha=v)

@@ -58,6 +58,9 @@ class DolphinFlow8bit(DolphinFlow):
             step (fp32 working memory ≈ 8 bytes each); ``None``: a whole param group at once.
     """
 
+    scratch_grads: ClassVar[bool] = True
+    """Its working items are built from scratch gradients (the base's default)."""
+
     state_layout: ClassVar[dict[str, Layout]] = {
         **DolphinFlow.state_layout,
         **{absmax_key(k): "rows" for k in MOMENTS},

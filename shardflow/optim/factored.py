@@ -91,24 +91,57 @@ _SR_PARAM, _SR_EXP_AVG_ROW, _SR_EXP_AVG_COL = 0, 1, 2
 # 1-bit signs
 # ----------------------------------------------------------------------------------------------
 
-_BIT_WEIGHTS = [1 << i for i in range(8)]
+
+def _int64(x: int) -> int:
+    """A 64-bit pattern as the signed int64 torch stores."""
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+# Bit tricks on 8 bytes at once (one int64 per 8 columns; products wrap modulo 2⁶⁴):
+_GATHER = 0x0102040810204080
+"""``(x·_GATHER) >> 56``: the low bits of the 8 bytes of ``x`` (each 0 or 1) as one byte, byte
+``i``'s bit at bit ``i`` (the products ``bᵢ·2^(8i + 56 − 7j)`` never collide or carry)."""
+_SPREAD = 0x0101010101010101
+"""``b·_SPREAD``: byte ``b`` copied into all 8 bytes (no carries for ``b < 256``)."""
+_BIT_I_OF_BYTE_I = _int64(0x8040201008040201)
+_TO_TOP = 0x00406070787C7E7F
+"""Adding ``0x80 − 2ⁱ`` to byte ``i`` (holding 0 or ``2ⁱ``) sets its top bit iff its bit was set."""
+
+
+def _shifts(device: torch.device) -> Tensor:
+    return torch.arange(8, dtype=torch.uint8, device=device)
+
+
+def _bits(packed: Tensor, cols: int) -> Tensor:
+    """The stored bits as a uint8 ``(rows, cols)`` tensor of 0/1 (the form inductor fuses)."""
+    bits = (packed.unsqueeze(-1) >> _shifts(packed.device)) & 1
+    return bits.reshape(packed.shape[0], packed.shape[1] * 8)[:, :cols]
+
+
+_SIGN_INT = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16}
 
 
 def pack_signs(negative: Tensor) -> Tensor:
     """Pack a ``(rows, cols)`` bool tensor into ``(rows, ⌈cols/8⌉)`` uint8, bit ``j % 8`` of byte
     ``j // 8`` holding column ``j`` (little-endian bits; padding bits are 0).
 
-    Packing per row keeps a row shard's bytes aligned with its rows whatever ``cols`` is.
+    Packing per row keeps a row shard's bytes aligned with its rows whatever ``cols`` is. Eight
+    bools are read as one int64 and gathered into a byte by one multiplication (``_GATHER``):
+    no per-bit temporaries.
     """
     rows, cols = negative.shape
     nbytes = (cols + 7) // 8
-    if cols % 8:
+    if not rows or not cols:
+        return torch.zeros(rows, nbytes, dtype=torch.uint8, device=negative.device)
+    if cols % 8 or not negative.is_contiguous():
         padded = torch.zeros(rows, nbytes * 8, dtype=torch.bool, device=negative.device)
         padded[:, :cols] = negative
         negative = padded
-    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=negative.device)
-    bits = negative.reshape(rows, nbytes, 8).to(torch.uint8) * weights
-    return bits.sum(-1, dtype=torch.uint8)
+    if torch.compiler.is_compiling():  # plain arithmetic: inductor fuses it into its loop
+        bits = negative.reshape(rows, nbytes, 8).to(torch.uint8) << _shifts(negative.device)
+        return bits.sum(-1, dtype=torch.uint8)
+    words = negative.view(torch.uint8).view(torch.int64)
+    return words.mul(_GATHER).bitwise_right_shift_(56).bitwise_and_(0xFF).to(torch.uint8)
 
 
 def unpack_signs(packed: Tensor, cols: int) -> Tensor:
@@ -119,29 +152,30 @@ def unpack_signs(packed: Tensor, cols: int) -> Tensor:
             f"packed signs of shape {tuple(packed.shape)} cannot hold cols={cols}: they need "
             f"{(cols + 7) // 8} bytes per row."
         )
-    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
-    bits = (packed.unsqueeze(-1) >> shifts) & 1
-    return bits.reshape(rows, nbytes * 8)[:, :cols].bool()
-
-
-_LUTS: dict[tuple[torch.device, torch.dtype], Tensor] = {}
-
-
-def _sign_lut(device: torch.device, dtype: torch.dtype) -> Tensor:
-    """``(256, 8)`` table: row ``b`` holds ``±1`` for the 8 bits of byte ``b`` (bit set: −1)."""
-    key = (device, dtype)
-    if key not in _LUTS:
-        byte = torch.arange(256, device=device).unsqueeze(1)
-        bit = torch.arange(8, device=device)
-        _LUTS[key] = (1 - 2 * ((byte >> bit) & 1)).to(dtype)
-    return _LUTS[key]
+    if not rows or not cols:
+        return torch.zeros(rows, cols, dtype=torch.bool, device=packed.device)
+    if torch.compiler.is_compiling():
+        return _bits(packed, cols).bool()
+    words = packed.to(torch.int64).mul_(_SPREAD).bitwise_and_(_BIT_I_OF_BYTE_I)
+    words.add_(_TO_TOP).bitwise_right_shift_(7).bitwise_and_(_SPREAD)
+    return words.view(torch.uint8).view(torch.bool)[:, :cols]
 
 
 def apply_signs_(magnitude: Tensor, packed: Tensor) -> Tensor:
-    """``magnitude ← magnitude · (±1)`` with the signs :func:`pack_signs` stored; returns it."""
+    """``magnitude ← magnitude · (±1)`` with the signs :func:`pack_signs` stored; returns it.
+
+    The sign bit of each float is flipped where the stored bit is set (an integer xor: no float
+    temporaries)."""
     rows, cols = magnitude.shape
-    signs = _sign_lut(magnitude.device, magnitude.dtype)[packed.int()]
-    return magnitude.mul_(signs.reshape(rows, packed.shape[1] * 8)[:, :cols])
+    if not rows or not cols:
+        return magnitude
+    if torch.compiler.is_compiling():
+        return magnitude.mul_(1 - 2 * _bits(packed, cols).to(magnitude.dtype))
+    itype = _SIGN_INT[magnitude.dtype]
+    flip = unpack_signs(packed, cols).to(itype)
+    flip.bitwise_left_shift_(magnitude.element_size() * 8 - 1)
+    magnitude.view(itype).bitwise_xor_(flip)
+    return magnitude
 
 
 # ----------------------------------------------------------------------------------------------
@@ -211,15 +245,16 @@ def adam_direction(
     x = g if s.scale == 1.0 else g * s.scale
     m.lerp_(x, 1.0 - s.beta1)
     v.mul_(s.beta2).addcmul_(x, x, value=1.0 - s.beta2)
-    num = m / s.bc1
+    num = m
     if slow is not None:
         slow.lerp_(x, 1.0 - s.beta3)
-        num.add_(slow, alpha=s.alpha)
-    den = (v / s.bc2).sqrt_()
-    if atan2:
-        u = torch.atan2(num, den).mul_(ATAN2_SCALE)
-    else:
-        u = num.div_(den.add_(s.eps))
+        num = torch.add(m, slow, alpha=s.alpha * s.bc1)  # bc₁·(m/bc₁ + α·m₂)
+    root_bc2 = math.sqrt(s.bc2)
+    if atan2:  # atan2 is invariant to scaling both arguments by √bc₂
+        u = torch.atan2(num * (root_bc2 / s.bc1), v.sqrt()).mul_(ATAN2_SCALE)
+    else:  # num / (bc₁·(√v/√bc₂ + eps)): three passes for the denominator, one divide
+        den = v.sqrt().mul_(s.bc1 / root_bc2).add_(s.eps * s.bc1)
+        u = torch.div(num, den, out=den)
     return _grams(u, g) if grams else u
 
 
@@ -454,7 +489,6 @@ class _Factored(ShardFlowOptimizer):
                 if u is not None:
                     self._apply(group, it, it.local, u, lr_eff, offset=self._offset(it, 0))
         self._finish_columns(group, items, partials)
-        self._after_moments(group, items, lr)
 
     def _dense(self, it: Item) -> tuple[Tensor, Tensor, Tensor | None]:
         return it.state["exp_avg"], it.state["exp_avg_sq"], it.state.get("exp_avg_slow")
@@ -581,9 +615,6 @@ class _Factored(ShardFlowOptimizer):
     def _before_moments(self, group: dict[str, Any], items: list[Item], lr: float) -> None:
         """Hook before the moments change (Prodigy gathers its statistics here)."""
 
-    def _after_moments(self, group: dict[str, Any], items: list[Item], lr: float) -> None:
-        """Hook after every parameter of the group has moved (Prodigy updates ``d`` here)."""
-
     def _ademamix(self, group: dict[str, Any], step: float) -> tuple[float, float]:
         if not group["ademamix"]:
             return 0.0, 0.0
@@ -642,7 +673,8 @@ _COMMON_ARGS = """
         gradient_clipping: global gradient-norm bound (None: off).
         process_group: ProcessGroup or 1-D DeviceMesh to shard over; None: one process.
         compiled: run the per-chunk reconstruct/update/refactor through ``torch.compile``
-            (one fused kernel instead of ~20 passes); None: on CUDA only."""
+            (fused kernels instead of ~20 passes); None: on CUDA only (works on CPU too, but
+            inductor's C++ was slower than eager there: bench/results/factored-cpu-*.md)."""
 
 
 class FactoredAdam(_Factored):
@@ -790,8 +822,8 @@ class FactoredProdigy(_Factored):
 
     The ``(d/d₀)`` factor (from the official code) and the paper's ``(1−√β₂)`` factor cancel in
     ``d̂``. Every term of a step uses that step's ``d`` (the paper; the official code adds the
-    next ``d`` to ``eps``), so ``d`` is updated once the group has moved, from one
-    ``sum_over_model`` of ``(⟨g, x₀ − x⟩, ‖s‖₁)`` over the whole group: a global, world-size
+    next ``d`` to ``eps``), so ``d`` is updated once every group has moved, from one
+    ``sum_over_model`` per step of every group's ``(⟨g, x₀ − x⟩, ‖s‖₁)``: a global, world-size
     invariant estimate. ``d`` is per param group (as prodigy-plus-schedule-free's
     ``split_groups``); every parameter's state carries a copy (``"d"``, ``"d_numerator"``).
 
@@ -847,6 +879,8 @@ class FactoredProdigy(_Factored):
         compiled: bool | None = None,
     ) -> None:
         defaults = _defaults(locals())
+        self._pending: dict[int, tuple[Tensor, list[Item], float]] = {}
+        """Per param group updated this step: local ``(⟨g, x₀ − x⟩, ‖s‖₁)``, items, lr."""
         super().__init__(
             params,
             defaults,
@@ -914,15 +948,32 @@ class FactoredProdigy(_Factored):
             s = it.state["s"]
             s.mul_(beta3).add_(g, alpha=weight)
             sums.append(torch.stack([(g * (it.state["p0"].to(g.dtype) - x)).sum(), s.abs().sum()]))
-        device = items[0].grad.device if items else torch.device("cpu")
-        self._prodigy_sums = (
-            torch.stack(sums).double().sum(0) if sums else torch.zeros(2, dtype=torch.float64)
-        ).to(device)
+        index = next(i for i, g in enumerate(self.param_groups) if g is group)
+        self._pending[index] = (torch.stack(sums).double().sum(0), items, lr)
 
-    def _after_moments(self, group: dict[str, Any], items: list[Item], lr: float) -> None:
-        """``d ← max(d, min(d̂, d·growth_rate))`` from the group's global sums."""
+    def _after_step(self, loss: Any) -> None:
+        """``d ← max(d, min(d̂, d·growth_rate))`` per group, from one ``sum_over_model`` of every
+        group's ``(⟨g, x₀ − x⟩, ‖s‖₁)``.
+
+        The base calls ``_update_group`` only for groups where this rank updates something (a
+        DDP-aware rank may own no parameter of a group), so the reduction waits until here,
+        where every rank arrives, and carries zeros for the groups this rank did not update.
+        """
+        pending, self._pending = self._pending, {}
+        local = torch.zeros(len(self.param_groups), 2, dtype=torch.float64)
+        for index, (sums, _, _) in pending.items():
+            local[index] = sums.cpu()
+        device = next((it.grad.device for _, items, _ in pending.values() for it in items), None)
+        totals = self.placement.sum_over_model(local if device is None else local.to(device))
+        totals = totals.double().tolist()
+        for index, (_, items, lr) in pending.items():
+            self._update_d(self.param_groups[index], items, lr, *totals[index])
+        super()._after_step(loss)
+
+    def _update_d(
+        self, group: dict[str, Any], items: list[Item], lr: float, dot: float, l1: float
+    ) -> None:
         d, numerator = self._d(group, items)
-        dot, l1 = self.placement.sum_over_model(self._prodigy_sums).double().tolist()
         numerator = self._beta3(group) * numerator + (d / group["d0"]) * d * lr * dot
         if l1 > 0:
             d_hat = group["d_coef"] * numerator / l1

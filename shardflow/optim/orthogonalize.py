@@ -178,10 +178,36 @@ def orthograd_sums(grad: Tensor, weight: Tensor, *, rowwise: bool = True) -> Ten
 
     Shape ``(rows, 3)`` when ``rowwise`` and the tensor has 2 or more dims, else ``(1, 3)``. Under
     row sharding the row-wise sums are complete on every rank; the flat ones are summed over the
-    ranks first (one batched reduction for every parameter).
+    ranks first (one batched reduction for every parameter). The squares are norm reductions and
+    the dot a ``vecdot``: no ``g·w`` or ``w²`` temporary is built.
     """
     g, w = _rows(grad, rowwise), _rows(weight, rowwise).to(grad.dtype)
-    return torch.stack([(g * w).sum(1), (w * w).sum(1), (g * g).sum(1)], dim=1)
+    return torch.stack(
+        [
+            torch.linalg.vecdot(g, w, dim=1),
+            torch.linalg.vector_norm(w, dim=1).square(),
+            torch.linalg.vector_norm(g, dim=1).square(),
+        ],
+        dim=1,
+    )
+
+
+def orthograd_fold(sums: Tensor, *, restore_norm: bool = False) -> tuple[Tensor, Tensor]:
+    """⊥Grad folded into two coefficients per row, ``(a, b)`` with ``result = a·g − b·w``.
+
+    From :func:`orthograd_sums` ``(⟨g,w⟩, ‖w‖², ‖g‖²)``: ``c = ⟨g,w⟩/‖w‖²`` (0 for a zero weight
+    row), ``f = √(‖g‖² / ‖g⊥‖²)`` with ``‖g⊥‖² = ‖g‖² − c·⟨g,w⟩`` when ``restore_norm`` (else
+    ``f = 1``; a zero gradient row keeps ``f = 1``), and ``a = f``, ``b = f·c``. Both have shape
+    ``(rows,)``. Folding lets an update apply ⊥Grad inside the pass it makes anyway.
+    """
+    gw, ww, gg = sums.unbind(1)
+    tiny = torch.finfo(sums.dtype).tiny
+    coef = torch.where(ww > 0, gw / ww.clamp_min(tiny), torch.zeros_like(gw))
+    if not restore_norm:
+        return torch.ones_like(coef), coef
+    after = (gg - coef * gw).clamp_min(gg * 1e-12)
+    factor = torch.where(gg > 0, (gg / after.clamp_min(tiny)).sqrt(), torch.ones_like(gg))
+    return factor, factor * coef
 
 
 def orthograd_(
@@ -198,20 +224,22 @@ def orthograd_(
     otherwise the whole tensor is one vector (1-D tensors always are). ``sums`` may carry
     :func:`orthograd_sums`, already reduced across ranks. A zero weight (row) leaves the gradient
     unchanged. With ``restore_norm`` the result is rescaled to the original gradient's norm, using
-    ``‖g⊥‖² = ‖g‖² − ⟨g, w⟩²/‖w‖²`` so that no second reduction is needed.
+    ``‖g⊥‖² = ‖g‖² − ⟨g, w⟩²/‖w‖²`` so that no second reduction is needed. Two passes over ``g``
+    (``g ← a·g``, ``g ← g − b·w``; see :func:`orthograd_fold`), no temporary.
     """
     if sums is None:
         sums = orthograd_sums(grad, weight, rowwise=rowwise)
-    gw, ww, gg = sums.unbind(1)
-    tiny = torch.finfo(sums.dtype).tiny
-    coef = torch.where(ww > 0, gw / ww.clamp_min(tiny), torch.zeros_like(gw))
-    g = _rows(grad, rowwise)
-    g.sub_(coef.unsqueeze(1) * _rows(weight, rowwise).to(g.dtype))
-    if restore_norm:
-        after = (gg - coef * gw).clamp_min(gg * 1e-12)
-        factor = torch.where(gg > 0, (gg / after.clamp_min(tiny)).sqrt(), torch.ones_like(gg))
-        g.mul_(factor.unsqueeze(1))
+    a, b = orthograd_fold(sums, restore_norm=restore_norm)
+    apply_fold_(_rows(grad, rowwise), _rows(weight, rowwise), a, b, scale=restore_norm)
     return grad
+
+
+def apply_fold_(g: Tensor, w: Tensor, a: Tensor, b: Tensor, *, scale: bool = True) -> Tensor:
+    """``g ← a·g − b·w`` per row of the ``(rows, rest)`` views ``g`` and ``w``; ``a`` is skipped
+    when ``scale`` is False (it is all ones)."""
+    if scale:
+        g.mul_(a.unsqueeze(1))
+    return g.addcmul_(b.unsqueeze(1), w, value=-1)
 
 
 def _rows(t: Tensor, rowwise: bool) -> Tensor:

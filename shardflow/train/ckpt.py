@@ -1,140 +1,119 @@
-"""Run checkpoints behind three names: :func:`save`, :func:`load`, :func:`latest`.
+"""A run's checkpoints and its exported model, on :mod:`shardflow.checkpoint`.
 
-Today the inside is torch.distributed.checkpoint (DCP); it will be swapped for
-``shardflow.checkpoint`` (safetensors, reshard on load) without changing these three functions.
+- :func:`save_step` writes ``<dir>/step_00000040/`` (one safetensors file per rank and
+  ``index.json``; atomic; older ones beyond the newest ``keep`` deleted);
+- :func:`resume` loads the newest complete checkpoint, if any, into the model and optimizer —
+  at any world size and placement: a checkpoint saved by 2 FSDP2 ranks resumes in one process;
+- :func:`export_model` writes the final weights as one plain ``model.safetensors`` (Hugging Face
+  names for Hugging Face models, with their config and tokenizer, so ``from_pretrained`` reads
+  the folder).
 
-Layout: ``<dir>/step_00000040/`` holds the DCP files and ``extra.json`` (step, metrics state).
-A checkpoint is written under ``step_XXXXXXXX.tmp`` and renamed when complete, so a killed run
-leaves either the previous checkpoint or the new one, never a half-written one that counts.
+With placement "offload" the checkpoint holds the host-side master weights and optimizer (see
+:mod:`shardflow.train.offload`), so it is the same as a one-process run's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
-import shutil
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
+from torch import nn
 
-PREFIX = "step_"
-EXTRA = "extra.json"
+import shardflow.checkpoint as checkpoint
+from shardflow.checkpoint import checkpoints, latest, step_path
+from shardflow.train.offload import OffloadOptimizer
+
+__all__ = ["checkpoints", "export_model", "latest", "resume", "save_step", "step_path"]
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+def _targets(model: nn.Module, optimizer: Any) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """What a checkpoint holds: the model and optimizer, or an offloaded run's host side."""
+    if isinstance(optimizer, OffloadOptimizer):
+        return optimizer.master, optimizer.optimizer
+    return model, optimizer
 
 
-def _dcp(fn, state: dict, path: Path) -> None:
-    """dcp.save or dcp.load; without a process group DCP warns that it assumes one process,
-    which is what a single-process run means, so that warning is silenced."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        fn(state, checkpoint_id=path)
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def step_dir(directory: Path, step: int) -> Path:
-    """Where the checkpoint of ``step`` lives."""
-    return Path(directory) / f"{PREFIX}{step:08d}"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _complete(path: Path) -> bool:
-    return path.is_dir() and (path / ".metadata").is_file() and (path / EXTRA).is_file()
-
-
-def checkpoints(directory: Path) -> list[Path]:
-    """Complete checkpoints in ``directory``, oldest first."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    found = [
-        p
-        for p in directory.iterdir()
-        if p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit() and _complete(p)
-    ]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
-
-
-def latest(directory: str | Path) -> Path | None:
-    """The newest complete checkpoint in ``directory``, or None."""
-    found = checkpoints(Path(directory))
-    return found[-1] if found else None
-
-
-def save(
-    path: str | Path,
-    *,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    extra: dict[str, Any],
-    keep: int = 0,
+def save_step(
+    directory: Path, step: int, *, model: nn.Module, optimizer: Any, extra: dict, keep: int
 ) -> Path:
-    """Write model and optimizer state plus ``extra`` (JSON) to ``path``, atomically.
+    """Checkpoint ``step`` into ``directory`` (every rank calls it); keep the newest ``keep``."""
+    held_model, held_optimizer = _targets(model, optimizer)
+    return checkpoint.save(
+        step_path(directory, step),
+        model=held_model,
+        optimizer=held_optimizer,
+        extra=extra,
+        keep=keep,
+    )
 
-    Every rank must call it. With ``keep`` > 0, older complete checkpoints beyond the newest
-    ``keep`` in the same folder are deleted.
+
+def materialize_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create a ``torch.optim`` optimizer's lazily made state, leaving the weights unchanged.
+
+    A checkpoint loads into existing state tensors, but ``torch.optim`` optimizers make theirs
+    on the first step. One step with zero gradients and every lr at 0 makes them (the approach
+    of ``torch.distributed.checkpoint``'s ``_init_optim_state``): the update is ``-0 * m / (√v
+    + eps)`` and decay multiplies by ``1 - 0 * wd``, so no weight changes. The state it makes is
+    then overwritten by the load. ShardFlow optimizers make their state eagerly: nothing to do.
     """
-    final = Path(path)
-    tmp = final.with_name(final.name + ".tmp")
-    if _rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
-    state = {
-        "model": get_model_state_dict(model),
-        "optim": get_optimizer_state_dict(model, optimizer),
-    }
-    _dcp(dcp.save, state, tmp)
-    if _rank() == 0:
-        with open(tmp / EXTRA, "w") as fh:
-            json.dump(extra, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        _fsync_dir(final.parent)
-        if keep > 0:
-            for old in checkpoints(final.parent)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
-    _barrier()
-    return final
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+    if all(p in optimizer.state and optimizer.state[p] for p in params):
+        return
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    grads = [p.grad for p in params]
+    for g in optimizer.param_groups:
+        g["lr"] = 0.0
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for g, lr in zip(optimizer.param_groups, lrs):
+        g["lr"] = lr
+    for p, grad in zip(params, grads):
+        p.grad = grad
 
 
-def load(
-    path: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer
-) -> dict[str, Any]:
-    """Restore model and optimizer state from ``path`` in place; return its ``extra``."""
-    path = Path(path)
-    if not _complete(path):
-        raise FileNotFoundError(f"checkpoint {str(path)!r} is missing or incomplete.")
-    state = {
-        "model": get_model_state_dict(model),
-        "optim": get_optimizer_state_dict(model, optimizer),
-    }
-    _dcp(dcp.load, state, path)
-    set_model_state_dict(model, state["model"])
-    set_optimizer_state_dict(model, optimizer, state["optim"])
-    return json.loads((path / EXTRA).read_text())
+def resume(directory: Path, *, model: nn.Module, optimizer: Any) -> dict[str, Any] | None:
+    """Load the newest complete checkpoint in ``directory``; its ``extra``, or None if none.
+
+    The param groups' hyperparameters come back from the checkpoint (as with
+    ``Optimizer.load_state_dict``); the loop sets each step's lr from the schedule anyway.
+    """
+    found = latest(directory)
+    if found is None:
+        return None
+    held_model, held_optimizer = _targets(model, optimizer)
+    materialize_state(held_optimizer)
+    extra = checkpoint.load(found, model=held_model, optimizer=held_optimizer)
+    if isinstance(optimizer, OffloadOptimizer):
+        optimizer.push_weights()
+    return extra
+
+
+def _is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def export_model(model: nn.Module, model_cfg: Any, target: Path, hf_path: str = "") -> Path:
+    """Write the final weights to ``target/model.safetensors`` (every rank calls it).
+
+    Built-in decoder: its ``state_dict`` names and ``config.json`` (the [model] table).
+    Hugging Face model: the inner model's own names, its ``config.json`` and tokenizer, so
+    ``AutoModelForCausalLM.from_pretrained(target)`` loads it. Sharded weights are gathered one
+    tensor at a time (:func:`shardflow.checkpoint.save_model_weights`).
+    """
+    target = Path(target)
+    weights = model.inner if hf_path else model
+    path = checkpoint.save_model_weights(target / "model.safetensors", weights)
+    if _is_main():
+        if hf_path:
+            from shardflow.train.hf import save_hf_files
+
+            save_hf_files(model.inner, target, hf_path)
+        else:
+            config = json.dumps(dataclasses.asdict(model_cfg), indent=2)
+            (target / "config.json").write_text(config)
+    return path

@@ -18,7 +18,10 @@ import torch.distributed as dist
 from shardflow.train.config import Config, ConfigError, load_config
 from shardflow.train.loop import preflight, train
 from shardflow.train.metrics import plot_losses, read_metrics
-from shardflow.train.optimizers import check_optimizer_name, check_optimizer_placement
+from shardflow.train.optimizers import (
+    accepts_option,
+    check_optimizer_name,
+)
 from shardflow.train.placement import ProcessInfo, init_distributed, process_info
 
 BAD_INPUT = 2
@@ -43,7 +46,10 @@ def _parser(prog: str, compare: bool) -> argparse.ArgumentParser:
     )
     if compare:
         parser.add_argument(
-            "--optimizers", required=True, help="comma-separated optimizer names, run in turn"
+            "--optimizers",
+            required=True,
+            help="comma-separated optimizer names, run in turn; --optim.hyper.KEY VALUE goes to "
+            "those whose constructor takes KEY",
         )
         parser.add_argument(
             "--lrs", default="", help="comma-separated peak learning rates tried for each optimizer"
@@ -78,8 +84,45 @@ def main_train(argv: list[str]) -> int:
     finally:
         _finish_group()
     if proc.is_main:
-        print(json.dumps(summary), flush=True)
+        print(summary_text(cfg, summary), flush=True)
     return 0
+
+
+def summary_text(cfg: Config, summary: dict[str, Any]) -> str:
+    """What a finished run prints: losses, time, and where its files are."""
+    out = cfg.output_dir()
+
+    def loss(key: str) -> str:
+        value = summary.get(key)
+        return "n/a" if value is None else f"{value:.3f}"
+
+    lines = [
+        f"done: {summary['name']}, {summary['steps']} steps of {summary['optimizer']} "
+        f"in {summary['elapsed_s']:.1f} s",
+        f"  validation loss  {loss('first_val_loss')} -> {loss('final_val_loss')} nats/token",
+        f"  training loss    {loss('first_loss')} -> {loss('final_loss')} (mean of the last 10)",
+    ]
+    files = [
+        ("loss curve", summary.get("plot")),
+        ("metrics", out / "metrics.jsonl"),
+        ("summary", out / "summary.json"),
+        ("model", out / "final" / "model.safetensors" if cfg.checkpoint.save_model else None),
+        ("checkpoints", out / "checkpoints" if cfg.checkpoint.every else None),
+    ]
+    lines += [f"  {label + ':':<13}{path}" for label, path in files if path]
+    return "\n".join(lines)
+
+
+def hyper_for(name: str, hyper: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """The ``[optim.hyper]`` keys optimizer ``name`` takes; a key that none of ``names`` takes
+    is an error (a misspelling), a key only some take goes to those."""
+    for key in hyper:
+        if not any(accepts_option(n, key) for n in names):
+            raise ConfigError(
+                f"optim.hyper.{key} is an argument of none of {names}; check its spelling "
+                "against the optimizers' constructors."
+            )
+    return {k: v for k, v in hyper.items() if accepts_option(name, k)}
 
 
 def _variants(cfg: Config, names: list[str], lrs: list[float]) -> list[Config]:
@@ -90,6 +133,7 @@ def _variants(cfg: Config, names: list[str], lrs: list[float]) -> list[Config]:
             variant = copy.deepcopy(cfg)
             label = name if not lrs else f"{name}-lr{lr:g}"
             variant.optim.name, variant.optim.lr = name, lr
+            variant.optim.hyper = hyper_for(name, cfg.optim.hyper, names)
             variant.run.name, variant.run.out_dir = label, str(base / label)
             out.append(variant)
     return out
@@ -121,7 +165,6 @@ def main_compare(argv: list[str]) -> int:
         names = [n.strip().lower() for n in args.optimizers.split(",") if n.strip()]
         for name in names:
             check_optimizer_name(name)
-            check_optimizer_placement(name, cfg.placement.kind)
         lrs = [float(x) for x in args.lrs.split(",") if x.strip()] if args.lrs else []
         variants = _variants(cfg, names, lrs)
         for variant in variants:

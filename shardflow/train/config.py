@@ -31,7 +31,7 @@ class RunConfig:
     name: str = "run"
     """Run name, used in plot legends and as the default output folder name."""
     out_dir: str = ""
-    """Folder for metrics, checkpoints, plots and the saved model ("" = runs/<name>)."""
+    """Folder for metrics, checkpoints, plots and the saved model ("" = runs/NAME)."""
     seed: int = 0
     """Seed for model initialisation and batch sampling; the same seed gives the same run."""
     nproc: int = 1
@@ -91,7 +91,8 @@ class DataConfig:
 @dataclass(kw_only=True, slots=True)
 class PlacementConfig:
     kind: str = "none"
-    """"none" (one process), "ddp" (replicated), "fsdp" (fully_shard per block) or "offload"."""
+    """"none" (one process), "ddp" (replicated), "fsdp" (fully_shard per block) or "offload"
+    (one process; optimizer and a float32 master copy on the host)."""
     backend: str = "auto"
     """Collective backend: "auto" (gloo on cpu, nccl on cuda), "gloo" or "nccl"."""
 
@@ -116,7 +117,8 @@ class OptimConfig:
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0 = no clipping)."""
     hyper: dict[str, Any] = field(default_factory=dict)
-    """Extra keyword arguments for the optimizer's constructor ([optim.hyper] table)."""
+    """Extra keyword arguments for the optimizer's constructor ([optim.hyper] table; on the
+    command line --optim.hyper.KEY VALUE)."""
     groups: list[GroupRule] = field(default_factory=list)
     """Param-group routing, [[optim.groups]] tables; every parameter must match one rule
     (end with pattern = ".*" for the rest); empty = one group with every parameter."""
@@ -147,13 +149,16 @@ class TrainConfig:
 @dataclass(kw_only=True, slots=True)
 class CheckpointConfig:
     every: int = 0
-    """Checkpoint every N steps and at the end (0 = never)."""
+    """Checkpoint every N steps and at the end (0 = never): safetensors, one file per rank,
+    in OUT_DIR/checkpoints/step_N (shardflow.checkpoint)."""
     keep: int = 2
     """Newest complete checkpoints kept; older ones are deleted."""
     resume: bool = True
-    """Resume from the newest complete checkpoint in the run's checkpoint folder."""
+    """Resume from the newest complete checkpoint in OUT_DIR/checkpoints, whatever world
+    size or placement saved it."""
     save_model: bool = True
-    """Write the final model as safetensors (save_pretrained for Hugging Face models)."""
+    """Write the final weights to final/model.safetensors (Hugging Face models: their own
+    names, with config.json and the tokenizer, so from_pretrained reads the folder)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -348,17 +353,37 @@ def split_overrides(argv: list[str]) -> list[tuple[str, str]]:
 
 
 def apply_overrides(table: dict[str, Any], overrides: list[str]) -> None:
-    """Set ``--section.field value`` overrides in a parsed TOML document, in place."""
+    """Set ``--section.field value`` overrides in a parsed TOML document, in place.
+
+    A table field takes one key, ``--optim.hyper.factored false`` (sets ``factored = false`` in
+    ``[optim.hyper]``), or a whole TOML inline table, ``--optim.hyper '{factored = false}'``.
+    """
     for key, text in split_overrides(overrides):
-        section, _, name = key.partition(".")
+        section, _, rest = key.partition(".")
+        name, _, sub = rest.partition(".")
         if section not in SECTIONS:
             raise _unknown("--", section, list(SECTIONS))
         cls = SECTIONS[section]
         hints = typing.get_type_hints(cls)
         if name not in hints:
             raise _unknown(f"--{section}.", name, [f.name for f in dataclasses.fields(cls)])
+        is_table = typing.get_origin(hints[name]) is dict
+        if sub and not is_table:
+            raise ConfigError(
+                f"override --{key}: {section}.{name} is not a table; write --{section}.{name} VALUE."
+            )
         value = text if hints[name] is str else _parse_value(text)
-        table.setdefault(section, {})[name] = value
+        if is_table and not sub and not isinstance(value, dict):
+            raise ConfigError(
+                f"override --{key} {text!r}: {section}.{name} is a table; set one key with "
+                f"--{section}.{name}.KEY VALUE (e.g. --optim.hyper.factored false) or all of "
+                f"it with --{section}.{name} '{{KEY = VALUE, ...}}'."
+            )
+        target = table.setdefault(section, {})
+        if sub:
+            target = target.setdefault(name, {})
+            name = sub
+        target[name] = value
 
 
 # ------------------------------------------------------------------------------- reference

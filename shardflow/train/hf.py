@@ -96,10 +96,12 @@ def build_hf_model(cfg: ModelConfig, seed: int, device: str = "cpu") -> CausalLM
     return CausalLM(inner.to(device))
 
 
-def save_hf_model(
-    model: CausalLM, state: dict[str, torch.Tensor], out: Path, tok_path: str
-) -> None:
-    """save_pretrained of the fine-tuned weights and the tokenizer into ``out``."""
-    inner_state = {k.removeprefix("inner."): v for k, v in state.items()}
-    model.inner.save_pretrained(out, state_dict=inner_state)
+def save_hf_files(inner: nn.Module, out: Path, tok_path: str) -> None:
+    """The files beside ``model.safetensors`` that ``from_pretrained`` needs: the model's
+    ``config.json`` (and ``generation_config.json`` when it has one) and the tokenizer."""
+    out.mkdir(parents=True, exist_ok=True)
+    inner.config.save_pretrained(out)
+    generation = getattr(inner, "generation_config", None)
+    if generation is not None:
+        generation.save_pretrained(out)
     _transformers().AutoTokenizer.from_pretrained(tok_path).save_pretrained(out)

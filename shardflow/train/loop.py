@@ -27,16 +27,17 @@ from shardflow.train.data import ByteTokenizer, Corpus, load_corpus, sample_batc
 from shardflow.train.groups import RoutedGroup, route_params
 from shardflow.train.metrics import MetricsLog, Progress, plot_losses, read_metrics
 from shardflow.train.model import build_decoder, check_model_config
+from shardflow.train.offload import OffloadOptimizer, master_copy
 from shardflow.train.optimizers import (
     build_run_optimizer,
     check_optimizer_name,
-    check_optimizer_placement,
 )
 from shardflow.train.placement import (
     ProcessInfo,
     check_placement,
     gradient_sync,
     inner_model,
+    is_ddp,
     place_model,
     process_group_for,
     resolve_device,
@@ -77,12 +78,35 @@ def _placed_model(cfg: Config, device: torch.device, mesh: Any) -> nn.Module:
     return place_model(build_model(cfg, "cpu"), cfg, device, mesh)
 
 
+def build_model_and_optimizer(
+    cfg: Config, device: torch.device, mesh: Any
+) -> tuple[nn.Module, Any, list[RoutedGroup]]:
+    """The placed model, its optimizer and the routed param groups.
+
+    Placement "offload": the optimizer runs on the host over a float32 master copy made before
+    the model moves to the device (:class:`~shardflow.train.offload.OffloadOptimizer`).
+    """
+    if cfg.placement.kind == "offload":
+        cpu_model = build_model(cfg, "cpu")
+        master = master_copy(cpu_model, pin=device.type == "cuda")
+        model = place_model(cpu_model, cfg, device, mesh)
+        groups = route_params(master.named_parameters(), cfg.optim.groups)
+        optimizer = OffloadOptimizer(model, master, build_run_optimizer(cfg.optim, groups))
+        return model, optimizer, groups
+    model = _placed_model(cfg, device, mesh)
+    groups = route_params(inner_model(model).named_parameters(), cfg.optim.groups)
+    optimizer = build_run_optimizer(cfg.optim, groups, mesh)
+    placement = getattr(optimizer, "placement", None)
+    if is_ddp(model) and hasattr(placement, "grads_reduced"):
+        placement.grads_reduced = True  # DDP has averaged them: no second gradient exchange
+    return model, optimizer, groups
+
+
 def preflight(cfg: Config, proc: ProcessInfo) -> Prepared:
     """Check everything that can be checked without collectives; raise :class:`ConfigError`."""
     check_values(cfg)
     check_placement(cfg, proc)
     check_optimizer_name(cfg.optim.name)
-    check_optimizer_placement(cfg.optim.name, cfg.placement.kind)
     device = resolve_device(cfg, proc)
     if cfg.model.kind == "hf":
         from shardflow.train.hf import HFTokenizer, check_hf_path
@@ -172,27 +196,6 @@ def _train_step(model, optimizer, cfg: Config, corpus: Corpus, step: int, proc, 
     return _mean_over_ranks(total / accum), _to_float(norm)
 
 
-def _save_final_model(model: nn.Module, cfg: Config, out: Path, proc: ProcessInfo) -> None:
-    """Gather the full weights and write them (rank 0): safetensors or save_pretrained."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    state = get_model_state_dict(model, options=options)
-    if not proc.is_main:
-        return
-    target = out / "final"
-    target.mkdir(parents=True, exist_ok=True)
-    if cfg.model.kind == "hf":
-        from shardflow.train.hf import save_hf_model
-
-        save_hf_model(inner_model(model), state, target, cfg.model.path)
-        return
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in state.items()}, target / "model.safetensors")
-    (target / "config.json").write_text(json.dumps(dataclasses.asdict(cfg.model), indent=2))
-
-
 def _describe(
     cfg: Config,
     model: nn.Module,
@@ -222,17 +225,14 @@ def train(cfg: Config, prep: Prepared, proc: ProcessInfo) -> dict[str, Any]:
     device = prep.device
     mesh = process_group_for(cfg, device)
     torch.manual_seed(cfg.run.seed)
-    model = _placed_model(cfg, device, mesh)
-    groups = route_params(inner_model(model).named_parameters(), cfg.optim.groups)
-    optimizer = build_run_optimizer(cfg.optim, groups, mesh)
+    model, optimizer, groups = build_model_and_optimizer(cfg, device, mesh)
     base_lrs = [group["lr"] for group in optimizer.param_groups]
 
     ck_dir = out / "checkpoints"
     start, tokens_seen = 0, 0
-    found = ckpt.latest(ck_dir) if cfg.checkpoint.resume else None
+    found = ckpt.resume(ck_dir, model=model, optimizer=optimizer) if cfg.checkpoint.resume else None
     if found is not None:
-        extra = ckpt.load(found, model=model, optimizer=optimizer)
-        start, tokens_seen = int(extra["step"]), int(extra.get("tokens", 0))
+        start, tokens_seen = int(found["step"]), int(found.get("tokens", 0))
     if proc.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
@@ -245,8 +245,8 @@ def train(cfg: Config, prep: Prepared, proc: ProcessInfo) -> dict[str, Any]:
         main=proc.is_main,
         bar=cfg.log.progress,
         desc=cfg.run.name,
+        header=_describe(cfg, model, groups, prep, proc, start),
     )
-    bar.note(_describe(cfg, model, groups, prep, proc, start))
 
     if start == 0 and cfg.train.eval_every:
         log.write({"step": 0, "val_loss": evaluate(model, cfg, prep.corpus, proc, device)})
@@ -287,8 +287,9 @@ def train(cfg: Config, prep: Prepared, proc: ProcessInfo) -> dict[str, Any]:
             log.write({"step": step, "val_loss": val})
             bar.note(f"step {step}: val_loss {val:.4f}")
         if cfg.checkpoint.every and (step % cfg.checkpoint.every == 0 or last):
-            ckpt.save(
-                ckpt.step_dir(ck_dir, step),
+            ckpt.save_step(
+                ck_dir,
+                step,
                 model=model,
                 optimizer=optimizer,
                 extra={"step": step, "tokens": tokens_seen},
@@ -296,7 +297,8 @@ def train(cfg: Config, prep: Prepared, proc: ProcessInfo) -> dict[str, Any]:
             )
     bar.close()
     if cfg.checkpoint.save_model:
-        _save_final_model(model, cfg, out, proc)
+        hf_path = cfg.model.path if cfg.model.kind == "hf" else ""
+        ckpt.export_model(inner_model(model), cfg.model, out / "final", hf_path)
     return finish(cfg, out, proc)
 
 

@@ -46,10 +46,14 @@ class Progress:
     nothing.
     """
 
-    def __init__(self, *, total: int, start: int, main: bool, bar: bool, desc: str) -> None:
+    def __init__(
+        self, *, total: int, start: int, main: bool, bar: bool, desc: str, header: str = ""
+    ) -> None:
         self.main = main
         self.total = total
         self.bar = None
+        if header:
+            self.note(header)
         if not (main and bar):
             return
         try:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
-import importlib.util
 import inspect
 import pkgutil
 from typing import Any
@@ -60,42 +60,55 @@ def _factory(name: str) -> Any:
     return getter(name) if getter else registry._REGISTRY[name.lower()]
 
 
+@functools.cache
+def optimizer_class(name: str) -> Any:
+    """The class ``name`` builds: the factory itself, or (a lazy factory function) the type of
+    what it returns for one 2x2 parameter."""
+    factory = _factory(name)
+    if isinstance(factory, type):
+        return factory
+    return type(factory([torch.nn.Parameter(torch.zeros(2, 2))], lr=1e-3))
+
+
+_UNKNOWN = inspect.Parameter("unknown", inspect.Parameter.KEYWORD_ONLY)
+
+
+def _find_parameter(name: str, key: str) -> inspect.Parameter | None:
+    """Constructor parameter ``key`` of optimizer ``name``: in its ``__init__``, or in a base
+    class's when ``**kwargs`` are passed on (up the MRO); None when it takes no such keyword."""
+    for cls in optimizer_class(name).__mro__:
+        if "__init__" not in vars(cls) or cls is object:
+            continue
+        try:
+            params = inspect.signature(cls.__init__).parameters
+        except (TypeError, ValueError):
+            return _UNKNOWN
+        if key in params:
+            return params[key]
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            return None
+    return None
+
+
+def accepts_option(name: str, key: str) -> bool:
+    """Whether optimizer ``name``'s constructor takes the keyword ``key``."""
+    return _find_parameter(name, key) is not None
+
+
 def accepts_process_group(name: str) -> bool:
     """Whether the optimizer's constructor takes ``process_group=`` (ShardFlow ones do)."""
-    try:
-        return "process_group" in inspect.signature(_factory(name)).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def sharded_optimizers_available() -> bool:
-    """Whether ShardFlow optimizers can take a process group yet (shardflow.distributed.sharded)."""
-    return importlib.util.find_spec("shardflow.distributed.sharded") is not None
-
-
-def check_optimizer_placement(name: str, placement: str) -> None:
-    """Raise :class:`ConfigError` when ``name`` cannot run under ``placement`` in this build."""
-    sharded = placement in ("ddp", "fsdp") and accepts_process_group(name)
-    if sharded and not sharded_optimizers_available():
-        raise ConfigError(
-            f"optim.name={name!r} with placement.kind={placement!r} needs "
-            "shardflow.distributed.sharded, which this build does not have yet; use "
-            "placement.kind='none' (one process) or optim.name='adamw'."
-        )
+    return accepts_option(name, "process_group")
 
 
 def default_option(name: str, key: str) -> Any:
     """The constructor default of ``key`` for optimizer ``name`` (None when it has none)."""
-    try:
-        param = inspect.signature(_factory(name)).parameters.get(key)
-    except (TypeError, ValueError):
-        return None
+    param = _find_parameter(name, key)
     return None if param is None or param.default is inspect.Parameter.empty else param.default
 
 
 def state_bytes_per_param(name: str) -> float:
     """Bytes of optimizer state per parameter: the optimizer's own figure, else the table."""
-    own = getattr(_factory(name), "state_bytes_per_param", None)
+    own = getattr(optimizer_class(name), "state_bytes_per_param", None)
     if isinstance(own, int | float):
         return float(own)
     return STATE_BYTES_PER_PARAM.get(name.lower(), 8.0)

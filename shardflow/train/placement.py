@@ -1,9 +1,9 @@
-"""Where the model lives: one process, DDP replicas, FSDP2 shards (offload when it lands)."""
+"""Where the model lives: one process, DDP replicas, FSDP2 shards, or one device with the
+optimizer on the host (offload, :mod:`shardflow.train.offload`)."""
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import socket
 from dataclasses import dataclass
@@ -63,14 +63,11 @@ def check_placement(cfg: Config, proc: ProcessInfo) -> None:
             f"placement.kind='none' runs one process, but run.nproc={proc.world}; "
             "use placement.kind='ddp' or 'fsdp' for several processes."
         )
-    if kind == "offload":
-        if importlib.util.find_spec("shardflow.offload") is None:
-            raise ConfigError(
-                "placement.kind='offload' needs shardflow.offload, which this build does not "
-                "have yet; use 'none' or 'fsdp'."
-            )
-        if proc.world != 1:
-            raise ConfigError(f"placement.kind='offload' is single-GPU; run.nproc={proc.world}.")
+    if kind == "offload" and proc.world != 1:
+        raise ConfigError(
+            f"placement.kind='offload' runs one process (one GPU), but run.nproc={proc.world}; "
+            "use placement.kind='fsdp' to spread a model over several."
+        )
 
 
 def _free_port() -> int:

@@ -85,6 +85,8 @@ def _memory(cfg: Config, groups: list[RoutedGroup]) -> list[str]:
                     state[r] += p.numel() * state_b if owner == r else 0
                 else:
                     state[r] += p.numel() * state_b
+    if kind == "offload":
+        return _offload_memory(cfg, weights[0], sum(p.numel() for p in params), state_b)
     lines = [
         f"memory per rank (estimate; {state_b:g} B/param of {cfg.optim.name} state; "
         "activations not included):",
@@ -96,6 +98,19 @@ def _memory(cfg: Config, groups: list[RoutedGroup]) -> list[str]:
             f"  {r:4d} {_fmt(weights[r])} {_fmt(weights[r])} {_fmt(state[r])} {_fmt(total)}"
         )
     return lines
+
+
+def _offload_memory(cfg: Config, weights: float, numel: int, state_b: float) -> list[str]:
+    """Device: weights and gradients. Host: float32 master weights, gradient buffers, state."""
+    host_state = numel * state_b
+    return [
+        f"memory (estimate; placement offload: the optimizer runs on the host; {state_b:g} B/param "
+        f"of {cfg.optim.name} state; activations not included):",
+        f"  device  weights {_fmt(weights)}  grads {_fmt(weights)}  total {_fmt(2 * weights)}",
+        f"  host    master  {_fmt(4 * numel)}  grads {_fmt(4 * numel)}  optim state "
+        f"{_fmt(host_state)}  total {_fmt(8 * numel + host_state)}"
+        f"{'  (pinned)' if cfg.run.device != 'cpu' else ''}",
+    ]
 
 
 def _owner_lines(cfg: Config, matrices: list[tuple[str, torch.Tensor]], owners: list[int]):
