@@ -136,6 +136,18 @@ def test_orthograd_restores_the_norm_and_leaves_zero_weights_alone():
     torch.testing.assert_close(flat.norm(), g.norm())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_gradient_parallel_to_its_weight_projects_to_zero_not_to_amplified_noise(dtype):
+    gen = torch.Generator().manual_seed(13)
+    w = torch.randn(3, 576, generator=gen, dtype=dtype)
+    g = torch.randn(3, 576, generator=gen, dtype=dtype)
+    g[1] = 1e-3 * w[1]  # parallel: g⊥ is rounding noise, which restore_norm would scale to ‖g‖
+    out = orthograd_(g.clone(), w, rowwise=True, restore_norm=True)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    keep = torch.tensor([0, 2])
+    torch.testing.assert_close(out[keep].norm(dim=1), g[keep].norm(dim=1))
+
+
 def test_orthograd_flattens_higher_dimensional_tensors_to_out_by_rest():
     g = torch.randn(3, 2, 4, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
     w = torch.randn(3, 2, 4, generator=torch.Generator().manual_seed(12), dtype=torch.float64)

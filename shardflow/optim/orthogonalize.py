@@ -192,6 +192,12 @@ def orthograd_sums(grad: Tensor, weight: Tensor, *, rowwise: bool = True) -> Ten
     )
 
 
+PARALLEL_TOL = 1024.0
+"""⊥Grad treats a gradient row as parallel to its weight when ``‖g⊥‖²/‖g‖² ≤ PARALLEL_TOL·ε``
+(fp32: 1.2e-4, i.e. ``g⊥`` under 1.1 % of ``g``): below that the computed ``‖g⊥‖²`` is mostly
+cancellation error (``‖g‖² − ⟨g,w⟩²/‖w‖²``, about ``√n·ε`` of ``‖g‖²``)."""
+
+
 def orthograd_fold(sums: Tensor, *, restore_norm: bool = False) -> tuple[Tensor, Tensor]:
     """⊥Grad folded into two coefficients per row, ``(a, b)`` with ``result = a·g − b·w``.
 
@@ -199,14 +205,20 @@ def orthograd_fold(sums: Tensor, *, restore_norm: bool = False) -> tuple[Tensor,
     row), ``f = √(‖g‖² / ‖g⊥‖²)`` with ``‖g⊥‖² = ‖g‖² − c·⟨g,w⟩`` when ``restore_norm`` (else
     ``f = 1``; a zero gradient row keeps ``f = 1``), and ``a = f``, ``b = f·c``. Both have shape
     ``(rows,)``. Folding lets an update apply ⊥Grad inside the pass it makes anyway.
+
+    A row whose gradient is parallel to its weight, to working precision (``‖g⊥‖² ≤
+    PARALLEL_TOL·ε·‖g‖²``, ε the dtype's epsilon), has no orthogonal component: with
+    ``restore_norm`` its result is 0 (``a = b = 0``), never rounding noise scaled up to ``‖g‖``.
     """
     gw, ww, gg = sums.unbind(1)
     tiny = torch.finfo(sums.dtype).tiny
     coef = torch.where(ww > 0, gw / ww.clamp_min(tiny), torch.zeros_like(gw))
     if not restore_norm:
         return torch.ones_like(coef), coef
-    after = (gg - coef * gw).clamp_min(gg * 1e-12)
+    after = gg - coef * gw
+    parallel = after <= gg * (PARALLEL_TOL * torch.finfo(sums.dtype).eps)
     factor = torch.where(gg > 0, (gg / after.clamp_min(tiny)).sqrt(), torch.ones_like(gg))
+    factor = torch.where(parallel & (gg > 0), torch.zeros_like(gg), factor)
     return factor, factor * coef
 
 
