@@ -206,6 +206,7 @@ CATALOG: dict[str, str] = {
     "df-vector-noadapt": "DolphinFlow ortho_mode=vector, adaptive_lr=False",
     "df-block": "DolphinFlow ortho_mode=block, block_size=128",
     "df-matrix": "DolphinFlow ortho_mode=matrix (NS fp32 on CPU)",
+    "df-matrix-compiled": "DolphinFlow ortho_mode=matrix, compiled=True (element-wise params)",
     "df-matrix-bf16": "DolphinFlow ortho_mode=matrix, ns_dtype=bf16",
     "df-none": "DolphinFlow ortho_mode=None",
     "peer-vector": "dolphinflow 0.2.0, ortho_mode=vector",
@@ -222,6 +223,7 @@ DEFAULT = [
     "df-vector-noadapt",
     "df-block",
     "df-matrix",
+    "df-matrix-compiled",
     "df-none",
     "peer-vector",
 ]
@@ -251,11 +253,16 @@ def make_contender(name: str, model: nn.Module, ns: int) -> Contender | None:
         "df-vector-noadapt": dict(ortho_mode="vector", adaptive_lr=False),
         "df-block": dict(ortho_mode="block", block_size=128),
         "df-matrix": dict(ortho_mode="matrix"),
+        "df-matrix-compiled": dict(ortho_mode="matrix", compiled=True),
         "df-matrix-bf16": dict(ortho_mode="matrix", ns_dtype=torch.bfloat16),
         "df-none": dict(ortho_mode=None),
     }
     if name in modes:
-        anchor = {"df-matrix": "muon-fp32", "df-matrix-bf16": "muon-bf16"}.get(name)
+        anchor = {
+            "df-matrix": "muon-fp32",
+            "df-matrix-compiled": "muon-fp32",
+            "df-matrix-bf16": "muon-bf16",
+        }.get(name)
         return Contender(name, [dolphinflow(model, ns, **modes[name])], anchor=anchor)
     if name in ("peer-vector", "peer-matrix"):
         opt = peer(model, name.removeprefix("peer-"), ns)
