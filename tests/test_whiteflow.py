@@ -267,8 +267,8 @@ def test_compiled_defaults_to_cuda_only():
 
 
 @pytest.mark.skipif(
-    os.environ.get("SHARDFLOW_COMPILE_TESTS") != "1",
-    reason="torch.compile on a CPU takes 1-3 minutes here; set SHARDFLOW_COMPILE_TESTS=1",
+    os.environ.get("SHARDFLOW_TEST_COMPILE") != "1",
+    reason="torch.compile on a CPU takes 1-3 minutes here; set SHARDFLOW_TEST_COMPILE=1",
 )
 @pytest.mark.parametrize("mode", ["projected", "dense"])
 def test_compiled_equals_eager(mode):
