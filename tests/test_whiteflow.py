@@ -9,13 +9,18 @@ import os
 import pytest
 import torch
 
-from shardflow.optim.precision import hash32, hash32_int, round_bf16_stochastic
+from shardflow.optim.precision import (
+    bf16_stochastic,
+    hash32,
+    hash32_int,
+    hash32_low16,
+    random_bits,
+    round_bf16_stochastic,
+)
 from shardflow.optim.projection import projection
 from shardflow.optim.whiteflow import (
     WhiteFlow,
-    _hash32_low16,
     beta2_at,
-    bf16_stochastic,
     second_moment_weight,
     whiteflow_direction,
 )
@@ -300,13 +305,22 @@ def test_compiled_equals_eager(mode):
 # -- stochastic rounding --------------------------------------------------------------------
 
 
-def test_rounding_is_precision_round_bf16_stochastic_bit_for_bit():
-    """WhiteFlow's in-kernel rounding draws precision.py's counter-based stream exactly."""
+def _rounded_by_definition(x, seed, offset):
+    """The int64 stream of precision.random_bits, its low 16 bits added and truncated."""
+    noise = (random_bits(x.numel(), seed, offset, x.device) & 0xFFFF).to(torch.int32)
+    bits = (x.contiguous().view(torch.int32) + noise.reshape(x.shape)) & -65536
+    return bits.view(torch.float32).to(torch.bfloat16)
+
+
+def test_rounding_is_the_counter_based_stream_bit_for_bit():
+    """The int32 in-kernel rounding (tensor key and offset) draws precision's stream exactly."""
     x = torch.randn(300, 70) * 1e-3
     for seed, offset in ((7, 0), (123456789, 5_000), (2**32 - 1, 2**31)):
         key = torch.tensor(hash32_int(seed), dtype=torch.int64)
+        ref = _rounded_by_definition(x, seed, offset)
         got = bf16_stochastic(x, key, torch.tensor(offset))
-        torch.testing.assert_close(got, round_bf16_stochastic(x, seed, offset), rtol=0, atol=0)
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+        torch.testing.assert_close(round_bf16_stochastic(x, seed, offset), ref, rtol=0, atol=0)
 
 
 def test_rounding_is_unbiased_and_does_not_depend_on_the_shard():
@@ -411,4 +425,4 @@ def test_int32_hash_equals_precision_hash32():
             torch.tensor([0, 1, 2**31 - 1, 2**31, 2**32 - 1]),
         ]
     )
-    torch.testing.assert_close(_hash32_low16(x).long(), hash32(x) & 0xFFFF, rtol=0, atol=0)
+    torch.testing.assert_close(hash32_low16(x).long(), hash32(x) & 0xFFFF, rtol=0, atol=0)

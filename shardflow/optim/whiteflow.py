@@ -68,15 +68,13 @@ from shardflow.optim._validate import (
 )
 from shardflow.optim.base import Item, Layout, ShardFlowOptimizer, step_counter
 from shardflow.optim.orthogonalize import orthograd_
-from shardflow.optim.precision import hash32_int, mix_seed
+from shardflow.optim.precision import bf16_stochastic, hash32_int, mix_seed
 from shardflow.optim.projection import ProjectionCache
 from shardflow.optim.routing import is_hidden_matrix
 
 SECOND_MOMENTS = ("projected", "dense")
 ORTHO_MODES = ("vector", None)
 _SR_EXP_AVG, _SR_EXP_AVG_SQ = 1, 2
-_M32 = 0xFFFFFFFF
-_C1, _C2 = 0x7FEB352D, 0x846CA68B - (1 << 32)
 """lowbias32's multipliers (precision.py), as signed int32."""
 """Stochastic-rounding streams (mixed into the seed with the param index and step)."""
 
@@ -436,32 +434,6 @@ def _store(dst: Tensor, value: Tensor, keys: Tensor | None, at: int) -> None:
         dst.copy_(value)
     else:
         dst.copy_(bf16_stochastic(value, keys[at], keys[at + 1]))
-
-
-def bf16_stochastic(x: Tensor, key: Tensor, offset: Tensor) -> Tensor:
-    """``x`` rounded stochastically to bf16 with the bits of
-    :func:`shardflow.optim.precision.random_bits` (``key = hash32_int(seed)``, 0-d tensors so a
-    compiled kernel does not recompile per step): bit-identical to
-    ``precision.round_bf16_stochastic(x, seed, offset)`` for ``offset + numel ≤ 2³²``."""
-    index = torch.arange(x.numel(), dtype=torch.int64, device=x.device).reshape(x.shape)
-    noise = _hash32_low16(((index + offset) & _M32) ^ key)
-    bits = (x.to(torch.float32).contiguous().view(torch.int32) + noise) & -65536
-    return bits.view(torch.float32).to(torch.bfloat16)
-
-
-def _hash32_low16(x: Tensor) -> Tensor:
-    """The low 16 bits of :func:`shardflow.optim.precision.hash32` (lowbias32), as int32.
-
-    The same function computed in int32 with wrapping multiplies (logical shifts by masking)
-    instead of int64 with emulated 32-bit products: ~10 int32 passes instead of ~25 int64 ones,
-    which matters eagerly (a test checks it bit for bit against ``precision.hash32``).
-    """
-    x = x.to(torch.int32)
-    x = x ^ ((x >> 16) & 0xFFFF)
-    x = x * _C1
-    x = x ^ ((x >> 15) & 0x1FFFF)
-    x = x * _C2
-    return (x ^ (x >> 16)) & 0xFFFF
 
 
 _COMPILED: list[Any] = []
