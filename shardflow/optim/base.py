@@ -17,6 +17,12 @@ and may override ``_ns_tile(param, group, name)`` (which parameters Newton-Schul
 and in which tiles: the sharded placements balance their owner plan on it; the default reads
 the ``ortho_mode``/``block_size`` group keys of the DolphinFlow family).
 
+**Collectives and skipped groups.** ``_update_group`` runs only for groups where this rank has
+something to update (under the DDP-aware owner plan a rank may own nothing of a group), so a
+reduction point that needs every rank (``sum_over_model``) must not be called from there: do
+such reductions once per step in ``_after_step`` (FactoredProdigy's ``d``). ``sum_over_shards``
+and ``orthogonalize`` are safe: every rank holding pieces of a parameter updates its group.
+
 **State under sharding.** ``_init_state`` runs for every parameter on every rank, with ``local``
 holding the rows this rank keeps — 0 rows on a DDP rank that does not own the parameter, or on an
 empty FSDP2 shard — so every rank has the same state keys. ``Item.state`` holds plain local
