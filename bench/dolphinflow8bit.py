@@ -27,13 +27,13 @@ import platform
 import statistics
 import subprocess
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from bench.common import stdlib_bytes
 from shardflow import DolphinFlow, param_groups
 from shardflow.optim.dolphinflow8bit import DolphinFlow8bit
 
@@ -175,19 +175,6 @@ class TinyLM(nn.Module):
         return self.norm(h) @ self.embed.weight.T
 
 
-def stdlib_bytes(limit: int = 4_000_000) -> torch.Tensor:
-    """The standard library's ``.py`` sources, sorted by path, as bytes (at most ``limit``)."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    chunks, size = [], 0
-    for path in sorted(root.glob("*.py")):
-        data = path.read_bytes()
-        chunks.append(data)
-        size += len(data)
-        if size >= limit:
-            break
-    return torch.frombuffer(bytearray(b"".join(chunks)[:limit]), dtype=torch.uint8).long()
-
-
 def _batch(data: torch.Tensor, gen: torch.Generator, batch: int, ctx: int):
     starts = torch.randint(0, data.numel() - ctx - 1, (batch,), generator=gen)
     idx = starts[:, None] + torch.arange(ctx + 1)
@@ -200,7 +187,7 @@ def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def train_lm(cls, seed: int, steps: int, lr: float, batch: int = 16, ctx: int = 128):
-    data = stdlib_bytes()
+    data = stdlib_bytes(4_000_000)
     split = int(0.9 * data.numel())
     train, val = data[:split], data[split:]
     torch.manual_seed(seed)

@@ -22,7 +22,6 @@ import json
 import math
 import statistics
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import stdlib_bytes  # noqa: E402
 from shardflow.optim.whiteflow import WhiteFlow  # noqa: E402
 
 HIDDEN, MLP, HEADS, KV_HEADS, HEAD_DIM, LAYERS, VOCAB = 576, 1536, 9, 3, 64, 30, 49152
@@ -180,19 +180,6 @@ def speed(reps: int, layers: int, embedding: bool = True) -> None:
 # -- training -------------------------------------------------------------------------------
 
 
-def stdlib_bytes(limit: int = 3_000_000) -> torch.Tensor:
-    """The first ``limit`` bytes of the standard library's .py sources, in sorted path order."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    chunks, total = [], 0
-    for path in sorted(root.glob("*.py")):
-        data = path.read_bytes()
-        chunks.append(data)
-        total += len(data)
-        if total >= limit:
-            break
-    return torch.frombuffer(bytearray(b"".join(chunks)[:limit]), dtype=torch.uint8).long()
-
-
 class Block(nn.Module):
     def __init__(self, d: int, heads: int) -> None:
         super().__init__()
@@ -301,7 +288,7 @@ def train_run(optimizer: str, lr: float, steps: int, data, val, evals, cfg=None)
 
 
 def train(steps: int, final_steps: int, lrs: list[float], only: str = "") -> None:
-    data = stdlib_bytes()
+    data = stdlib_bytes(3_000_000)
     split = int(0.9 * len(data))
     train_data, val = data[:split], data[split:]
     print(
