@@ -315,8 +315,9 @@ class ShardFlowOptimizer(torch.optim.Optimizer):
 
 def _sq_norms(grads: list[Tensor], ops: ListOps) -> list[Tensor]:
     """``‖g‖²`` of each gradient. On the CPU a BLAS dot (``g·g``) reads a contiguous fp32/fp64
-    gradient about twice as fast as a norm kernel (measured: 4.1 vs 7.7 ms for 28M values on
-    2 cores); elsewhere one foreach norm launch serves every tensor."""
+    gradient faster than a norm kernel (this pass is memory-bound; its cost in a step is in
+    ``bench/results/step-profile-cpu2-2026-11-23.md``); elsewhere one foreach norm launch serves
+    every tensor."""
     if not grads or grads[0].device.type != "cpu":
         return ops.sq_norms(grads)
     return [
