@@ -11,9 +11,10 @@ or one part: ``memory`` | ``step`` | ``convergence``. Needs bitsandbytes.
   values, nothing downloaded), for DolphinFlow8bit, bitsandbytes' AdamW8bit (its state appears
   at the first step, taken with zero gradients) and DolphinFlow 32-bit. Target: ≤ 2.1 B/param.
 - **step**: wall time of ``optimizer.step()`` alone (fixed random gradients) for DolphinFlow8bit
-  and DolphinFlow 32-bit, interleaved round-robin so machine load hits both alike; the median of
-  the per-round ratios is printed. Two SmolLM2 layers (the hidden matrices, default vector mode),
-  and the same layers plus the embedding with name routing. Target: ≤ 1.5×.
+  and DolphinFlow 32-bit with the same ``compiled`` setting (eager, then ``compiled=True``),
+  interleaved round-robin so machine load hits both alike; the median of the per-round ratios is
+  printed. Two SmolLM2 layers (the hidden matrices, default vector mode), and the same layers plus
+  the embedding with name routing. Target: ≤ 1.5×.
 - **convergence**: a byte-level decoder (2 layers, width 192, 3 heads, MLP 768, context 128)
   trained for 200 steps on the running Python's standard library sources, 8-bit and 32-bit from
   the same initialization and batches; validation loss on held-out text. Target: within 1%.
@@ -116,37 +117,40 @@ def _time_step(opt: torch.optim.Optimizer) -> float:
     return time.perf_counter() - start
 
 
-def bench_step(rounds: int = 7) -> list[str]:
-    rows = ["| parameters | DolphinFlow ms | DolphinFlow8bit ms | median ratio (per round) |"]
-    rows.append("|---|---|---|---|")
+def bench_step(rounds: int = 7, compiled: tuple[bool, ...] = (False, True)) -> list[str]:
+    """Step time of DolphinFlow8bit against DolphinFlow 32-bit with the same ``compiled``."""
+    rows = [
+        "| parameters | compiled | DolphinFlow ms | DolphinFlow8bit ms | median ratio (per round) |",
+        "|---|---|---|---|---|",
+    ]
     for label, embedding in (
         ("2 layers, hidden matrices (vector mode)", False),
-        (
-            "2 layers + embedding, name routing",
-            True,
-        ),
+        ("2 layers + embedding, name routing", True),
     ):
-        contenders = {}
-        for name, cls in (("32", DolphinFlow), ("8", DolphinFlow8bit)):
-            params = smollm2_params(layers=2, embedding=embedding)
-            if not embedding:
-                params = {k: p for k, p in params.items() if p.ndim == 2}
-            gen = torch.Generator().manual_seed(1)
-            for p in params.values():
-                p.grad = torch.randn(p.shape, generator=gen) * 1e-3
-            opt = cls(list(params.items()), lr=1e-4)
-            _time_step(opt)  # warm-up
-            contenders[name] = opt
-        times: dict[str, list[float]] = {"32": [], "8": []}
-        for _ in range(rounds):
-            for name, opt in contenders.items():
-                times[name].append(_time_step(opt))
-        ratio = statistics.median(b / a for a, b in zip(times["32"], times["8"]))
-        n = sum(p.numel() for g in contenders["8"].param_groups for p in g["params"])
-        rows.append(
-            f"| {label} ({n / 1e6:.1f} M) | {1e3 * statistics.median(times['32']):.0f} | "
-            f"{1e3 * statistics.median(times['8']):.0f} | {ratio:.2f}× |"
-        )
+        for comp in compiled:
+            contenders = {}
+            for name, cls in (("32", DolphinFlow), ("8", DolphinFlow8bit)):
+                params = smollm2_params(layers=2, embedding=embedding)
+                if not embedding:
+                    params = {k: p for k, p in params.items() if p.ndim == 2}
+                gen = torch.Generator().manual_seed(1)
+                for p in params.values():
+                    p.grad = torch.randn(p.shape, generator=gen) * 1e-3
+                opt = cls(list(params.items()), lr=1e-4, compiled=comp)
+                _time_step(opt)  # warm-up (and compilation)
+                _time_step(opt)
+                contenders[name] = opt
+            times: dict[str, list[float]] = {"32": [], "8": []}
+            for _ in range(rounds):
+                for name, opt in contenders.items():
+                    times[name].append(_time_step(opt))
+            ratio = statistics.median(b / a for a, b in zip(times["32"], times["8"]))
+            n = sum(p.numel() for g in contenders["8"].param_groups for p in g["params"])
+            rows.append(
+                f"| {label} ({n / 1e6:.1f} M) | {comp} | {1e3 * statistics.median(times['32']):.0f} | "
+                f"{1e3 * statistics.median(times['8']):.0f} | {ratio:.2f}× |"
+            )
+            print(rows[-1], flush=True)
     return rows
 
 

@@ -25,6 +25,7 @@ rank cuts the same chunks.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator
 from typing import Any, ClassVar
 
@@ -34,8 +35,8 @@ from torch import Tensor
 from shardflow.optim import quant8
 from shardflow.optim._listops import ListOps
 from shardflow.optim._validate import check_int_at_least
-from shardflow.optim.base import Item, Layout
-from shardflow.optim.dolphinflow import DolphinFlow
+from shardflow.optim.base import Item, Layout, _compute_dtype
+from shardflow.optim.dolphinflow import DolphinFlow, _compiled, fused_update
 
 MOMENTS: dict[str, bool] = {"exp_avg": True, "exp_avg_sq": False}
 """The quantized state keys and whether their code table is signed."""
@@ -58,8 +59,8 @@ class DolphinFlow8bit(DolphinFlow):
             step (fp32 working memory ≈ 8 bytes each); ``None``: a whole param group at once.
     """
 
-    scratch_grads: ClassVar[bool] = True
-    """Its working items are built from scratch gradients (the base's default)."""
+    scratch_grads: ClassVar[bool] = False
+    """As DolphinFlow: the compiled pass reads the raw gradient (times ``Item.grad_scale``)."""
 
     state_layout: ClassVar[dict[str, Layout]] = {
         **DolphinFlow.state_layout,
@@ -104,12 +105,130 @@ class DolphinFlow8bit(DolphinFlow):
     # -- the step ---------------------------------------------------------------------------
 
     def _update_group(self, group: dict[str, Any], items: list[Item], ops: ListOps) -> None:
-        """DolphinFlow's update, chunk by chunk, on dequantized moments; requantize after."""
+        """DolphinFlow's update, chunk by chunk (see the module docstring for who dequantizes)."""
         for chunk in self._chunks(items):
+            if not group["dynamic_momentum"]:
+                super()._update_group(group, chunk, ops)
+                continue
+            # dynamic momentum reads every moment before the update: dequantize them all first
             working = [self._dequantized(it) for it in chunk]
             super()._update_group(group, working, ops)
             for it, work in zip(chunk, working):
                 self._store(it, work)
+
+    def _fused_update(
+        self,
+        group: dict[str, Any],
+        items: list[Item],
+        mus: list[float],
+        lr: float,
+        folds: dict[int, tuple[Tensor, Tensor]],
+        ops: ListOps,
+    ) -> None:
+        """The fused route: quantized moments in slabs of rows (:meth:`_slab_update`), others
+        (fp32 moments, or non-contiguous tensors: dequantized whole) through DolphinFlow's."""
+        direct = [self._blocks(it) is not None and _contiguous(it) for it in items]
+        if any(direct):
+            self._slab_update(
+                group,
+                [it for it, d in zip(items, direct) if d],
+                [mu for mu, d in zip(mus, direct) if d],
+                lr,
+                folds,
+            )
+        if not all(direct):
+            rest = [it for it, d in zip(items, direct) if not d]
+            working = [self._dequantized(it) for it in rest]
+            folds = {id(w): folds[id(it)] for it, w in zip(rest, working) if id(it) in folds}
+            mus = [mu for mu, d in zip(mus, direct) if not d]
+            super()._fused_update(group, working, mus, lr, folds, ops)
+            for it, work in zip(rest, working):
+                self._store(it, work)
+
+    def _stepwise_update(
+        self,
+        group: dict[str, Any],
+        items: list[Item],
+        mus: list[float],
+        lr: float,
+        routes: dict[Tensor, str],
+        ops: ListOps,
+    ) -> None:
+        """Newton-Schulz, trust region, no ``adaptive_lr``: the whole direction is needed before
+        the weights move, so the chunk's moments are dequantized whole, then requantized."""
+        working = [self._dequantized(it) for it in items]
+        super()._stepwise_update(group, working, mus, lr, routes, ops)
+        for it, work in zip(items, working):
+            self._store(it, work)
+
+    def _slab_update(
+        self,
+        group: dict[str, Any],
+        items: list[Item],
+        mus: list[float],
+        lr: float,
+        folds: dict[int, tuple[Tensor, Tensor]],
+    ) -> None:
+        """Steps 3-7 of DolphinFlow's rule on quantized moments, :data:`SLAB_ELEMENTS` at a time.
+
+        Per slab of rows: dequantize ``m`` and ``v`` (padded layout), apply the element-wise rule
+        of :func:`~shardflow.optim.dolphinflow.fused_update` (compiled when DolphinFlow's pass is:
+        the same kernel; else in-place eager ops in DolphinFlow's eager order), requantize. The
+        bias corrections are folded into scalars as in DolphinFlow's fused pass; ⊥Grad enters as
+        ``a·g − b·w`` per row, the clip factor ``c`` of a raw gradient with it.
+        """
+        weights = self._nesterov_weights(group, items, mus)
+        beta2, eps, decay = group["beta2"], group["eps"], 1.0 - lr * group["weight_decay"]
+        compiled = self._use_compiled(items[0].grad)
+        rowwise = group["vector_mode"] == "rowwise"
+        for it, mu, weight in zip(items, mus, weights):
+            corr = 1.0 - beta2 ** float(it.state["step"])
+            c = it.grad_scale
+            scalars = (decay, 1.0 - mu, beta2, lr * corr**0.5 / weight, eps * corr**0.5, c)
+            fold = folds.get(id(it))
+            if fold is not None:  # per row, or (flat ⊥Grad) one pair for the whole tensor
+                a, b = (f.mul(c).unsqueeze(1) for f in fold)
+                fold = (
+                    (a, b)
+                    if rowwise
+                    else (a.expand(it.local.shape[0], 1), b.expand(it.local.shape[0], 1))
+                )
+            if compiled:
+                dtype = _compute_dtype(it.grad)
+                s = torch.tensor(scalars, dtype=dtype, device=it.grad.device)
+                rule = functools.partial(_compiled_rule, s=s, nesterov=group["nesterov"])
+            else:
+                rule = functools.partial(
+                    _eager_rule,
+                    s=scalars,
+                    nesterov=group["nesterov"],
+                    decay_on=bool(group["weight_decay"] and lr),
+                )
+            self._slabs(it, fold, rule)
+
+    def _slabs(self, item: Item, fold: tuple[Tensor, Tensor] | None, rule: Any) -> None:
+        """Run ``rule(w, g, m, v, a, b)`` over ``item`` slab by slab, ``m, v`` dequantized."""
+        blocks = self._blocks(item)
+        rows = item.local.shape[0]
+        w = item.local.detach().view(rows, blocks.cols)
+        g = item.grad.view(rows, blocks.cols)
+        state = item.state
+        step = max(1, SLAB_ELEMENTS // blocks.code_cols)
+        for start in range(0, rows, step):
+            r = slice(start, start + step)
+            moments = {
+                key: quant8.dequantize_padded(
+                    state[key][r], state[absmax_key(key)][r], blocks, signed, g.dtype
+                )
+                for key, signed in MOMENTS.items()
+            }
+            m, v = (x[:, : blocks.cols] for x in moments.values())
+            a, b = (None, None) if fold is None else (fold[0][r], fold[1][r])
+            rule(w[r], g[r], m, v, a, b)
+            for key, signed in MOMENTS.items():
+                quant8.quantize_(
+                    state[key][r], state[absmax_key(key)][r], moments[key], blocks, signed
+                )
 
     def _blocks(self, item: Item) -> quant8.RowBlocks | None:
         """The row blocks of ``item``'s moments, or None when they are stored in fp32."""
@@ -138,13 +257,14 @@ class DolphinFlow8bit(DolphinFlow):
         if blocks is None:
             return item
         state = dict(item.state)
+        dtype = _compute_dtype(item.grad)
         for key, signed in MOMENTS.items():
             if key in state:
                 values = quant8.dequantize(
-                    state[key], state[absmax_key(key)], blocks, signed, item.grad.dtype
+                    state[key], state[absmax_key(key)], blocks, signed, dtype
                 )
                 state[key] = values.view(item.local.shape)
-        return Item(item.param, item.local, item.grad, state)
+        return Item(item.param, item.local, item.grad, state, item.grad_scale)
 
     def _store(self, item: Item, work: Item) -> None:
         """Requantize the working moments into ``item.state``; keep its other entries' values."""
@@ -159,3 +279,48 @@ class DolphinFlow8bit(DolphinFlow):
                 )
             else:
                 item.state[key] = value
+
+
+SLAB_ELEMENTS = 2**18
+"""Quantized elements per slab of the fused route: small enough that a slab's working tensors
+stay in the CPU's caches between the passes over it."""
+
+
+def _contiguous(item: Item) -> bool:
+    return item.local.is_contiguous() and item.grad.is_contiguous()
+
+
+def _compiled_rule(w, g, m, v, a, b, *, s: Tensor, nesterov: bool) -> None:
+    """DolphinFlow's compiled element-wise pass on one slab."""
+    _compiled(fused_update)(w, g, m, v, a, b, s, nesterov=nesterov)
+
+
+def _eager_rule(
+    w: Tensor,
+    g: Tensor,
+    m: Tensor,
+    v: Tensor,
+    a: Tensor | None,
+    b: Tensor | None,
+    *,
+    s: tuple[float, ...],
+    nesterov: bool,
+    decay_on: bool,
+) -> None:
+    """:func:`~shardflow.optim.dolphinflow.fused_update`'s maths as in-place eager ops on one slab,
+    in the order of DolphinFlow's eager pass; ``g`` is only read."""
+    decay, one_minus_mu, beta2, scale, eps, c = s
+    if a is not None and b is not None:
+        g = (g * a).addcmul_(b, w, value=-1)
+    else:
+        g = g * c
+    v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+    m.lerp_(g, one_minus_mu)
+    n = g.lerp_(m, 1.0 - one_minus_mu) if nesterov else m
+    denom = v.sqrt().add_(eps)
+    if decay_on:
+        w.mul_(decay)
+    if w.dtype == n.dtype:
+        w.addcdiv_(n, denom, value=-scale)
+    else:
+        w.add_(denom.reciprocal_().mul_(n).to(w.dtype), alpha=-scale)

@@ -119,74 +119,115 @@ def _segments(blocks: RowBlocks) -> list[tuple[slice, slice, int]]:
     return segments
 
 
+@cache
+def _scale_columns(blocks: RowBlocks, device: torch.device) -> Tensor:
+    """For each run of :data:`TAIL_BLOCK` code columns, the column of its block's scale.
+
+    A head block of 256 spans 4 runs, a tail block 1: ``(code_cols / 64,)`` int32.
+    """
+    runs = HEAD_BLOCK // TAIL_BLOCK
+    head = torch.arange(blocks.head_blocks).repeat_interleave(runs)
+    tail = blocks.head_blocks + torch.arange(blocks.tail_padded // TAIL_BLOCK)
+    return torch.cat([head, tail]).int().to(device)
+
+
+def _run_scales(absmax: Tensor, blocks: RowBlocks) -> Tensor:
+    """``(rows, code_cols / 64)``: the scale of each run of 64 codes (see :func:`_scale_columns`)."""
+    return absmax.index_select(1, _scale_columns(blocks, absmax.device))
+
+
+def pad_rows(x: Tensor, blocks: RowBlocks) -> Tensor:
+    """``x`` ``(rows, cols)`` in the padded layout ``(rows, code_cols)`` (zeros past ``cols``)."""
+    if x.shape[1] == blocks.code_cols:
+        return x
+    return torch.nn.functional.pad(x, (0, blocks.code_cols - x.shape[1]))
+
+
 def quantize_(codes: Tensor, absmax: Tensor, x: Tensor, blocks: RowBlocks, signed: bool) -> None:
-    """Quantize ``x`` (``(rows, cols)``, any float dtype) into ``codes`` and ``absmax`` in place."""
+    """Quantize ``x`` into ``codes`` and ``absmax`` in place.
+
+    ``x``: any float dtype, ``(rows, cols)`` or already padded ``(rows, code_cols)`` (its padding
+    columns must hold zeros, as :func:`dequantize_padded` leaves them).
+    """
     rows = x.shape[0]
     if rows == 0:
         return
-    for cols, scales, size in _segments(blocks):
-        part = x[:, cols]
-        if part.shape[1] < cols.stop - cols.start:  # the tail: pad with zeros to whole blocks
-            part = torch.nn.functional.pad(part, (0, cols.stop - cols.start - part.shape[1]))
-        out, scale = _quantize_blocks(part.reshape(rows, -1, size), signed)
-        codes[:, cols].copy_(out.view(rows, -1))
-        absmax[:, scales].copy_(scale)
+    x = pad_rows(x, blocks)
+    if x.device.type != "cpu":
+        for cols, scales, size in _segments(blocks):
+            out, scale = _quantize_blocks(x[:, cols].reshape(rows, -1, size), signed)
+            codes[:, cols].copy_(out.view(rows, -1))
+            absmax[:, scales].copy_(scale)
+        return
+    # CPU: the absmax of every run of 64 values, then of 4 runs for a head block of 256
+    runs = x.float().reshape(rows, -1, TAIL_BLOCK)
+    run_max = runs.abs().amax(-1)
+    head = 4 * blocks.head_blocks
+    absmax[:, : blocks.head_blocks] = run_max[:, :head].view(rows, -1, 4).amax(-1)
+    absmax[:, blocks.head_blocks :] = run_max[:, head:]
+    scale = _run_scales(absmax, blocks)
+    normed = runs / torch.where(scale > 0, scale, 1.0).unsqueeze(-1)
+    codes.copy_(_nearest(normed, signed).view(rows, -1))
+
+
+def dequantize_padded(
+    codes: Tensor, absmax: Tensor, blocks: RowBlocks, signed: bool, dtype: torch.dtype
+) -> Tensor:
+    """A new ``(rows, code_cols)`` tensor of ``dtype``: the values ``codes`` and ``absmax`` encode,
+    padding columns included (they hold zeros: the code of 0)."""
+    rows = codes.shape[0]
+    code = dynamic_map(signed, codes.device)
+    if rows == 0:
+        return torch.empty((0, blocks.code_cols), dtype=dtype, device=codes.device)
+    if codes.device.type != "cpu":
+        out = torch.empty((rows, blocks.code_cols), dtype=torch.float32, device=codes.device)
+        for cols, scales, size in _segments(blocks):
+            values = _dequantize_blocks(
+                codes[:, cols].reshape(rows, -1, size), absmax[:, scales], signed
+            )
+            out[:, cols] = values.view(rows, -1)
+        return out.to(dtype)
+    values = torch.index_select(code, 0, codes.reshape(-1).int()).view(rows, -1, TAIL_BLOCK)
+    values.mul_(_run_scales(absmax, blocks).unsqueeze(-1))
+    return values.view(rows, blocks.code_cols).to(dtype)
 
 
 def dequantize(
     codes: Tensor, absmax: Tensor, blocks: RowBlocks, signed: bool, dtype: torch.dtype
 ) -> Tensor:
     """A new ``(rows, cols)`` tensor of ``dtype``: the values ``codes`` and ``absmax`` encode."""
-    rows = codes.shape[0]
-    out = torch.empty((rows, blocks.cols), dtype=dtype, device=codes.device)
-    if rows == 0:
-        return out
-    for cols, scales, size in _segments(blocks):
-        values = _dequantize_blocks(
-            codes[:, cols].reshape(rows, -1, size), absmax[:, scales], signed
-        ).view(rows, -1)
-        width = min(cols.stop, blocks.cols) - cols.start
-        out[:, cols.start : cols.start + width] = values[:, :width]
-    return out
+    values = dequantize_padded(codes, absmax, blocks, signed, dtype)
+    if blocks.code_cols == blocks.cols:
+        return values
+    return values[:, : blocks.cols].contiguous()
 
 
-# -- one block size: (rows, blocks, size) values <-> codes + (rows, blocks) scales ---------------
+# -- bitsandbytes' kernels (CUDA): (rows, blocks, size) values <-> codes + (rows, blocks) scales --
 
 
 def _quantize_blocks(x: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
-    """Codes ``(rows, n, size)`` uint8 and scales ``(rows, n)`` fp32 of ``x`` ``(rows, n, size)``.
-
-    Each block is divided by its absolute maximum and every value rounded to the nearest entry
-    of the dynamic map. On CUDA through bitsandbytes' kernel; on CPU through :func:`_nearest`:
-    about 2× faster than bitsandbytes' CPU kernel (≈20 ns per value on the shared 2-core CPU,
-    bench/results/dolphinflow8bit-cpu2-2026-11-23.md), and exactly nearest where that kernel
-    sometimes picks a neighbour (≤ 3e-5 of the block scale off).
-    """
-    if x.device.type != "cpu":
-        flat = x.float().contiguous().view(-1)
-        out, state = bnbf.quantize_blockwise(
-            flat, code=dynamic_map(signed, x.device), blocksize=x.shape[-1]
-        )
-        return out.view(x.shape), state.absmax.view(x.shape[:-1])
-    x = x.float()
-    scale = x.abs().amax(-1)
-    normed = x / torch.where(scale > 0, scale, 1.0).unsqueeze(-1)
-    return _nearest(normed, signed), scale
+    """Codes ``(rows, n, size)`` uint8 and scales ``(rows, n)`` fp32 of ``x`` ``(rows, n, size)``,
+    through bitsandbytes' kernel: each block divided by its absolute maximum, every value rounded
+    to the nearest entry of the dynamic map."""
+    flat = x.float().contiguous().view(-1)
+    out, state = bnbf.quantize_blockwise(
+        flat, code=dynamic_map(signed, x.device), blocksize=x.shape[-1]
+    )
+    return out.view(x.shape), state.absmax.view(x.shape[:-1])
 
 
 def _dequantize_blocks(codes: Tensor, absmax: Tensor, signed: bool) -> Tensor:
     """fp32 values ``(rows, n, size)`` of codes ``(rows, n, size)`` with scales ``(rows, n)``."""
-    code = dynamic_map(signed, codes.device)
-    if codes.device.type != "cpu":
-        out = bnbf.dequantize_blockwise(
-            codes.contiguous().view(-1),
-            absmax=absmax.contiguous().view(-1),
-            code=code,
-            blocksize=codes.shape[-1],
-        )
-        return out.view(codes.shape)
-    values = torch.index_select(code, 0, codes.reshape(-1).int()).view(codes.shape)
-    return values.mul_(absmax.unsqueeze(-1))
+    out = bnbf.dequantize_blockwise(
+        codes.contiguous().view(-1),
+        absmax=absmax.contiguous().view(-1),
+        code=dynamic_map(signed, codes.device),
+        blocksize=codes.shape[-1],
+    )
+    return out.view(codes.shape)
+
+
+# -- the CPU quantizer --------------------------------------------------------------------------
 
 
 @cache
