@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("bitsandbytes", reason="DolphinFlow8bit needs bitsandbytes")
 
 from shardflow import DolphinFlow  # noqa: E402
-from shardflow.optim import quant8  # noqa: E402
+from shardflow.optim import dolphinflow8bit, quant8  # noqa: E402
 from shardflow.optim.dolphinflow8bit import DolphinFlow8bit  # noqa: E402
 
 
@@ -279,6 +279,96 @@ def test_chunked_steps_equal_whole_group_steps():
         results.append(_params(model))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_slabs_of_any_size_give_the_same_step(monkeypatch):
+    """The fused route updates quantized moments a slab of rows at a time; every value's update
+    is row-local, so one row per slab and whole tensors give bitwise the same run."""
+    results = []
+    for slab in (1, 10**9):
+        monkeypatch.setattr(dolphinflow8bit, "SLAB_ELEMENTS", slab)
+        model = _model()
+        opt = DolphinFlow8bit(model.parameters(), lr=1e-2)
+        _train(model, opt, 4)
+        results.append(_params(model) + [t for s in opt.state.values() for t in s.values()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_non_contiguous_params_take_the_dequantized_path_with_the_same_result():
+    """A transposed parameter cannot be cut into row slabs: its moments are dequantized whole and
+    DolphinFlow's eager pass updates them, with the same maths in the same order. Only float
+    rounding differs (another memory layout runs other SIMD/scalar loops): measured ≤ 1.1e-5
+    relative on the weights (1 ulp) and identical codes; held to 2e-5 and codes at most one step
+    apart at < 1% of positions (a value on a code midpoint may round either way)."""
+    results = []
+    for transposed in (False, True):
+        torch.manual_seed(0)
+        value = torch.randn(96, 64)
+        weight = torch.nn.Parameter(value.t().contiguous().t() if transposed else value.clone())
+        assert weight.is_contiguous() != transposed
+        opt = DolphinFlow8bit([weight], lr=1e-2)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            weight.grad = torch.randn(96, 64, generator=gen)
+            weight.grad = weight.grad.t().contiguous().t() if transposed else weight.grad
+            opt.step()
+        state = opt.state[weight]
+        results.append((weight.detach().clone(), state["exp_avg"], state["exp_avg_sq"]))
+        assert state["exp_avg"].dtype == torch.uint8
+    (w, m, v), (w_t, m_t, v_t) = results
+    torch.testing.assert_close(w_t, w, rtol=2e-5, atol=0)
+    for a, b in ((m, m_t), (v, v_t)):
+        assert (a.int() - b.int()).abs().max() <= 1 and (a != b).float().mean() < 0.01
+
+
+def test_compiled_and_eager_8bit_steps_agree():
+    """``compiled=True`` runs DolphinFlow's compiled element-wise pass on each dequantized slab
+    (the graphs DolphinFlow's own tests compile); eager runs the same maths as in-place ops.
+
+    One step from the same quantized state (after 3 eager steps): only float rounding differs
+    (fused multiply-adds, operation order). The weights use this step's unrounded moments, so
+    they differ by rounding only: measured ≤ 1.5e-8 (lr 1e-2), held to 1e-6; a requantized
+    moment may land on the other side of a code midpoint: measured at 1e-5 of positions, one
+    step apart, held to 0.1%. A wrong fold, scale, bias correction or table is off by O(lr) and
+    O(1) steps. Over several steps the runs drift apart further (a flipped code of a tiny
+    second moment moves that element's next update by a few %), as 8-bit and 32-bit do.
+    """
+    model = _model()
+    opt = DolphinFlow8bit(model.parameters(), lr=1e-2)
+    _train(model, opt, 3)
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    runs = []
+    for compiled in (False, True):
+        model.load_state_dict(saved_model)
+        opt = DolphinFlow8bit(model.parameters(), lr=1e-2, compiled=compiled)
+        opt.load_state_dict(copy.deepcopy(saved_opt))  # loading aliases the tensors it is given
+        _train(model, opt, 1)
+        codes = [s[k] for s in opt.state.values() for k in ("exp_avg", "exp_avg_sq")]
+        runs.append((_params(model), [c for c in codes if c.dtype == torch.uint8]))
+    (eager, eager_codes), (comp, comp_codes) = runs
+    assert len(eager_codes) == 6
+    for a, b in zip(eager, comp):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+    for a, b in zip(eager_codes, comp_codes):
+        assert (a.int() - b.int()).abs().max() <= 1 and (a != b).float().mean() < 1e-3
+
+
+@pytest.mark.parametrize("cols", [576, 100])
+def test_both_moments_quantized_at_once_equal_each_quantized_alone(cols):
+    """quantize_many_/dequantize_many serve the momentum (signed map) and the second moment
+    (unsigned map) in one pass through concatenated tables: each state reads its own table."""
+    torch.manual_seed(0)
+    blocks = quant8.RowBlocks(cols)
+    m = torch.randn(7, cols) * torch.logspace(-4, 0, 7).unsqueeze(1)
+    alone = [_roundtrip(m, True), _roundtrip(m.square(), False)]
+    states = [(*quant8.empty_state(7, blocks, m.device), s) for s in (True, False)]
+    x = quant8.pad_rows(torch.stack([m, m.square()]), blocks)
+    quant8.quantize_many_(states, x, blocks)
+    values = quant8.dequantize_many(states, blocks, torch.float32)
+    for (codes, absmax, _), (ref_codes, ref_absmax, ref_values), v in zip(states, alone, values):
+        assert torch.equal(codes, ref_codes) and torch.equal(absmax, ref_absmax)
+        assert torch.equal(v[:, :cols], ref_values) and not v[:, cols:].any()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])

@@ -30,6 +30,7 @@ local shard, and fp64 values are quantized through fp32.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 
@@ -131,75 +132,106 @@ def _scale_columns(blocks: RowBlocks, device: torch.device) -> Tensor:
     return torch.cat([head, tail]).int().to(device)
 
 
-def _run_scales(absmax: Tensor, blocks: RowBlocks) -> Tensor:
-    """``(rows, code_cols / 64)``: the scale of each run of 64 codes (see :func:`_scale_columns`)."""
-    return absmax.index_select(1, _scale_columns(blocks, absmax.device))
+State = tuple[Tensor, Tensor, bool]
+"""One quantized tensor: codes ``(rows, code_cols)`` uint8, scales ``(rows, blocks)`` fp32, and
+whether its code table is signed."""
 
 
 def pad_rows(x: Tensor, blocks: RowBlocks) -> Tensor:
-    """``x`` ``(rows, cols)`` in the padded layout ``(rows, code_cols)`` (zeros past ``cols``)."""
-    if x.shape[1] == blocks.code_cols:
+    """``x`` ``(..., rows, cols)`` in the padded layout ``(..., rows, code_cols)`` (zeros past
+    ``cols``)."""
+    if x.shape[-1] == blocks.code_cols:
         return x
-    return torch.nn.functional.pad(x, (0, blocks.code_cols - x.shape[1]))
+    return torch.nn.functional.pad(x, (0, blocks.code_cols - x.shape[-1]))
 
 
 def quantize_(codes: Tensor, absmax: Tensor, x: Tensor, blocks: RowBlocks, signed: bool) -> None:
-    """Quantize ``x`` into ``codes`` and ``absmax`` in place.
-
-    ``x``: any float dtype, ``(rows, cols)`` or already padded ``(rows, code_cols)`` (its padding
-    columns must hold zeros, as :func:`dequantize_padded` leaves them).
-    """
-    rows = x.shape[0]
-    if rows == 0:
-        return
-    x = pad_rows(x, blocks)
-    if x.device.type != "cpu":
-        for cols, scales, size in _segments(blocks):
-            out, scale = _quantize_blocks(x[:, cols].reshape(rows, -1, size), signed)
-            codes[:, cols].copy_(out.view(rows, -1))
-            absmax[:, scales].copy_(scale)
-        return
-    # CPU: the absmax of every run of 64 values, then of 4 runs for a head block of 256
-    runs = x.float().reshape(rows, -1, TAIL_BLOCK)
-    run_max = runs.abs().amax(-1)
-    head = 4 * blocks.head_blocks
-    absmax[:, : blocks.head_blocks] = run_max[:, :head].view(rows, -1, 4).amax(-1)
-    absmax[:, blocks.head_blocks :] = run_max[:, head:]
-    scale = _run_scales(absmax, blocks)
-    normed = runs / torch.where(scale > 0, scale, 1.0).unsqueeze(-1)
-    codes.copy_(_nearest(normed, signed).view(rows, -1))
-
-
-def dequantize_padded(
-    codes: Tensor, absmax: Tensor, blocks: RowBlocks, signed: bool, dtype: torch.dtype
-) -> Tensor:
-    """A new ``(rows, code_cols)`` tensor of ``dtype``: the values ``codes`` and ``absmax`` encode,
-    padding columns included (they hold zeros: the code of 0)."""
-    rows = codes.shape[0]
-    code = dynamic_map(signed, codes.device)
-    if rows == 0:
-        return torch.empty((0, blocks.code_cols), dtype=dtype, device=codes.device)
-    if codes.device.type != "cpu":
-        out = torch.empty((rows, blocks.code_cols), dtype=torch.float32, device=codes.device)
-        for cols, scales, size in _segments(blocks):
-            values = _dequantize_blocks(
-                codes[:, cols].reshape(rows, -1, size), absmax[:, scales], signed
-            )
-            out[:, cols] = values.view(rows, -1)
-        return out.to(dtype)
-    values = torch.index_select(code, 0, codes.reshape(-1).int()).view(rows, -1, TAIL_BLOCK)
-    values.mul_(_run_scales(absmax, blocks).unsqueeze(-1))
-    return values.view(rows, blocks.code_cols).to(dtype)
+    """Quantize ``x`` (any float dtype, ``(rows, cols)`` or padded ``(rows, code_cols)``) into
+    ``codes`` and ``absmax`` in place."""
+    quantize_many_([(codes, absmax, signed)], pad_rows(x, blocks).unsqueeze(0), blocks)
 
 
 def dequantize(
     codes: Tensor, absmax: Tensor, blocks: RowBlocks, signed: bool, dtype: torch.dtype
 ) -> Tensor:
     """A new ``(rows, cols)`` tensor of ``dtype``: the values ``codes`` and ``absmax`` encode."""
-    values = dequantize_padded(codes, absmax, blocks, signed, dtype)
+    values = dequantize_many([(codes, absmax, signed)], blocks, dtype)[0]
     if blocks.code_cols == blocks.cols:
         return values
     return values[:, : blocks.cols].contiguous()
+
+
+def quantize_many_(states: Sequence[State], x: Tensor, blocks: RowBlocks) -> None:
+    """Quantize ``x[i]`` into ``states[i]`` in place, for every ``i`` at once.
+
+    ``x``: ``(len(states), rows, code_cols)``, any float dtype, in the padded layout (padding
+    columns hold zeros, as :func:`dequantize_many` leaves them). On the CPU one pass per
+    operation serves every state (a step quantizes two moments of the same shape).
+    """
+    rows = x.shape[1]
+    if rows == 0:
+        return
+    if x.device.type != "cpu":
+        for (codes, absmax, signed), values in zip(states, x):
+            for cols, scales, size in _segments(blocks):
+                out, scale = _quantize_blocks(values[:, cols].reshape(rows, -1, size), signed)
+                codes[:, cols].copy_(out.view(rows, -1))
+                absmax[:, scales].copy_(scale)
+        return
+    # the absmax of every run of 64 values, then of 4 runs for a head block of 256
+    runs = x.float().reshape(len(states), rows, -1, TAIL_BLOCK)
+    run_max = runs.abs().amax(-1)
+    head = 4 * blocks.head_blocks
+    absmax = torch.cat(
+        [run_max[..., :head].reshape(len(states), rows, -1, 4).amax(-1), run_max[..., head:]], -1
+    )
+    lower, threshold = _fp16_tables(tuple(signed for _, _, signed in states))
+    codes = _encode(
+        runs, _run_scales(absmax, blocks), lower, threshold, _offsets(len(states), 2**16, x.device)
+    )
+    for (out, out_absmax, _), c, a in zip(states, codes, absmax):
+        out.copy_(c.view(rows, -1))
+        out_absmax.copy_(a)
+
+
+def dequantize_many(states: Sequence[State], blocks: RowBlocks, dtype: torch.dtype) -> Tensor:
+    """A new ``(len(states), rows, code_cols)`` tensor of ``dtype``: the values each state
+    encodes, in the padded layout (padding columns hold zeros: the code of 0)."""
+    first = states[0][0]
+    rows, device = first.shape[0], first.device
+    if rows == 0:
+        return torch.empty((len(states), 0, blocks.code_cols), dtype=dtype, device=device)
+    if device.type != "cpu":
+        out = torch.empty((len(states), rows, blocks.code_cols), device=device)
+        for (codes, absmax, signed), values in zip(states, out):
+            for cols, scales, size in _segments(blocks):
+                part = codes[:, cols].reshape(rows, -1, size)
+                values[:, cols] = _dequantize_blocks(part, absmax[:, scales], signed).view(rows, -1)
+        return out.to(dtype)
+    codes = torch.stack([codes for codes, _, _ in states]).view(len(states), rows, -1, TAIL_BLOCK)
+    absmax = torch.stack([absmax for _, absmax, _ in states])
+    maps = _maps(tuple(signed for _, _, signed in states), device)
+    values = _decode(codes, _run_scales(absmax, blocks), maps, _offsets(len(states), 256, device))
+    return values.view(len(states), rows, blocks.code_cols).to(dtype)
+
+
+def _run_scales(absmax: Tensor, blocks: RowBlocks) -> Tensor:
+    """``(..., rows, code_cols / 64)``: the scale of each run of 64 codes
+    (see :func:`_scale_columns`)."""
+    return absmax.index_select(-1, _scale_columns(blocks, absmax.device))
+
+
+@cache
+def _offsets(n: int, step: int, device: torch.device) -> Tensor:
+    """``(n, 1, 1, 1)`` int32: ``0, step, 2·step, …`` (where state ``i``'s part of concatenated
+    tables starts)."""
+    return (torch.arange(n, dtype=torch.int32) * step).view(n, 1, 1, 1).to(device)
+
+
+@cache
+def _maps(signs: tuple[bool, ...], device: torch.device) -> Tensor:
+    """The dynamic maps of ``signs``, concatenated."""
+    return torch.cat([dynamic_map(s, device) for s in signs])
 
 
 # -- bitsandbytes' kernels (CUDA): (rows, blocks, size) values <-> codes + (rows, blocks) scales --
@@ -267,10 +299,28 @@ def _fp16_table(signed: bool) -> tuple[Tensor, Tensor]:
     return lower.to(torch.uint8), threshold.float()
 
 
-def _nearest(normed: Tensor, signed: bool) -> Tensor:
-    """Index of the dynamic-map entry nearest to each value of ``normed`` (fp32, in [−1, 1])."""
-    lower, threshold = _fp16_table(signed)
-    index = normed.to(torch.float16).view(torch.uint16).int().view(-1)
+def _encode(
+    runs: Tensor, scale: Tensor, lower: Tensor, threshold: Tensor, offsets: Tensor
+) -> Tensor:
+    """Codes ``(k, rows, n, 64)`` uint8 of ``runs`` (fp32, same shape) over ``scale`` ``(k, rows,
+    n)``: for every value, the index of the dynamic-map entry nearest to ``runs / scale`` (in
+    [−1, 1]; a zero scale divides by 1), through the fp16-bits tables of :func:`_fp16_tables`
+    (``offsets[i]``: where state ``i``'s tables start)."""
+    normed = runs / torch.where(scale > 0, scale, 1.0).unsqueeze(-1)
+    index = normed.to(torch.float16).view(torch.uint16).int().add_(offsets).view(-1)
     codes = torch.index_select(lower, 0, index).view(normed.shape)
-    above = normed > torch.index_select(threshold, 0, index).view(normed.shape)
-    return codes.add_(above)
+    return codes.add_(normed > torch.index_select(threshold, 0, index).view(normed.shape))
+
+
+def _decode(codes: Tensor, scale: Tensor, maps: Tensor, offsets: Tensor) -> Tensor:
+    """fp32 values ``(k, rows, n, 64)`` of ``codes`` (uint8, same shape) with ``scale`` ``(k,
+    rows, n)``: ``maps[offsets[i] + code] · scale``."""
+    values = torch.index_select(maps, 0, codes.int().add_(offsets).view(-1)).view(codes.shape)
+    return values.mul_(scale.unsqueeze(-1))
+
+
+@cache
+def _fp16_tables(signs: tuple[bool, ...]) -> tuple[Tensor, Tensor]:
+    """:func:`_fp16_table` of each of ``signs``, concatenated."""
+    tables = [_fp16_table(s) for s in signs]
+    return torch.cat([t[0] for t in tables]), torch.cat([t[1] for t in tables])
