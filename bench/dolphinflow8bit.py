@@ -255,7 +255,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="also write the results to this Markdown file")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     parts = ["memory", "step", "convergence"] if args.part == "all" else [args.part]
     lines = [
         "# DolphinFlow8bit benchmark",
