@@ -45,7 +45,7 @@ whole eager step. The issue's target (≤ 1.5×) is not met on this CPU.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -74,8 +74,9 @@ class DolphinFlow8bit(DolphinFlow):
 
     Args:
         min_8bit_size: parameters (of 2+ dims) with fewer elements than this keep fp32 state.
-        chunk_elements: at most this many quantized elements are dequantized at once during a
-            step (fp32 working memory ≈ 8 bytes each); ``None``: a whole param group at once.
+        chunk_elements: at most this many quantized elements are dequantized at once on the
+            step-by-step route (fp32 working memory ≈ 8 bytes each; the fused route works in
+            slabs of :data:`SLAB_ELEMENTS`); ``None``: a whole param group at once.
     """
 
     scratch_grads: ClassVar[bool] = False
@@ -225,7 +226,9 @@ class DolphinFlow8bit(DolphinFlow):
                 )
             self._slabs(it, fold, rule)
 
-    def _slabs(self, item: Item, fold: tuple[Tensor, Tensor] | None, rule: Any) -> None:
+    def _slabs(
+        self, item: Item, fold: tuple[Tensor, Tensor] | None, rule: Callable[..., None]
+    ) -> None:
         """Run ``rule(w, g, m, v, a, b)`` over ``item`` slab by slab, ``m, v`` dequantized."""
         blocks = self._blocks(item)
         rows = item.local.shape[0]
