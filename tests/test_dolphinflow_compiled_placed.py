@@ -46,7 +46,9 @@ def _runs(rank, world, kinds):
     out = {}
     for kind in kinds:
         for ci, config in enumerate(CONFIGS):
-            model, _, _ = train_sharded(kind, {**config, "compiled": True}, rank, world, steps=STEPS)
+            model, _, _ = train_sharded(
+                kind, {**config, "compiled": True}, rank, world, steps=STEPS
+            )
             out[(kind, ci)] = full_params(model)
     refs = {ci: _single_device(c) for ci, c in enumerate(CONFIGS) if ci % world == rank}
     return (out if rank == 0 else None), refs
