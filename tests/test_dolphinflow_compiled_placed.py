@@ -54,7 +54,7 @@ def _runs(rank, world, kinds):
     return (out if rank == 0 else None), refs
 
 
-@pytest.mark.parametrize("world", [2])
+@pytest.mark.parametrize("world", [2, 4])
 def test_compiled_dolphinflow_on_placements_matches_single_device(world):
     ranks = run_on_ranks(_runs, world, ("ddp_unwrapped", "fsdp"), timeout=600)
     references = {ci: ref for _, refs in ranks for ci, ref in refs.items()}

@@ -293,13 +293,14 @@ class DolphinFlow(ShardFlowOptimizer):
         vector, rest = [], []
         for group, params, grads in collected:
             for p, g in zip(params, grads):
-                read_now = self.route(p, group) == "vector" and self._reads_raw(group, g)
+                read_now = (
+                    g.numel() > 0 and self.route(p, group) == "vector" and self._reads_raw(group, g)
+                )
                 (vector if read_now else rest).append((p, g))
         if not vector:
             return super()._local_sq_norm(collected, ops)
         params, grads = zip(*vector)
-        locals_ = [self.placement.local(p).detach() for p in params]
-        sums = _each(orthograd_sums_each, list(grads), locals_)
+        sums = _row_sums(list(grads), [self.placement.local(p) for p in params], compiled=True)
         self._row_sums = dict(zip(params, sums))
         total = torch.cat([s[:, 2] for s in sums]).double().sum()
         return total + _sum_sq([g for _, g in rest], ops)
@@ -475,12 +476,8 @@ class DolphinFlow(ShardFlowOptimizer):
         # raw-read gradients: the sums came with the clipping norm (_local_sq_norm)
         sums = [self._row_sums.pop(it.param, None) for it in items]
         todo = [i for i, x in enumerate(sums) if x is None]
-        grads, locals_ = [items[i].grad for i in todo], [items[i].local.detach() for i in todo]
-        if todo and self._use_compiled(items[0].grad):
-            computed = _each(orthograd_sums_each, grads, locals_)
-        else:
-            computed = orthograd_sums_each(grads, locals_)
-        for i, x in zip(todo, computed):
+        grads, weights = [items[i].grad for i in todo], [items[i].local for i in todo]
+        for i, x in zip(todo, _row_sums(grads, weights, self._use_compiled(items[0].grad))):
             sums[i] = x
         if not rowwise:  # the flat sums: over the rows, then over the ranks holding rows
             flat = torch.cat([x.sum(0, keepdim=True) for x in sums])
@@ -637,6 +634,20 @@ def orthograd_sums_each(grads: list[Tensor], weights: list[Tensor]) -> list[Tens
     """Row-wise :func:`~shardflow.optim.orthogonalize.orthograd_sums` of each pair (the flat
     sums are their column sums)."""
     return [orthograd_sums(g, w, rowwise=True) for g, w in zip(grads, weights)]
+
+
+def _row_sums(grads: list[Tensor], weights: list[Tensor], compiled: bool) -> list[Tensor]:
+    """Row-wise ⊥Grad sums of each pair; ``compiled``: through :func:`_each`, except empty
+    shards (a 0-row tensor would be a graph of its own)."""
+    weights = [w.detach() for w in weights]
+    if not compiled:
+        return orthograd_sums_each(grads, weights)
+    full = [i for i, g in enumerate(grads) if g.numel()]
+    out = [orthograd_sums(g, w) if not g.numel() else None for g, w in zip(grads, weights)]
+    done = _each(orthograd_sums_each, [grads[i] for i in full], [weights[i] for i in full])
+    for i, x in zip(full, done):
+        out[i] = x
+    return out
 
 
 CHUNK = 8
