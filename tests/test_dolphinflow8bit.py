@@ -341,7 +341,10 @@ def test_compiled_and_eager_8bit_steps_agree():
     runs = []
     for compiled in (False, True):
         model.load_state_dict(saved_model)
-        opt = DolphinFlow8bit(model.parameters(), lr=1e-2, compiled=compiled)
+        # clipping on: the compiled pass reads the raw gradient and applies the clip factor
+        opt = DolphinFlow8bit(
+            model.parameters(), lr=1e-2, compiled=compiled, gradient_clipping=1e-3
+        )
         opt.load_state_dict(copy.deepcopy(saved_opt))  # loading aliases the tensors it is given
         _train(model, opt, 1)
         codes = [s[k] for s in opt.state.values() for k in ("exp_avg", "exp_avg_sq")]

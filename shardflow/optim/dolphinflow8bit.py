@@ -55,7 +55,7 @@ from shardflow.optim import quant8
 from shardflow.optim._listops import ListOps
 from shardflow.optim._validate import check_int_at_least
 from shardflow.optim.base import Item, Layout, _compute_dtype
-from shardflow.optim.dolphinflow import DolphinFlow, _compiled, fused_update
+from shardflow.optim.dolphinflow import DolphinFlow, _each, fused_update_each
 
 MOMENTS: dict[str, bool] = {"exp_avg": True, "exp_avg_sq": False}
 """The quantized state keys and whether their code table is signed."""
@@ -194,8 +194,9 @@ class DolphinFlow8bit(DolphinFlow):
         Per slab of rows: dequantize ``m`` and ``v`` (padded layout), apply the element-wise rule
         of :func:`~shardflow.optim.dolphinflow.fused_update` (compiled when DolphinFlow's pass is:
         the same kernel; else in-place eager ops in DolphinFlow's eager order), requantize. The
-        bias corrections are folded into scalars as in DolphinFlow's fused pass; ⊥Grad enters as
-        ``a·g − b·w`` per row, the clip factor ``c`` of a raw gradient with it.
+        bias corrections are folded into scalars as in DolphinFlow's fused pass; the gradient is
+        ``c·(a·g − b·w)`` with ⊥Grad's per-row coefficients ``a, b``, else ``c·g`` (``c``: the
+        clip factor still to apply to a raw gradient).
         """
         weights = self._nesterov_weights(group, items, mus)
         beta2, eps, decay = group["beta2"], group["eps"], 1.0 - lr * group["weight_decay"]
@@ -207,12 +208,8 @@ class DolphinFlow8bit(DolphinFlow):
             scalars = (decay, 1.0 - mu, beta2, lr * corr**0.5 / weight, eps * corr**0.5, c)
             fold = folds.get(id(it))
             if fold is not None:  # per row, or (flat ⊥Grad) one pair for the whole tensor
-                a, b = (f.mul(c).unsqueeze(1) for f in fold)
-                fold = (
-                    (a, b)
-                    if rowwise
-                    else (a.expand(it.local.shape[0], 1), b.expand(it.local.shape[0], 1))
-                )
+                rows = it.local.shape[0] if not rowwise else -1
+                fold = tuple(f.unsqueeze(1).expand(rows, 1) for f in fold)
             if compiled:
                 dtype = _compute_dtype(it.grad)
                 s = torch.tensor(scalars, dtype=dtype, device=it.grad.device)
@@ -319,12 +316,13 @@ def _compiled_rule(
     s: Tensor,
     nesterov: bool,
 ) -> None:
-    """DolphinFlow's compiled element-wise pass on one slab (flattened without ⊥Grad, as
-    DolphinFlow passes it: the same compiled graphs serve both)."""
+    """DolphinFlow's compiled element-wise pass on one slab, called as DolphinFlow calls it for a
+    single parameter (flattened without ⊥Grad): the same compiled graphs serve both."""
     tensors = [w, g, m, v]
     if a is None and all(t.is_contiguous() for t in tensors):
         tensors = [t.view(-1) for t in tensors]
-    _compiled(fused_update)(*tensors, a, b, s, nesterov=nesterov)
+    folded = [] if a is None or b is None else [[a], [b]]
+    _each(fused_update_each, *([t] for t in tensors), [s], *folded, nesterov=nesterov)
 
 
 def _eager_rule(
@@ -342,8 +340,10 @@ def _eager_rule(
     """:func:`~shardflow.optim.dolphinflow.fused_update`'s maths as in-place eager ops on one slab,
     in the order of DolphinFlow's eager pass; ``g`` is only read."""
     decay, one_minus_mu, beta2, scale, eps, c = s
-    if a is not None and b is not None:
+    if a is not None and b is not None:  # c·(a·g − b·w)
         g = (g * a).addcmul_(b, w, value=-1)
+        if c != 1.0:
+            g.mul_(c)
     else:
         g = g * c
     v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
