@@ -94,8 +94,8 @@ def test_fused_update_function_is_the_written_out_rule(fold):
     b = torch.randn(3, 1, generator=gen, dtype=torch.float64)
     decay, mu, beta2, scale, eps, clip = 0.99, 0.9, 0.95, 1e-2, 1e-8, 0.25
     s = torch.tensor([decay, 1 - mu, beta2, scale, eps, clip], dtype=torch.float64)
-    # the clip factor scales the gradient after ⊥Grad: c·(a·g − b·w), or c·g without it
-    gp = clip * (a * g - b * w) if fold else clip * g
+    # with ⊥Grad folded the caller has put the clip factor into a and b; without, s carries it
+    gp = a * g - b * w if fold else clip * g
     v_ref = beta2 * v + (1 - beta2) * gp**2
     m_ref = mu * m + (1 - mu) * gp
     n = mu * m_ref + (1 - mu) * gp
