@@ -656,22 +656,23 @@ def _row_sums(grads: list[Tensor], weights: list[Tensor], compiled: bool) -> lis
 
 
 CHUNK = 8
-"""Parameters per compiled call. A call costs ~75 µs of Python and guard checks (CPU, measured
-with torch 2.13), ~20 µs more per parameter it carries; every list length is its own graph, so
-lists are cut into chunks of ``CHUNK`` and single parameters: two lengths whatever the model."""
+"""Most parameters per compiled call. A call costs ~75 µs of Python and guard checks (CPU,
+measured with torch 2.13), ~20 µs more per parameter it carries; every list length is a graph of
+its own, so a list is cut into chunks of ``CHUNK`` and its remainder into powers of two (4, 2,
+1): at most four lengths whatever the model, and at most three calls beyond the full chunks."""
 
 
 def _each(fn: Callable[..., Any], *lists: list[Any], **kwargs: Any) -> list[Any]:
-    """``fn`` compiled, called on the lists cut into :data:`CHUNK`-long chunks then single
-    items (all lists cut alike); returns the concatenated results (``fn`` returns a list)."""
+    """``fn`` compiled, called on the lists cut as :data:`CHUNK` says (all lists cut alike);
+    returns the concatenated results (``fn`` returns a list, or None)."""
     compiled = _compiled(fn)
-    n = len(lists[0])
-    whole = n - n % CHUNK
-    cuts = [slice(i, i + CHUNK) for i in range(0, whole, CHUNK)]
-    cuts += [slice(i, i + 1) for i in range(whole, n)]
     out: list[Any] = []
-    for cut in cuts:
+    start, n = 0, len(lists[0])
+    while start < n:
+        size = min(CHUNK, 1 << ((n - start).bit_length() - 1))
+        cut = slice(start, start + size)
         out += compiled(*(x[cut] for x in lists), **kwargs) or []
+        start += size
     return out
 
 
