@@ -1,8 +1,8 @@
 """DolphinFlow's fused pass: compiled (``torch.compile``) and eager give the same step.
 
-Compiling takes ~5-15 s per graph on the shared 2-core CPU (six for the default configuration:
-the update with and without the ⊥Grad fold and the ⊥Grad row sums, each for a chunk of 8
-parameters and for one), so the default configuration's compile test runs on every run and the
+Compiling takes ~5-15 s per graph on the shared 2-core CPU (eight for the default configuration:
+the update with and without the ⊥Grad fold and the ⊥Grad row sums, for each list length the
+model's lists are cut into), so the default configuration's compile test runs on every run and the
 others only when ``SHARDFLOW_TEST_COMPILE=1`` is set; the eager fused pass is checked against the
 step-by-step path (float64) on every run.
 """
@@ -20,7 +20,7 @@ from shardflow.optim.dolphinflow import DolphinFlow, fused_update
 
 def _model(dtype: torch.dtype = torch.float32) -> nn.Module:
     """11 matrices on the vector route (the embedding is named "0.weight") and 12 1-D params:
-    the compiled pass cuts both lists into a chunk of CHUNK = 8 and single parameters."""
+    the compiled pass cuts the lists into calls of 8 + 2 + 1 and 8 + 4 parameters."""
     torch.manual_seed(0)
     widths = [8, 12, 10, 9, 11, 8, 7, 10, 9, 8, 6]
     linears = [nn.Linear(a, b) for a, b in zip(widths, widths[1:])]
@@ -94,8 +94,8 @@ def test_fused_update_function_is_the_written_out_rule(fold):
     b = torch.randn(3, 1, generator=gen, dtype=torch.float64)
     decay, mu, beta2, scale, eps, clip = 0.99, 0.9, 0.95, 1e-2, 1e-8, 0.25
     s = torch.tensor([decay, 1 - mu, beta2, scale, eps, clip], dtype=torch.float64)
-    # the clip factor scales the gradient after ⊥Grad: c·(a·g − b·w), or c·g without it
-    gp = clip * (a * g - b * w) if fold else clip * g
+    # with ⊥Grad folded the caller has put the clip factor into a and b; without, s carries it
+    gp = a * g - b * w if fold else clip * g
     v_ref = beta2 * v + (1 - beta2) * gp**2
     m_ref = mu * m + (1 - mu) * gp
     n = mu * m_ref + (1 - mu) * gp
