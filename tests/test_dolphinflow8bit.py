@@ -257,6 +257,33 @@ def test_8bit_follows_the_32bit_trajectory(config):
             )
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("mode", ["vector", None])
+def test_first_step_equals_dolphinflow_up_to_rounding(compiled, mode):
+    """From zero moments (quantized exactly) the first step's weights use the unrounded new
+    moments: the slab route must give DolphinFlow's step, ⊥Grad fold, clip factor (clipping on:
+    the compiled pass reads raw gradients) and bias corrections included; eps 1e-5, near the
+    clipped gradients' size, so that the step depends on their scale. Measured: bitwise equal
+    (the same operations on the same values); held to 1e-6 — a doubled clip factor measured
+    8e-3, a wrong fold or correction is O(lr)."""
+    results = []
+    for cls in (DolphinFlow, DolphinFlow8bit):
+        model = _model()
+        opt = cls(
+            model.parameters(),
+            lr=1e-2,
+            ortho_mode=mode,
+            gradient_clipping=1e-3,
+            eps=1e-5,
+            compiled=compiled,
+        )
+        _train(model, opt, 1)
+        results.append(_params(model))
+    assert [s["exp_avg"].dtype for s in opt.state.values()].count(torch.uint8) == 3
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+
+
 def test_nesterov_is_applied_in_8bit():
     """Nesterov on and off give different 8-bit runs, each matching its 32-bit twin."""
     final = {}

@@ -196,8 +196,8 @@ class DolphinFlow8bit(DolphinFlow):
         of :func:`~shardflow.optim.dolphinflow.fused_update` (compiled when DolphinFlow's pass is:
         the same kernel; else in-place eager ops in DolphinFlow's eager order), requantize. The
         bias corrections are folded into scalars as in DolphinFlow's fused pass; the gradient is
-        ``c·(a·g − b·w)`` with ⊥Grad's per-row coefficients ``a, b``, else ``c·g`` (``c``: the
-        clip factor still to apply to a raw gradient).
+        ``a·g − b·w`` with ⊥Grad's per-row coefficients ``a, b`` (the clip factor still to apply
+        to a raw gradient already in them), else ``c·g``.
         """
         weights = self._nesterov_weights(group, items, mus)
         beta2, eps, decay = group["beta2"], group["eps"], 1.0 - lr * group["weight_decay"]
@@ -341,10 +341,8 @@ def _eager_rule(
     """:func:`~shardflow.optim.dolphinflow.fused_update`'s maths as in-place eager ops on one slab,
     in the order of DolphinFlow's eager pass; ``g`` is only read."""
     decay, one_minus_mu, beta2, scale, eps, c = s
-    if a is not None and b is not None:  # c·(a·g − b·w)
+    if a is not None and b is not None:  # the fold carries the clip factor
         g = (g * a).addcmul_(b, w, value=-1)
-        if c != 1.0:
-            g.mul_(c)
     else:
         g = g * c
     v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
