@@ -33,14 +33,13 @@ route): a group's parameters are updated in chunks, so the peak does not grow wi
 Each chunk is one call of DolphinFlow's update, with its own batched reductions; chunks are cut
 from global sizes in parameter order, so every rank cuts the same chunks.
 
-**Speed** (``python -m bench.dolphinflow8bit step --threads 1``, 2 SmolLM2 layers, shared
-2-core CPU under load, bench/results/dolphinflow8bit-cpu2-2026-11-23.md, run 4): the 8-bit
-step takes 2.1–2.9× the 32-bit one eager (hidden matrices 2.2–2.9×, with the embedding
-2.1–2.4×; 4.0–6.3× before the slab route) and 7–12× compiled, where DolphinFlow's whole pass is
-one generated loop of ≈3 ns per parameter. The quantizer dominates: per value and moment ≈1.4 ns
-to dequantize and ≈4.5 ns to requantize (table look-ups, :mod:`~shardflow.optim.quant8`),
-against ≈8 ns per parameter for DolphinFlow's whole eager step. The issue's target (≤ 1.5×) is
-not met on this CPU.
+**Speed** (``python -m bench.dolphinflow8bit step``, 2 SmolLM2 layers, shared 2-core CPU,
+bench/results/dolphinflow8bit-cpu2-2026-11-23.md, run 4): the 8-bit step takes 2.1× the 32-bit
+one eager on one thread (2.8–3.5× on two: the table look-ups run on one thread; 4.8–6.8× before
+the slab route) and 8–10× compiled, where DolphinFlow's whole pass is one generated loop of
+≈2–3 ns per parameter. The quantizer dominates: per value and moment ≈1.4 ns to dequantize and
+≈4.5 ns to requantize (table look-ups, :mod:`~shardflow.optim.quant8`), against ≈8 ns per
+parameter for DolphinFlow's whole eager step. The issue's target (≤ 1.5×) is not met on this CPU.
 """
 
 from __future__ import annotations
