@@ -1146,8 +1146,8 @@ class FactoredProdigy(_Factored):
         compiled: bool | None = None,
     ) -> None:
         defaults = _defaults(locals())
-        self._pending: dict[int, tuple[Tensor, list[Item], float]] = {}
-        """Per param group updated this step: local ``(⟨g, x₀ − x⟩, ‖s‖₁)``, items, lr."""
+        self._pending: dict[int, tuple[Tensor, torch.device]] = {}
+        """Per param group updated this step: local ``(⟨g, x₀ − x⟩, ‖s‖₁)`` and the device."""
         super().__init__(
             params,
             defaults,
@@ -1182,13 +1182,16 @@ class FactoredProdigy(_Factored):
             return t
         return t.reshape(t.shape[0], self._cols(param))[:, :: group["slice_p"]]
 
-    def _d(self, group: dict[str, Any], items: list[Item]) -> tuple[float, float]:
-        """The group's ``(d, r)``: the copy of the parameter stepped most often (the freshest;
-        a parameter without a gradient keeps its state untouched, so its copy may be stale)."""
-        if not items:
+    def _d(self, group: dict[str, Any]) -> tuple[float, float]:
+        """The group's ``(d, r)``. Every parameter's state keeps a copy (checkpoints), and every
+        copy is written at each update of ``d`` (:meth:`_update_d`), on every rank, whether the
+        parameter had a gradient or not; ``d`` never decreases, so the largest copy is the
+        freshest even in a state saved before copies were kept equal."""
+        states = [self.state[p] for p in group["params"]]
+        if not states:
             return float(group["d0"]), 0.0
-        state = max(items, key=lambda it: float(it.state["step"])).state
-        return float(state["d"]), float(state["d_numerator"])
+        freshest = max(states, key=lambda st: float(st["d"]))
+        return float(freshest["d"]), float(freshest["d_numerator"])
 
     def _scalars(self, group: dict[str, Any], it: Item) -> StepScalars:
         t = float(it.state["step"])
@@ -1205,7 +1208,7 @@ class FactoredProdigy(_Factored):
 
     def _before_moments(self, group: dict[str, Any], items: list[Item], lr: float) -> None:
         """Accumulate ``⟨g, x₀ − x⟩`` (before ``x`` moves) and update ``s``; keep the sums."""
-        d, _ = self._d(group, items)
+        d, _ = self._d(group)
         weight = (d / group["d0"]) * d * lr
         beta3 = self._beta3(group)
         sums = []
@@ -1218,7 +1221,7 @@ class FactoredProdigy(_Factored):
             s.mul_(beta3).add_(g, alpha=weight)
             sums.append(torch.stack([(g * (it.state["p0"].to(g.dtype) - x)).sum(), s.abs().sum()]))
         index = next(i for i, g in enumerate(self.param_groups) if g is group)
-        self._pending[index] = (torch.stack(sums).double().sum(0), items, lr)
+        self._pending[index] = (torch.stack(sums).double().sum(0), items[0].grad.device)
 
     def _after_step(self, loss: Any) -> None:
         """``d ← max(d, min(d̂, d·growth_rate))`` per group, from one ``sum_over_model`` of every
@@ -1229,24 +1232,23 @@ class FactoredProdigy(_Factored):
         where every rank arrives, and carries zeros for the groups this rank did not update.
         """
         pending, self._pending = self._pending, {}
-        local = torch.zeros(len(self.param_groups), 2, dtype=torch.float64)
-        for index, (sums, _, _) in pending.items():
-            local[index] = sums.cpu()
-        device = next((it.grad.device for _, items, _ in pending.values() for it in items), None)
+        local = torch.zeros(len(self.param_groups), 3, dtype=torch.float64)
+        for index, (sums, _) in pending.items():
+            local[index, :2] = sums.cpu()
+            local[index, 2] = 1.0  # this rank updated the group
+        device = next((dev for _, dev in pending.values()), None)
         totals = self.placement.sum_over_model(local if device is None else local.to(device))
-        totals = totals.double().tolist()
-        for index, (_, items, lr) in pending.items():
-            self._update_d(self.param_groups[index], items, lr, *totals[index])
+        for group, (dot, l1, updated) in zip(self.param_groups, totals.double().tolist()):
+            if updated:  # by some rank: every rank updates d alike
+                self._update_d(group, group["lr"] * group["lr_scale"], dot, l1)
         super()._after_step(loss)
 
-    def _update_d(
-        self, group: dict[str, Any], items: list[Item], lr: float, dot: float, l1: float
-    ) -> None:
-        d, numerator = self._d(group, items)
+    def _update_d(self, group: dict[str, Any], lr: float, dot: float, l1: float) -> None:
+        d, numerator = self._d(group)
         numerator = self._beta3(group) * numerator + (d / group["d0"]) * d * lr * dot
         if l1 > 0:
             d_hat = group["d_coef"] * numerator / l1
             d = max(d, min(d_hat, d * group["growth_rate"]))
-        for it in items:
-            it.state["d"].fill_(d)
-            it.state["d_numerator"].fill_(numerator)
+        for p in group["params"]:
+            self.state[p]["d"].fill_(d)
+            self.state[p]["d_numerator"].fill_(numerator)
