@@ -215,7 +215,7 @@ class StepScalars:
     """Everything a rule needs for one parameter's step, as plain numbers.
 
     On the compiled path the fields that change from step to step are 0-d float64 tensors
-    (:func:`tensor_scalars`), so that the compiled graph is not rebuilt for every step's value.
+    (:func:`split_scalars`), so that the compiled graph is not rebuilt for every step's value.
     """
 
     beta1: float
@@ -269,9 +269,9 @@ _STEP_FIELDS = (
 """The :class:`StepScalars` fields that may change from one step to the next."""
 
 
-def tensor_scalars(s: StepScalars, device: torch.device) -> tuple[StepScalars, Tensor]:
-    """``s`` with the fields of ``_STEP_FIELDS`` set to 0 and their values as one float64
-    tensor (what the compiled path passes; :func:`with_tensor_scalars` puts them back)."""
+def split_scalars(s: StepScalars) -> tuple[StepScalars, list[float]]:
+    """``s`` with the fields of ``_STEP_FIELDS`` set to 0, and their values (what the compiled
+    path passes as a tensor; :func:`with_tensor_scalars` puts them back)."""
     values = [getattr(s, f) for f in _STEP_FIELDS]
     values[_STEP_FIELDS.index("clip")] = 0.0 if s.clip is None else s.clip
     static = StepScalars(
@@ -282,11 +282,11 @@ def tensor_scalars(s: StepScalars, device: torch.device) -> tuple[StepScalars, T
         clip=None if s.clip is None else 0.0,
         first=s.first,
     )
-    return static, torch.tensor(values, dtype=torch.float64, device=device)
+    return static, values
 
 
 def with_tensor_scalars(static: StepScalars, values: Tensor) -> StepScalars:
-    """Inverse of :func:`tensor_scalars` inside the compiled graph: 0-d tensor fields."""
+    """Inverse of :func:`split_scalars` inside the compiled graph: 0-d tensor fields."""
     bc1, bc2, scale, eps, beta3, alpha, clip, *derived = values.unbind()
     s = StepScalars(
         beta1=static.beta1,
@@ -446,9 +446,7 @@ def fused_factored_update(
     cols: dict[str, Tensor],
     signs: dict[str, Tensor],
     static: StepScalars,
-    values: Tensor,
-    floats: Tensor,
-    keys: Tensor,
+    scalars: Tensor,
     table: Tensor,
     *,
     atan2: bool,
@@ -460,23 +458,26 @@ def fused_factored_update(
 
     The matrix is seen as ``(R, B, 8)``: ``g`` (the raw gradient, any float dtype) and ``p``
     (the weights, updated in place) are ``(R, C)`` viewed with ``C = 8B``; ``rows[k]`` ``(R,)``
-    and ``signs[k]`` ``(R, B)`` are the state tensors, updated in place; ``cols[k]`` ``(B, 8)``
-    the column factors divided by their sum. ``static`` and ``values``: the step's
-    :class:`StepScalars` as :func:`tensor_scalars` splits them. ``floats`` = ``(grad_scale,
-    lr, weight_decay)``;
-    ``keys`` = ``(key, offset)`` of the weights' stochastic rounding then of the first moment's
-    row factors (:func:`~shardflow.optim.precision.bf16_stochastic`); ``table`` is
-    :func:`sign_table`. Returns the column partial
+    and ``signs[k]`` ``(R, B)`` are the state tensors, updated in place; ``cols[k]`` ``(C,)``
+    the column factors (normalized here by their sum). ``scalars`` (float64, one tensor so that a call
+    makes one) holds ``(grad_scale, lr, weight_decay)``, then ``(key, offset)`` of the weights'
+    stochastic rounding and of the first moment's row factors
+    (:func:`~shardflow.optim.precision.bf16_stochastic`; integers below 2³², exact in float64),
+    then the step's :class:`StepScalars` values as :func:`split_scalars` splits them from
+    ``static``; ``table`` is :func:`sign_table`. Returns the column partial
     sums of each moment (``|m|``, ``v``, ``|m₂|``) as ``(B, 8)`` tensors.
 
     Inductor turns this into a few loops over the matrix (row sums fused with the element-wise
     update; column sums and sign packing beside it) instead of ~20 eager passes.
     """
     dtype = torch.float32
-    s = with_tensor_scalars(static, values)
-    grad_scale, lr, wd = floats[0], floats[1], floats[2]
+    grad_scale, lr, wd = scalars[0], scalars[1], scalars[2]
+    keys = scalars[3:7].to(torch.int64)
+    s = with_tensor_scalars(static, scalars[7:])
     g = g.to(dtype) * grad_scale
-    dense = {k: rows[k].to(dtype)[:, None, None] * cols[k] for k in rows}
+    dense = {
+        k: rows[k].to(dtype)[:, None, None] * _normalized(cols[k], dtype).view(-1, 8) for k in rows
+    }
     for k, packed in signs.items():
         dense[k] = dense[k] * table[packed.long()]
     u = rule(
@@ -511,6 +512,23 @@ def fused_factored_update(
 
 _COLUMN_BLOCK = 32
 
+FUSED_WHOLE_ELEMENTS = 1 << 21
+"""A matrix up to this many elements goes through the compiled pass in one call."""
+FUSED_CHUNK_ELEMENTS = 1 << 19
+"""A larger one, this many elements (a power of two of rows) per call: the temporaries (the new
+moments) stay a few MB, in cache and off the page-fault path. 49152×576 on one thread: 74 ms
+of system time per step faulting in fresh 113 MB buffers in one call; 104 ms CPU per step in
+chunks of 2¹⁹ elements vs 131-198 ms in chunks of 2²¹ (``bench/results/factored-cpu-*``)."""
+
+
+def _fused_chunk_rows(rows: int, cols: int) -> int:
+    """Rows per compiled call: all of them up to ``FUSED_WHOLE_ELEMENTS``, else the power of
+    two (≥ 32) nearest below ``FUSED_CHUNK_ELEMENTS / cols`` — equal chunks share one compiled
+    graph, a remainder chunk adds one."""
+    if rows * cols <= FUSED_WHOLE_ELEMENTS:
+        return max(rows, 1)
+    return max(_COLUMN_BLOCK, 1 << max(0, (FUSED_CHUNK_ELEMENTS // cols).bit_length() - 1))
+
 
 def _column_sums(mat: Tensor) -> Tensor:
     """``mat.sum(0)`` of an ``(R, B, 8)`` tensor, a block of 32 rows at a time, then over the
@@ -529,7 +547,7 @@ _COMPILED: list[Any] = []
 
 def _compiled_update():
     """:func:`fused_factored_update` under ``torch.compile`` (static shapes, see
-    :func:`_compile_settings`; the step's scalars are tensors, so steps do not recompile)."""
+    :data:`_COMPILE_SETTINGS`; the step's scalars are tensors, so steps do not recompile)."""
     if not _COMPILED:
         _COMPILED.append(torch.compile(fused_factored_update, dynamic=False))
     return _COMPILED[0]
@@ -715,32 +733,38 @@ class _Factored(ShardFlowOptimizer):
         partial sums, as :meth:`_factored_step`."""
         st, local = it.state, it.local
         rows, cols = local.shape[0], self._cols(it.param)
-        shape = (rows, cols // 8, 8)
+        g, p = it.grad.reshape(rows, cols // 8, 8), local.view(rows, cols // 8, 8)
         keys = [k for k in _MOMENTS if f"{k}_row" in st]
         index, step, row0 = self._param_index(it.param), int(st["step"]), self._row0(it)
-        floats = torch.tensor([it.grad_scale, lr_eff, group["weight_decay"]], dtype=torch.float64)
-        seeds = [
+        device = local.device
+        static, values = split_scalars(s)
+        head = [it.grad_scale, lr_eff, group["weight_decay"]]
+        seeds = (
             hash32_int(mix_seed(index, step, _SR_PARAM)),
-            row0 * cols,
             hash32_int(mix_seed(index, step, _SR_EXP_AVG_ROW)),
-            row0,
-        ]
-        with _compile_settings():
-            partial = _compiled_update()(
-                self.rule,
-                it.grad.reshape(shape),
-                local.view(shape),
-                {k: st[f"{k}_row"] for k in keys},
-                {k: _normalized(st[f"{k}_col"], torch.float32).view(shape[1:]) for k in keys},
-                {k: st[f"{k}_sign"] for k in keys if k != "exp_avg_sq"},
-                *tensor_scalars(s, local.device),
-                floats.to(local.device),
-                torch.tensor(seeds, dtype=torch.int64, device=local.device),
-                sign_table(local.device),
-                atan2=group["atan2"],
-                grams=group["grams"],
-                rounding=local.dtype == torch.bfloat16 and group["stochastic_rounding"],
-            )
+        )
+        partial = None
+        chunk = _fused_chunk_rows(rows, cols)
+        for a in range(0, rows, chunk):
+            b = min(rows, a + chunk)
+            offsets = [seeds[0], (row0 + a) * cols, seeds[1], row0 + a]
+            scalars = torch.tensor(head + offsets + values, dtype=torch.float64, device=device)
+            with _COMPILE_SETTINGS:
+                sums = _compiled_update()(
+                    self.rule,
+                    g[a:b],
+                    p[a:b],
+                    {k: st[f"{k}_row"][a:b] for k in keys},
+                    {k: st[f"{k}_col"] for k in keys},
+                    {k: st[f"{k}_sign"][a:b] for k in keys if k != "exp_avg_sq"},
+                    static,
+                    scalars,
+                    sign_table(device),
+                    atan2=group["atan2"],
+                    grams=group["grams"],
+                    rounding=local.dtype == torch.bfloat16 and group["stochastic_rounding"],
+                )
+            partial = sums if partial is None else [t.add_(u) for t, u in zip(partial, sums)]
         return [c.reshape(-1) for c in partial]
 
     def _dense(self, it: Item) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -799,11 +823,17 @@ class _Factored(ShardFlowOptimizer):
         dtype = torch.float64 if any(t.dtype == torch.float64 for t in partials) else torch.float32
         totals = self.placement.sum_over_shards(torch.cat([t.to(dtype) for t in partials]))
         pieces = iter(totals.split([t.numel() for t in partials]))
+        rounded: list[tuple[Tensor, Tensor, int]] = []
         for it in factored:
             seed = mix_seed(self._param_index(it.param), int(it.state["step"]), _SR_EXP_AVG_COL)
             for k in _MOMENTS:
                 if f"{k}_col" in it.state:
-                    _store(it.state[f"{k}_col"], next(pieces), seed, offset=0)
+                    dst, value = it.state[f"{k}_col"], next(pieces)
+                    if dst.dtype == torch.bfloat16:
+                        rounded.append((dst, value, seed))
+                    else:
+                        dst.copy_(value)
+        _store_bf16_many(rounded)
 
     def _apply(
         self,
@@ -898,10 +928,27 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _compile_settings():
-    """One compiled graph per matrix shape and option set (static shapes: inductor's loops
-    over symbolic sizes were 1.8x slower on the CPU), so allow more than dynamo's default 8."""
-    return torch._dynamo.config.patch(recompile_limit=64)
+_COMPILE_SETTINGS = torch._dynamo.config.patch(recompile_limit=64)
+"""One compiled graph per chunk shape and option set (static shapes: inductor's loops over
+symbolic sizes were 1.8x slower on the CPU), so allow more than dynamo's default 8 (one
+context manager, entered per call: building one per call cost ~30 µs)."""
+
+
+def _store_bf16_many(items: list[tuple[Tensor, Tensor, int]]) -> None:
+    """``_store`` of many bf16 factors ``(dst, value, seed)`` (offset 0 each) in one batch:
+    the same random bits as one call per factor (each element's key is its factor's and its
+    index is counted from its factor's start), a few ops instead of ~15 per factor."""
+    if not items:
+        return
+    sizes = torch.tensor([v.numel() for _, v, _ in items])
+    values = torch.cat([v.to(torch.float32) for _, v, _ in items])
+    starts = torch.cumsum(sizes, 0) - sizes
+    keys = torch.tensor([hash32_int(seed) for _, _, seed in items]).repeat_interleave(sizes)
+    out = bf16_stochastic(
+        values, keys.to(values.device), (-starts).repeat_interleave(sizes).to(values.device)
+    )
+    for (dst, _, _), piece in zip(items, out.split(sizes.tolist())):
+        dst.copy_(piece)
 
 
 def _store(dst: Tensor, value: Tensor, seed: int, *, offset: int) -> None:
@@ -1183,14 +1230,17 @@ class FactoredProdigy(_Factored):
         return t.reshape(t.shape[0], self._cols(param))[:, :: group["slice_p"]]
 
     def _d(self, group: dict[str, Any]) -> tuple[float, float]:
-        """The group's ``(d, r)``. Every parameter's state keeps a copy (checkpoints), and every
-        copy is written at each update of ``d`` (:meth:`_update_d`), on every rank, whether the
-        parameter had a gradient or not; ``d`` never decreases, so the largest copy is the
-        freshest even in a state saved before copies were kept equal."""
+        """The group's ``(d, r)``. Every parameter's state keeps a copy (checkpoints); each
+        update of ``d`` (:meth:`_update_d`) writes the copies of every parameter with a
+        gradient, on every rank (owner or not). A parameter without a gradient keeps its state
+        untouched, so its copy may be stale, and after a checkpoint load a DDP-aware rank holds
+        only its own parameters' copies (the others keep ``d0`` and ``r = 0``): ``d`` never
+        decreases, so the largest copy is the freshest, and among equal ones the most-stepped
+        parameter's."""
         states = [self.state[p] for p in group["params"]]
         if not states:
             return float(group["d0"]), 0.0
-        freshest = max(states, key=lambda st: float(st["d"]))
+        freshest = max(states, key=lambda st: (float(st["d"]), float(st["step"])))
         return float(freshest["d"]), float(freshest["d_numerator"])
 
     def _scalars(self, group: dict[str, Any], it: Item) -> StepScalars:
@@ -1249,6 +1299,7 @@ class FactoredProdigy(_Factored):
         if l1 > 0:
             d_hat = group["d_coef"] * numerator / l1
             d = max(d, min(d_hat, d * group["growth_rate"]))
-        for p in group["params"]:
-            self.state[p]["d"].fill_(d)
-            self.state[p]["d_numerator"].fill_(numerator)
+        for p in group["params"]:  # on every rank: the copies of every parameter stepped
+            if self.placement.grad(p) is not None:  # (one without a gradient stays untouched)
+                self.state[p]["d"].fill_(d)
+                self.state[p]["d_numerator"].fill_(numerator)
