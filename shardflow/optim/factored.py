@@ -114,16 +114,6 @@ _TO_TOP = 0x00406070787C7E7F
 """Adding ``0x80 − 2ⁱ`` to byte ``i`` (holding 0 or ``2ⁱ``) sets its top bit iff its bit was set."""
 
 
-def _shifts(device: torch.device) -> Tensor:
-    return torch.arange(8, dtype=torch.uint8, device=device)
-
-
-def _bits(packed: Tensor, cols: int) -> Tensor:
-    """The stored bits as a uint8 ``(rows, cols)`` tensor of 0/1 (the form inductor fuses)."""
-    bits = (packed.unsqueeze(-1) >> _shifts(packed.device)) & 1
-    return bits.reshape(packed.shape[0], packed.shape[1] * 8)[:, :cols]
-
-
 _SIGN_INT = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16}
 
 
@@ -143,9 +133,6 @@ def pack_signs(negative: Tensor) -> Tensor:
         padded = torch.zeros(rows, nbytes * 8, dtype=torch.bool, device=negative.device)
         padded[:, :cols] = negative
         negative = padded
-    if torch.compiler.is_compiling():  # plain arithmetic: inductor fuses it into its loop
-        bits = negative.reshape(rows, nbytes, 8).to(torch.uint8) << _shifts(negative.device)
-        return bits.sum(-1, dtype=torch.uint8)
     words = negative.view(torch.uint8).view(torch.int64)
     return words.mul(_GATHER).bitwise_right_shift_(56).bitwise_and_(0xFF).to(torch.uint8)
 
@@ -160,8 +147,6 @@ def unpack_signs(packed: Tensor, cols: int) -> Tensor:
         )
     if not rows or not cols:
         return torch.zeros(rows, cols, dtype=torch.bool, device=packed.device)
-    if torch.compiler.is_compiling():
-        return _bits(packed, cols).bool()
     words = packed.to(torch.int64).mul_(_SPREAD).bitwise_and_(_BIT_I_OF_BYTE_I)
     words.add_(_TO_TOP).bitwise_right_shift_(7).bitwise_and_(_SPREAD)
     return words.view(torch.uint8).view(torch.bool)[:, :cols]
@@ -175,8 +160,6 @@ def apply_signs_(magnitude: Tensor, packed: Tensor) -> Tensor:
     rows, cols = magnitude.shape
     if not rows or not cols:
         return magnitude
-    if torch.compiler.is_compiling():
-        return magnitude.mul_(1 - 2 * _bits(packed, cols).to(magnitude.dtype))
     itype = _SIGN_INT[magnitude.dtype]
     flip = unpack_signs(packed, cols).to(itype)
     flip.bitwise_left_shift_(magnitude.element_size() * 8 - 1)
@@ -458,8 +441,9 @@ def fused_factored_update(
 
     The matrix is seen as ``(R, B, 8)``: ``g`` (the raw gradient, any float dtype) and ``p``
     (the weights, updated in place) are ``(R, C)`` viewed with ``C = 8B``; ``rows[k]`` ``(R,)``
-    and ``signs[k]`` ``(R, B)`` are the state tensors, updated in place; ``cols[k]`` ``(C,)``
-    the column factors (normalized here by their sum). ``scalars`` (float64, one tensor so that a call
+    and ``signs[k]`` ``(R, B)`` are the state tensors, updated in place; ``cols[k]`` ``(B, 8)``
+    the column factors divided by their sum (a division in the graph would be inlined into
+    every element's reconstruction). ``scalars`` (float64, one tensor so that a call
     makes one) holds ``(grad_scale, lr, weight_decay)``, then ``(key, offset)`` of the weights'
     stochastic rounding and of the first moment's row factors
     (:func:`~shardflow.optim.precision.bf16_stochastic`; integers below 2³², exact in float64),
@@ -475,9 +459,7 @@ def fused_factored_update(
     keys = scalars[3:7].to(torch.int64)
     s = with_tensor_scalars(static, scalars[7:])
     g = g.to(dtype) * grad_scale
-    dense = {
-        k: rows[k].to(dtype)[:, None, None] * _normalized(cols[k], dtype).view(-1, 8) for k in rows
-    }
+    dense = {k: rows[k].to(dtype)[:, None, None] * cols[k] for k in rows}
     for k, packed in signs.items():
         dense[k] = dense[k] * table[packed.long()]
     u = rule(
@@ -743,6 +725,7 @@ class _Factored(ShardFlowOptimizer):
             hash32_int(mix_seed(index, step, _SR_PARAM)),
             hash32_int(mix_seed(index, step, _SR_EXP_AVG_ROW)),
         )
+        cols_norm = {k: _normalized(st[f"{k}_col"], torch.float32).view(-1, 8) for k in keys}
         partial = None
         chunk = _fused_chunk_rows(rows, cols)
         for a in range(0, rows, chunk):
@@ -755,7 +738,7 @@ class _Factored(ShardFlowOptimizer):
                     g[a:b],
                     p[a:b],
                     {k: st[f"{k}_row"][a:b] for k in keys},
-                    {k: st[f"{k}_col"] for k in keys},
+                    cols_norm,
                     {k: st[f"{k}_sign"][a:b] for k in keys if k != "exp_avg_sq"},
                     static,
                     scalars,
