@@ -29,6 +29,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -328,7 +329,7 @@ def main() -> None:
     header = [
         f"## {args.part} — {today}",
         "",
-        f"Command: `/work/venv/bin/python bench/factored.py {' '.join(sys.argv[1:])}`",
+        f"Command: `/work/venv/bin/python bench/factored.py {shlex.join(sys.argv[1:])}`",
         f"Machine: {_machine()}",
         "",
     ]
