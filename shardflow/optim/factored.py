@@ -46,10 +46,13 @@ packed as a float sum (its uint8 shifts and sums were 20-90x slower), column sum
 were 1.8x slower) with the step's scalars in one tensor (no recompile per step), matrices above
 2²¹ elements in chunks of 2¹⁹. Fp32/bf16 weights whose column count is a multiple of 8; the rest
 stays eager. It agrees with the eager path to a few fp32 ulps (tests/test_factored_compiled.py).
-Measured on one CPU thread (bench/results/factored-cpu-2026-11-23.md, Run 3): SmolLM2-135M's
-weights 3.6x fused ``torch.optim.AdamW`` (eager: 10.5x), the 1.5x target not met: inductor
-still makes ~7 passes over each matrix (the row, column and 8-bit-group reductions cannot
-share a loop) against fused AdamW's one, plus ~0.3 ms of Python and guards per call.
+Measured on one CPU thread (bench/results/factored-cpu-2026-11-23.md, Runs 3-4, shared
+machine): SmolLM2-135M's weights 4.0-4.4x fused ``torch.optim.AdamW`` in CPU time (eager
+9.1-9.4x; 2.4-2.8x AdamW after ``clip_grad_norm_``, whose norm pass our base always makes),
+one decoder layer 4.2-5.1x. **The 1.5x target is not met**: inductor still makes 5 passes
+over each matrix (the column reductions cannot share the row loop; the new first moment is
+written and read back 3 times) against fused AdamW's one, plus ~0.3 ms of Python and dynamo
+guards per call.
 
 **Options, on every variant:**
 
@@ -985,7 +988,7 @@ _COMMON_ARGS = """
         gradient_clipping: global gradient-norm bound (None: off).
         process_group: ProcessGroup or 1-D DeviceMesh to shard over; None: one process.
         compiled: run each factored matrix's step through ``torch.compile`` (see "Compiled
-            pass" in the module docstring: ~3x faster than eager on the CPU after a few
+            pass" in the module docstring: 2-4x faster than eager on the CPU after a few
             seconds of compilation per matrix shape); None: on CUDA only."""
 
 
