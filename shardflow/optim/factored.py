@@ -515,10 +515,10 @@ _COLUMN_BLOCK = 32
 FUSED_WHOLE_ELEMENTS = 1 << 21
 """A matrix up to this many elements goes through the compiled pass in one call."""
 FUSED_CHUNK_ELEMENTS = 1 << 19
-"""A larger one, this many elements (a power of two of rows) per call: the temporaries (the new
-moments) stay a few MB, in cache and off the page-fault path. 49152×576 on one thread: 74 ms
-of system time per step faulting in fresh 113 MB buffers in one call; 104 ms CPU per step in
-chunks of 2¹⁹ elements vs 131-198 ms in chunks of 2²¹ (``bench/results/factored-cpu-*``)."""
+"""A larger one, on the CPU, this many elements (a power of two of rows) per call: the
+temporaries (the new moments) stay a few MB, in cache and off the page-fault path. 49152×576 on
+one thread: 74 ms of system time per step faulting in fresh 113 MB buffers in one call; 104 ms
+CPU per step in chunks of 2¹⁹ elements vs 131-198 ms in chunks of 2²¹."""
 
 
 def _fused_chunk_rows(rows: int, cols: int) -> int:
@@ -745,7 +745,7 @@ class _Factored(ShardFlowOptimizer):
         )
         cols_norm = {k: _normalized(st[f"{k}_col"], torch.float32).view(-1, 8) for k in keys}
         partial = None
-        chunk = _fused_chunk_rows(rows, cols)
+        chunk = _fused_chunk_rows(rows, cols) if device.type == "cpu" else max(rows, 1)
         for a in range(0, rows, chunk):
             b = min(rows, a + chunk)
             offsets = [seeds[0], (row0 + a) * cols, seeds[1], row0 + a]
