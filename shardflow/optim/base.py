@@ -58,6 +58,9 @@ from shardflow.optim.routing import is_hidden_matrix
 
 logger = logging.getLogger("shardflow")
 
+Collected = tuple[dict[str, Any], list[Tensor], list[Tensor]]
+"""One param group as a step sees it: ``(group, params this rank updates, their local grads)``."""
+
 Layout = Literal["rows", "replicated"]
 """How a state tensor reshards: ``rows`` — dim 0 follows the parameter's rows (it is sliced the
 way the parameter is); ``replicated`` — identical wherever the parameter's state lives."""
@@ -188,7 +191,7 @@ class ShardFlowOptimizer(torch.optim.Optimizer):
         devices = {t.device for t in tensors}
         return ListOps(len(devices) <= 1 and not any(t.device.type == "meta" for t in tensors))
 
-    def _collect(self) -> list[tuple[dict[str, Any], list[Tensor], list[Tensor]]]:
+    def _collect(self) -> list[Collected]:
         """Per group: the owned params that have a gradient and their local gradients."""
         out = []
         for group in self.param_groups:
@@ -202,14 +205,19 @@ class ShardFlowOptimizer(torch.optim.Optimizer):
             out.append((group, params, grads))
         return out
 
-    def _grad_scale(self, grads: list[Tensor], ops: ListOps) -> float | None:
+    def _local_sq_norm(self, collected: list[Collected], ops: ListOps) -> Tensor:
+        """``Σ‖g‖²`` over this rank's local gradients, a 0-d float64 tensor.
+
+        The base reads every gradient once for it (:func:`_sq_norms`). A rule that reads the
+        gradients anyway before its update may override this to take the sum from that pass
+        and keep what else the pass computed for ``_update_group`` (DolphinFlow's compiled
+        path: the ⊥Grad row sums hold ``‖g‖²`` of every row).
+        """
+        return _sum_sq([g for _, _, grads in collected for g in grads], ops)
+
+    def _grad_scale(self, collected: list[Collected], ops: ListOps) -> float | None:
         """One reduction: the global gradient norm. None when it is not finite (skip the step)."""
-        local = (
-            torch.stack([n.double() for n in _sq_norms(grads, ops)]).sum()
-            if grads
-            else torch.zeros((), dtype=torch.float64)
-        )
-        total = float(self.placement.sum_over_model(local))
+        total = float(self.placement.sum_over_model(self._local_sq_norm(collected, ops)))
         if not math.isfinite(total):
             return None
         norm = math.sqrt(total)
@@ -244,7 +252,7 @@ class ShardFlowOptimizer(torch.optim.Optimizer):
         collected = self._collect()
         all_grads = [g for _, _, gs in collected for g in gs]
         ops = self._ops_for(all_grads)
-        scale = self._grad_scale(all_grads, ops)
+        scale = self._grad_scale(collected, ops)
         if scale is None:
             self.placement.after_update(self, updated=False)
             self._skip_nonfinite()
@@ -311,6 +319,13 @@ class ShardFlowOptimizer(torch.optim.Optimizer):
         """State bytes divided by the parameter elements they serve (0-d scalars not counted)."""
         n = self.param_count()
         return self.state_bytes() / n if n else 0.0
+
+
+def _sum_sq(grads: list[Tensor], ops: ListOps) -> Tensor:
+    """``Σ‖g‖²`` over ``grads`` as a 0-d float64 tensor (0 for no gradients)."""
+    if not grads:
+        return torch.zeros((), dtype=torch.float64)
+    return torch.stack([n.double() for n in _sq_norms(grads, ops)]).sum()
 
 
 def _sq_norms(grads: list[Tensor], ops: ListOps) -> list[Tensor]:

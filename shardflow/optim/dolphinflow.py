@@ -51,7 +51,15 @@ from shardflow.optim._validate import (
     check_optional_positive,
     check_unit_interval,
 )
-from shardflow.optim.base import Item, Layout, ShardFlowOptimizer, _compute_dtype, step_counter
+from shardflow.optim.base import (
+    Collected,
+    Item,
+    Layout,
+    ShardFlowOptimizer,
+    _compute_dtype,
+    _sum_sq,
+    step_counter,
+)
 from shardflow.optim.orthogonalize import (
     NS_TOL,
     _rows,
@@ -100,8 +108,11 @@ class DolphinFlow(ShardFlowOptimizer):
         foreach: use ``torch._foreach_*`` kernels (None: when all tensors share a device).
         compiled: run the element-wise pass of the element-wise and vector routes (with
             ``adaptive_lr`` and no ``trust_region``) through ``torch.compile`` — one generated
-            loop per parameter instead of ~10 list passes (:func:`fused_update`); None: on CUDA
-            only. The first step pays the compilation (tens of seconds on a CPU).
+            loop per parameter instead of ~10 list passes (:func:`fused_update`), eight
+            parameters per call, the ⊥Grad row sums taken in the clipping-norm pass (those
+            gradients are read twice per step, the others twice too: norm and update); None:
+            on CUDA only. The first step pays the compilation (seconds with a warm inductor
+            cache, about a minute cold on a 2-core CPU).
     """
 
     scratch_grads: ClassVar[bool] = False
@@ -170,6 +181,8 @@ class DolphinFlow(ShardFlowOptimizer):
             )
         self.verbose = verbose
         self.compiled = compiled
+        self._row_sums: dict[Tensor, Tensor] = {}
+        """⊥Grad row sums of this step's raw-read gradients (see :meth:`_local_sq_norm`)."""
         self._names: dict[Tensor, str] = {}
         super().__init__(
             params,
@@ -261,19 +274,46 @@ class DolphinFlow(ShardFlowOptimizer):
         if self.loss_schedule is not None and loss is not None:
             self.loss_schedule.observe(loss)
 
+    def _reads_raw(self, group: dict[str, Any], grad: Tensor) -> bool:
+        """Whether the compiled fused pass reads this element-wise/vector gradient raw (no
+        scratch copy): every other path works in a clipped copy (dynamic momentum applies ⊥Grad
+        to the gradient itself, so it needs one too)."""
+        return (
+            not self.scratch_grads
+            and self._use_compiled(grad)
+            and group["adaptive_lr"]
+            and group["trust_region"] is None
+            and not group["dynamic_momentum"]
+            and grad.dtype in _RAW_DTYPES
+        )
+
+    def _local_sq_norm(self, collected: list[Collected], ops: ListOps) -> Tensor:
+        """The clipping norm's ``Σ‖g‖²``, with the ⊥Grad row sums of the raw-read vector
+        gradients computed in the same pass (compiled, chunked): ``‖g‖²`` of a matrix is the sum
+        of its rows' ``‖g‖²``, so those gradients are read once before the update, not twice.
+        The sums wait in ``_row_sums`` for :meth:`_orthograd`."""
+        self._row_sums = {}
+        vector, rest = [], []
+        for group, params, grads in collected:
+            for p, g in zip(params, grads):
+                read_now = (
+                    g.numel() > 0 and self.route(p, group) == "vector" and self._reads_raw(group, g)
+                )
+                (vector if read_now else rest).append((p, g))
+        if not vector:
+            return super()._local_sq_norm(collected, ops)
+        params, grads = zip(*vector)
+        sums = _row_sums(list(grads), [self.placement.local(p) for p in params], compiled=True)
+        self._row_sums = dict(zip(params, sums))
+        total = torch.cat([s[:, 2] for s in sums]).double().sum()
+        return total + _sum_sq([g for _, g in rest], ops)
+
     def _update_group(self, group: dict[str, Any], items: list[Item], ops: ListOps) -> None:
         lr = group["lr"] * group["lr_scale"]
         routes = {it.param: self.route(it.param, group) for it in items}
         fusable = group["adaptive_lr"] and group["trust_region"] is None
         fused = [it for it in items if fusable and routes[it.param] in ("vector", "elementwise")]
-        compiled = bool(items) and self._use_compiled(items[0].grad)
-        # only the compiled pass reads the raw gradient; every other path works in a scratch copy
-        # (dynamic momentum applies ⊥Grad to the gradient itself: it needs the copy)
-        raw = {
-            id(it)
-            for it in fused
-            if compiled and not group["dynamic_momentum"] and it.grad.dtype in _RAW_DTYPES
-        }
+        raw = {id(it) for it in fused if self._reads_raw(group, it.grad)}
         if not self.scratch_grads:
             _make_scratch([it for it in items if id(it) not in raw], ops)
         rest = [
@@ -324,37 +364,14 @@ class DolphinFlow(ShardFlowOptimizer):
         scales = [lr * c**0.5 / w for c, w in zip(corr, weights)]
         epss = [eps * c**0.5 for c in corr]
         if self._use_compiled(items[0].grad):
-            fn = _compiled(fused_update)
-            dtype, device = _compute_dtype(items[0].grad), items[0].grad.device
-            rows = [  # one tensor each: views into one would differ in storage offset
-                torch.tensor(
-                    [decay, 1.0 - mu, beta2, s, e, it.grad_scale], dtype=dtype, device=device
-                )
+            rows = [
+                (decay, 1.0 - mu, beta2, s, e, it.grad_scale)
                 for it, mu, s, e in zip(items, mus, scales, epss)
             ]
-            for it, r in zip(items, rows):
-                # detach: parameters would get static shapes (one graph per shape)
-                tensors = [it.local.detach(), it.grad, it.state["exp_avg"], it.state["exp_avg_sq"]]
-                if it.grad.numel() == 0:
-                    continue
-                fold = folds.get(id(it))
-                if all(t.is_contiguous() for t in tensors):  # views of the same memory
-                    rowwise = group["vector_mode"] == "rowwise"
-                    tensors = [t.view(-1) if fold is None else _rows(t, rowwise) for t in tensors]
-                elif fold is not None:  # rare: apply ⊥Grad first (to a copy), then the pass
-                    it.grad = it.grad.clone()
-                    self._apply_fold(group, it, fold)
-                    fold = None
-                # ⊥Grad of the clipped gradient c·g: (a·c)·g − (b·c)·w (a, b from the raw sums)
-                c = it.grad_scale
-                a, b = (
-                    (None, None) if fold is None else (fold[0][:, None] * c, fold[1][:, None] * c)
-                )
-                fn(*tensors, a, b, r, nesterov=group["nesterov"])
+            self._fused_compiled(group, items, rows, folds)
             return
 
         grads = [it.grad for it in items]
-        rowwise = group["vector_mode"] == "rowwise"
         for it in items:
             if id(it) in folds:
                 self._apply_fold(group, it, folds[id(it)])
@@ -370,6 +387,41 @@ class DolphinFlow(ShardFlowOptimizer):
         if group["weight_decay"] and lr:
             ops.mul_(locals_, decay)
         _addcdiv_(locals_, nums, denoms, [-s for s in scales], ops.foreach)
+
+    def _fused_compiled(
+        self,
+        group: dict[str, Any],
+        items: list[Item],
+        scalars: list[tuple[float, ...]],
+        folds: dict[int, tuple[Tensor, Tensor]],
+    ) -> None:
+        """The fused pass through :func:`fused_update_each`: parameters with and without ⊥Grad
+        in separate calls, each call a chunk of parameters (:func:`_each`)."""
+        rowwise = group["vector_mode"] == "rowwise"
+        calls: dict[bool, list[tuple[Tensor, ...]]] = {True: [], False: []}
+        for it, row in zip(items, scalars):
+            # detach: parameters would get static shapes (one graph per shape)
+            tensors = [it.local.detach(), it.grad, it.state["exp_avg"], it.state["exp_avg_sq"]]
+            if it.grad.numel() == 0:
+                continue
+            fold = folds.get(id(it))
+            if not all(t.is_contiguous() for t in tensors):  # rare: ⊥Grad to a copy, then 1-D
+                it.grad = it.grad.clone()
+                if fold is not None:  # the fold carries the clip factor: c = 1 in the pass
+                    self._apply_fold(group, it, fold)
+                    row = (*row[:-1], 1.0)
+                tensors[1], fold = it.grad, None
+            dtype, device = _compute_dtype(it.grad), it.grad.device
+            tensors.append(torch.tensor(row, dtype=dtype, device=device))
+            if fold is None:
+                tensors[:4] = [t.view(-1) for t in tensors[:4]]
+            else:
+                tensors[:4] = [_rows(t, rowwise) for t in tensors[:4]]
+                tensors += [f.unsqueeze(1) for f in fold]
+            calls[fold is not None].append(tuple(tensors))
+        for args in calls.values():
+            if args:
+                _each(fused_update_each, *map(list, zip(*args)), nesterov=group["nesterov"])
 
     @staticmethod
     def _apply_fold(group: dict[str, Any], it: Item, fold: tuple[Tensor, Tensor]) -> None:
@@ -425,17 +477,21 @@ class DolphinFlow(ShardFlowOptimizer):
         if not items:
             return {}
         rowwise = group["vector_mode"] == "rowwise"
-        # compiled: the three row sums in one pass over g and w
-        sums_of = _compiled(orthograd_sums) if self._use_compiled(items[0].grad) else orthograd_sums
-        sums = [sums_of(it.grad, it.local.detach(), rowwise=rowwise) for it in items]
-        if not rowwise:
-            sums = list(self.placement.sum_over_shards(torch.cat(sums)).split(1))
+        # raw-read gradients: the sums came with the clipping norm (_local_sq_norm)
+        sums = [self._row_sums.pop(it.param, None) for it in items]
+        todo = [i for i, x in enumerate(sums) if x is None]
+        grads, weights = [items[i].grad for i in todo], [items[i].local for i in todo]
+        for i, x in zip(todo, _row_sums(grads, weights, self._use_compiled(items[0].grad))):
+            sums[i] = x
+        if not rowwise:  # the flat sums: over the rows, then over the ranks holding rows
+            flat = torch.cat([x.sum(0, keepdim=True) for x in sums])
+            sums = list(self.placement.sum_over_shards(flat).split(1))
         if fold:
-            restore = group["restore_norm"]
-            return {id(it): orthograd_fold(s, restore_norm=restore) for it, s in zip(items, sums)}
-        for it, s in zip(items, sums):
+            scales = [it.grad_scale for it in items]
+            return dict(zip(map(id, items), _folds(sums, group["restore_norm"], scales)))
+        for it, x in zip(items, sums):
             orthograd_(
-                it.grad, it.local, rowwise=rowwise, restore_norm=group["restore_norm"], sums=s
+                it.grad, it.local, rowwise=rowwise, restore_norm=group["restore_norm"], sums=x
             )
         return {}
 
@@ -543,12 +599,12 @@ def fused_update(
 
     A function of its arguments only, written for ``torch.compile`` (one generated loop reads
     ``w, g, m, v`` and writes ``w, m, v``, as fused AdamW does). ``s`` holds the step's scalars as
-    one tensor, ``(1 − lr·wd, 1 − μ, β₂, lr·√(1 − β₂ᵗ)/W, eps·√(1 − β₂ᵗ))``, so new values never
-    recompile; its last entry ``c`` scales ``g`` (the clip factor, when ``g`` is the raw gradient).
-    With ``a, b`` (per-row, broadcastable against ``g``, ``c`` already folded in) the gradient is
-    instead ``a·g − b·w`` (⊥Grad folded, :func:`~shardflow.optim.orthogonalize.orthograd_fold`). Then
-    ``v ← β₂v + (1−β₂)g²``, ``m ← m + (1−μ)(g − m)``, ``n = g + μ(m − g)`` (Nesterov) or ``m``,
-    ``w ← w·(1 − lr·wd) − s₃·n / (√v + s₄)``.
+    one tensor, ``(1 − lr·wd, 1 − μ, β₂, lr·√(1 − β₂ᵗ)/W, eps·√(1 − β₂ᵗ), c)``, so new values never
+    recompile; ``c`` scales the gradient (the clip factor, when ``g`` is the raw gradient). With
+    ``a, b`` (per-row coefficients of ⊥Grad, broadcastable against ``g``, ``c`` already in them;
+    :func:`~shardflow.optim.orthogonalize.orthograd_fold`) the gradient is ``a·g − b·w``
+    instead (inductor's loop for ``c·(a·g − b·w)`` measured ~1.5× slower on this CPU). Then ``v ← β₂v + (1−β₂)g²``, ``m ← m + (1−μ)(g − m)``, ``n = g + μ(m − g)``
+    (Nesterov) or ``m``, ``w ← w·(1 − lr·wd) − s₃·n / (√v + s₄)``.
     """
     decay, one_minus_mu, beta2, scale, eps, c = s.unbind()
     w32 = w.to(s.dtype)
@@ -561,19 +617,81 @@ def fused_update(
     v.copy_(v_new)
 
 
+def fused_update_each(
+    ws: list[Tensor],
+    gs: list[Tensor],
+    ms: list[Tensor],
+    vs: list[Tensor],
+    ss: list[Tensor],
+    as_: list[Tensor] | None = None,
+    bs: list[Tensor] | None = None,
+    *,
+    nesterov: bool,
+) -> None:
+    """:func:`fused_update` for each parameter of the lists: one compiled call for them all."""
+    for i, (w, g, m, v, s) in enumerate(zip(ws, gs, ms, vs, ss)):
+        a = None if as_ is None else as_[i]
+        b = None if bs is None else bs[i]
+        fused_update(w, g, m, v, a, b, s, nesterov=nesterov)
+
+
+def orthograd_sums_each(grads: list[Tensor], weights: list[Tensor]) -> list[Tensor]:
+    """Row-wise :func:`~shardflow.optim.orthogonalize.orthograd_sums` of each pair (the flat
+    sums are their column sums)."""
+    return [orthograd_sums(g, w, rowwise=True) for g, w in zip(grads, weights)]
+
+
+def _row_sums(grads: list[Tensor], weights: list[Tensor], compiled: bool) -> list[Tensor]:
+    """Row-wise ⊥Grad sums of each pair; ``compiled``: through :func:`_each`, except empty
+    shards (a 0-row tensor would be a graph of its own)."""
+    weights = [w.detach() for w in weights]
+    if not compiled:
+        return orthograd_sums_each(grads, weights)
+    full = [i for i, g in enumerate(grads) if g.numel()]
+    out = [orthograd_sums(g, w) if not g.numel() else None for g, w in zip(grads, weights)]
+    done = _each(orthograd_sums_each, [grads[i] for i in full], [weights[i] for i in full])
+    for i, x in zip(full, done):
+        out[i] = x
+    return out
+
+
+CHUNK = 8
+"""Most parameters per compiled call. A call costs ~75 µs of Python and guard checks (CPU,
+measured with torch 2.13), ~20 µs more per parameter it carries; every list length is a graph of
+its own, so a list is cut into chunks of ``CHUNK`` and its remainder into powers of two (4, 2,
+1): at most four lengths whatever the model, and at most three calls beyond the full chunks."""
+
+
+def _each(fn: Callable[..., Any], *lists: list[Any], **kwargs: Any) -> list[Any]:
+    """``fn`` compiled, called on the lists cut as :data:`CHUNK` says (all lists cut alike);
+    returns the concatenated results (``fn`` returns a list, or None)."""
+    compiled = _compiled(fn)
+    out: list[Any] = []
+    start, n = 0, len(lists[0])
+    while start < n:
+        size = min(CHUNK, 1 << ((n - start).bit_length() - 1))
+        cut = slice(start, start + size)
+        out += compiled(*(x[cut] for x in lists), **kwargs) or []
+        start += size
+    return out
+
+
 _COMPILED: dict[Callable[..., Any], Callable[..., Any]] = {}
 
 
 def _compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
     """``fn`` through ``torch.compile``, built once (dynamic shapes: one graph per variant —
-    with or without ⊥Grad, Nesterov or not, dtype — whatever the shapes)."""
+    list length, with or without ⊥Grad, Nesterov or not, dtype — whatever the shapes)."""
     if fn not in _COMPILED:
+        from torch._dynamo import config as dynamo_config  # noqa: PLC0415
         from torch.fx.experimental import _config as shape_config  # noqa: PLC0415
 
         compiled = torch.compile(fn, dynamic=True, fullgraph=True)
         # no duck shaping: a square first matrix would tie rows to columns in the guards and
-        # recompile for every other shape
-        _COMPILED[fn] = shape_config.patch(use_duck_shape=False)(compiled)
+        # recompile for every other shape; the variants above can outnumber dynamo's default
+        # limit of 8 graphs per function
+        compiled = shape_config.patch(use_duck_shape=False)(compiled)
+        _COMPILED[fn] = dynamo_config.patch(recompile_limit=64)(compiled)
     return _COMPILED[fn]
 
 
@@ -590,6 +708,25 @@ def _make_scratch(items: list[Item], ops: ListOps) -> None:
     )
     for it, g in zip(items, copies):
         it.grad, it.grad_scale = g, 1.0
+
+
+def _folds(
+    sums: list[Tensor], restore_norm: bool, scales: list[float]
+) -> list[tuple[Tensor, Tensor]]:
+    """:func:`~shardflow.optim.orthogonalize.orthograd_fold` of each parameter's sums times its
+    ``scale`` (the clip factor still to apply to a raw gradient: ``c·g⊥ = (c·a)·g − (c·b)·w``),
+    computed on all rows at once (a dozen small kernels per group, not per parameter)."""
+    if len({x.dtype for x in sums}) > 1:
+        folds = [orthograd_fold(x, restore_norm=restore_norm) for x in sums]
+        return [(a * c, b * c) for (a, b), c in zip(folds, scales)]
+    a, b = orthograd_fold(torch.cat(sums), restore_norm=restore_norm)
+    rows = [x.shape[0] for x in sums]
+    if any(c != 1.0 for c in scales):
+        per_row = torch.tensor(scales, dtype=a.dtype, device=a.device).repeat_interleave(
+            torch.tensor(rows, device=a.device), output_size=a.shape[0]
+        )
+        a, b = a * per_row, b * per_row
+    return list(zip(a.split(rows), b.split(rows)))
 
 
 def _one_or_each(values: list[float]) -> float | list[float]:
