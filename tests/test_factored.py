@@ -186,6 +186,21 @@ def test_adopt_first_step_only_initializes_the_second_moment():
     torch.testing.assert_close(col, w.grad.square().sum(0))
 
 
+def test_prodigy_d_is_shared_by_the_group_and_survives_a_frozen_parameter():
+    torch.manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(4, 5)), torch.nn.Parameter(torch.randn(3))
+    opt = FactoredProdigy([a, b], d0=1e-3)
+    for step in range(4):
+        a.grad = a.detach().clone()
+        b.grad = b.detach().clone() if step < 2 else None
+        opt.step()
+    d_a, d_b = float(opt.state[a]["d"]), float(opt.state[b]["d"])
+    assert d_a > d_b > 1e-3  # b's copy froze with b; a's is the group's
+    b.grad, a.grad = b.detach().clone(), a.detach().clone()
+    opt.step()
+    assert float(opt.state[a]["d"]) == float(opt.state[b]["d"]) >= d_a
+
+
 def test_prodigy_d_is_the_groups_also_for_a_parameter_back_from_frozen():
     """A frozen parameter's copy of ``d`` stays untouched (its whole state does); when it alone
     comes back (step 4), it moves with, and then carries, the group's current ``d``."""
