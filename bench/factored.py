@@ -3,15 +3,16 @@
 Run (CPU, ~10 min on a 2-core machine; each part can run alone):
 
     /work/venv/bin/python bench/factored.py memory
-    /work/venv/bin/python bench/factored.py speed [--rounds 7]
+    /work/venv/bin/python bench/factored.py speed [--rounds 7] [--threads 1] [--cases ...]
     /work/venv/bin/python bench/factored.py convergence [--steps 1000] [--reuse]
 
 - ``memory``: state bytes/param on SmolLM2-135M shapes (hidden 576, MLP 1536, 9 heads, 3 kv heads
   of dim 64, vocab 49152 tied, 30 layers; shapes only, built on the ``meta`` device) and on one
   768×1024 matrix, against adv_optm 2.5.16's ≈0.14 (ANCHORS.md) and AdamW's 8.
-- ``speed``: optimizer step time on one SmolLM2 decoder layer's weights (3.5 M params) and on a
-  768×1024 matrix: torch AdamW fused and foreach (the anchors) and FactoredAdam (factored and
-  dense), measured interleaved round by round in one process; medians and ratios printed.
+- ``speed``: optimizer step time on one SmolLM2 decoder layer's weights (3.5 M params), a
+  768×1024 matrix and all of SmolLM2-135M's weights: torch AdamW fused, alone and after
+  ``clip_grad_norm_`` (the anchors), and FactoredAdam eager and ``compiled=True``, measured
+  interleaved round by round in one process; medians and ratios printed.
 - ``convergence``: the runtime's convergence benchmark (launch/compare.py, as bench/convergence.py
   runs it) on configs/quickstart.toml shrunk to 0.40 M params, FactoredAdam ``factored=True``
   vs ``factored=False`` over an lr grid, 1000 steps; the best validation losses, their ratio
@@ -28,6 +29,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -104,8 +106,7 @@ def memory() -> list[str]:
 
 
 def _warm_up(opt, params, grads) -> float:
-    """Two untimed steps (state, lazy init; compilation and the recompile of step 2, where the
-    bias corrections become dynamic); returns their wall time in seconds."""
+    """Two untimed steps (state, lazy init, compilation); returns their wall time in seconds."""
     for p, g in zip(params, grads):
         p.grad = g
     start = time.perf_counter()
@@ -115,58 +116,81 @@ def _warm_up(opt, params, grads) -> float:
 
 
 def _time_steps(opt, steps):
-    """Seconds per step: CPU time of this process (all its threads), which the other jobs on a
-    shared machine disturb far less than wall time."""
-    start = time.process_time()
+    """Seconds per step: (CPU time of this process, all its threads; wall time). CPU time is
+    what the other jobs on a shared machine disturb least."""
+    start, wall = time.process_time(), time.perf_counter()
     for _ in range(steps):
         opt.step()
-    return (time.process_time() - start) / steps
+    return (time.process_time() - start) / steps, (time.perf_counter() - wall) / steps
 
 
-def speed(rounds: int) -> list[str]:
-    layer = _layer_shapes(0, 576, 1536, 576, 192)
-    cases = {"SmolLM2 layer (3.5M)": layer, "768x1024": {"w": (768, 1024)}}
-    contenders = {
-        "AdamW fused": lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True),
-        "AdamW foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-4, foreach=True),
-        "FactoredAdam": lambda ps: FactoredAdam(ps, lr=1e-4, compiled=False),
-        "FactoredAdam compiled": lambda ps: FactoredAdam(ps, lr=1e-4, compiled=True),
-        "FactoredAdam dense": lambda ps: FactoredAdam(ps, lr=1e-4, factored=False),
-    }
+class _ClippedAdamW:
+    """Fused AdamW after ``clip_grad_norm_``: the anchor for an optimizer that computes the
+    global gradient norm (ours always do, for the NaN/inf skip and clipping)."""
+
+    def __init__(self, params):
+        self.params = list(params)
+        self.opt = torch.optim.AdamW(self.params, lr=1e-4, fused=True)
+
+    def step(self):
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0, foreach=True)
+        self.opt.step()
+
+
+SPEED_CASES = {
+    "SmolLM2 layer (3.5M)": lambda: _layer_shapes(0, 576, 1536, 576, 192),
+    "768x1024": lambda: {"w": (768, 1024)},
+    "SmolLM2-135M (all 272 tensors)": smollm2_135m_shapes,
+}
+
+CONTENDERS = {
+    "AdamW fused": lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True),
+    "AdamW fused + clip": _ClippedAdamW,
+    "FactoredAdam": lambda ps: FactoredAdam(ps, lr=1e-4, compiled=False),
+    "FactoredAdam compiled": lambda ps: FactoredAdam(ps, lr=1e-4, compiled=True),
+}
+
+
+def speed(rounds: int, cases: list[str], steps: int) -> list[str]:
+    names = list(CONTENDERS)
     lines = [
-        f"torch threads: {torch.get_num_threads()}; {rounds} interleaved rounds of 5 steps; "
-        "median CPU ms/step (process time; 2 warm-up steps first, not counted: their time is listed below)",
+        f"torch threads: {torch.get_num_threads()}; {rounds} interleaved rounds of {steps} steps; "
+        "median ms/step, CPU time (process time, all threads) / wall time; 2 warm-up steps "
+        "first, not counted (their wall time is listed below); load average before: "
+        f"{os.getloadavg()[0]:.2f}",
         "",
-        "| weights | "
-        + " | ".join(contenders)
-        + " | eager / fused | compiled / fused | compiled / foreach |",
-        "|---|" + "---|" * (len(contenders) + 3),
+        "| weights | " + " | ".join(names) + " | eager / fused | compiled / fused "
+        "| compiled / (fused + clip) |",
+        "|---|" + "---|" * (len(names) + 3),
     ]
     warm_lines = []
-    for case, shapes in cases.items():
+    for case in cases:
+        shapes = SPEED_CASES[case]()
         torch.manual_seed(0)
-        params = {
-            n: [torch.nn.Parameter(torch.randn(s)) for s in shapes.values()] for n in contenders
-        }
         grads = [torch.randn(s) for s in shapes.values()]
-        opts = {n: make(params[n]) for n, make in contenders.items()}
-        warm = {n: _warm_up(opts[n], params[n], grads) for n in contenders}
-        times: dict[str, list[float]] = {n: [] for n in contenders}
+        params = {n: [torch.nn.Parameter(torch.randn(s)) for s in shapes.values()] for n in names}
+        opts = {n: CONTENDERS[n](params[n]) for n in names}
+        warm = {n: _warm_up(opts[n], params[n], grads) for n in names}
+        times: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
         for _ in range(rounds):
-            for n in contenders:
-                times[n].append(_time_steps(opts[n], 5))
-        med = {n: statistics.median(t) * 1e3 for n, t in times.items()}
-        fused, foreach = med["AdamW fused"], med["AdamW foreach"]
+            for n in names:
+                times[n].append(_time_steps(opts[n], steps))
+        cpu = {n: statistics.median(t[0] for t in times[n]) * 1e3 for n in names}
+        wall = {n: statistics.median(t[1] for t in times[n]) * 1e3 for n in names}
+        fused, clipped = cpu["AdamW fused"], cpu["AdamW fused + clip"]
         lines.append(
             f"| {case} | "
-            + " | ".join(f"{med[n]:.1f}" for n in contenders)
-            + f" | {med['FactoredAdam'] / fused:.2f}x"
-            + f" | {med['FactoredAdam compiled'] / fused:.2f}x"
-            + f" | {med['FactoredAdam compiled'] / foreach:.2f}x |"
+            + " | ".join(f"{cpu[n]:.1f} / {wall[n]:.1f}" for n in names)
+            + f" | {cpu['FactoredAdam'] / fused:.2f}x"
+            + f" | {cpu['FactoredAdam compiled'] / fused:.2f}x"
+            + f" | {cpu['FactoredAdam compiled'] / clipped:.2f}x |"
         )
-        warm_lines.append(f"- {case}: " + ", ".join(f"{n} {warm[n]:.2f} s" for n in contenders))
+        warm_lines.append(f"- {case}: " + ", ".join(f"{n} {warm[n]:.2f} s" for n in names))
+        del params, opts, grads
     return (
-        lines + ["", "Warm-up (2 steps; compilation included for the compiled one):"] + warm_lines
+        lines
+        + ["", "Ratios are of CPU time. Warm-up (2 steps; compilation included):"]
+        + warm_lines
     )
 
 
@@ -287,20 +311,25 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument(
+        "--cases", default=",".join(SPEED_CASES), help="speed: comma-separated case names"
+    )
+    parser.add_argument("--timed-steps", type=int, default=5, help="speed: steps per round")
     parser.add_argument("--lrs", default="1e-3,3e-3,1e-2")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "factored-convergence")
     parser.add_argument("--reuse", action="store_true", help="read runs already in --out")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    lines = {"memory": memory, "speed": lambda: speed(args.rounds)}.get(
-        args.part, lambda: convergence(args.steps, args.lrs, args.out, args.reuse)
-    )()
+    lines = {
+        "memory": memory,
+        "speed": lambda: speed(args.rounds, args.cases.split(","), args.timed_steps),
+    }.get(args.part, lambda: convergence(args.steps, args.lrs, args.out, args.reuse))()
     today = datetime.date.today().isoformat()
     header = [
         f"## {args.part} — {today}",
         "",
-        f"Command: `/work/venv/bin/python bench/factored.py {' '.join(sys.argv[1:])}`",
+        f"Command: `/work/venv/bin/python bench/factored.py {shlex.join(sys.argv[1:])}`",
         f"Machine: {_machine()}",
         "",
     ]

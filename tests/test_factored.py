@@ -201,6 +201,26 @@ def test_prodigy_d_is_shared_by_the_group_and_survives_a_frozen_parameter():
     assert float(opt.state[a]["d"]) == float(opt.state[b]["d"]) >= d_a
 
 
+def test_prodigy_d_is_the_groups_also_for_a_parameter_back_from_frozen():
+    """A frozen parameter's copy of ``d`` stays untouched (its whole state does); when it alone
+    comes back (step 4), it moves with, and then carries, the group's current ``d``."""
+    torch.manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(4, 5)), torch.nn.Parameter(torch.randn(3))
+    opt = FactoredProdigy([a, b], d0=1e-3)
+    for step in range(4):
+        a.grad = a.detach().clone()
+        b.grad = b.detach().clone() if step < 2 else None
+        opt.step()
+        if step == 1:
+            frozen = float(opt.state[b]["d"])
+    d_a, d_b = float(opt.state[a]["d"]), float(opt.state[b]["d"])
+    assert d_a > d_b == frozen > 1e-3  # b's copy froze with b; a's is the group's
+    a.grad, b.grad = None, b.detach().clone()
+    opt.step()
+    assert float(opt.state[b]["d"]) >= d_a  # from the group's d (the bug: from b's stale copy)
+    assert float(opt.state[a]["d"]) == d_a  # a, now without a gradient, is untouched
+
+
 # -- precision ----------------------------------------------------------------------------------
 
 

@@ -301,3 +301,45 @@ def test_single_process_checkpoints_resume_on_four_fsdp_ranks(tmp_path):
         assert not math.isnan(float(want[0].sum()))
         for runs in results:
             _assert_all_close(runs[i][0], want, FP64_TOL)
+
+
+# -- Prodigy's d when parameters skip steps -----------------------------------------------------
+
+SKIPS = {2: {1}, 3: {0, 3}, 4: {0, 1, 2}}
+"""Step -> indices of the parameters without a gradient at that step (on every rank)."""
+
+
+def _skipping_run(rank, world):
+    """FactoredProdigy where some parameters have no gradient for some steps: on ``world``
+    DDP-aware ranks (rank >= 0) or on one process; returns the weights and every copy of d."""
+    full = _full_params(torch.float64)
+    params = [torch.nn.Parameter(t) for t in full]
+    group = dist.group.WORLD if world > 1 else None
+    opt = FactoredProdigy(params, d0=1e-2, slice_p=2, process_group=group)
+    for step in range(STEPS + 1):
+        for i, p in enumerate(params):
+            skip = i in SKIPS.get(step, ())
+            p.grad = None if skip else _full_grad(p.detach(), i, step, max(rank, 0), world)
+        opt.step()
+    return _to_bytes(([p.detach() for p in params], [float(opt.state[p]["d"]) for p in params]))
+
+
+def _skipping_ranks(rank, world):
+    single = _skipping_run(-1, 1) if rank == 0 else None
+    return _skipping_run(rank, world), single
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_prodigy_d_stays_fresh_on_ddp_ranks_when_parameters_skip_steps(world):
+    """Every rank keeps every parameter's copy of d equal to the one-process d of the group (a
+    "replicated" state: checkpoints save it per parameter). The bug: a copy was written only by
+    the rank that stepped the parameter, so copies went stale on the other ranks and for
+    parameters without a gradient, and a rank whose stepped parameters were all stale read an
+    old d."""
+    results = run_on_ranks(_skipping_ranks, world, timeout=60)
+    want, want_d = _from_bytes(results[0][1])
+    for rank_result, _ in results:
+        got, got_d = _from_bytes(rank_result)
+        _assert_all_close(got, want, FP64_TOL)
+        assert got_d == pytest.approx(want_d, rel=FP64_TOL)
+        assert len(set(got_d)) == 1  # one d per group, in every parameter's copy
