@@ -29,9 +29,13 @@ def free_port() -> int:
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue) -> None:
     import torch
+    import torch._inductor.config as inductor_config
     import torch.distributed as dist
 
     torch.set_num_threads(1)
+    # A forked rank must not use the parent's torch.compile worker pool (its threads do not
+    # survive the fork, so a compile would wait on them forever): compile in this process.
+    inductor_config.compile_threads = 1
     try:
         dist.init_process_group(
             "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
