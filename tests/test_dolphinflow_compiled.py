@@ -108,3 +108,20 @@ def test_fused_update_function_is_the_written_out_rule(fold):
 def test_compiled_must_be_a_bool_or_none():
     with pytest.raises(ValueError, match=r"compiled='yes' is invalid.*True, False or None"):
         DolphinFlow(_model().parameters(), compiled="yes")
+
+
+def test_compiled_pass_updates_a_non_contiguous_parameter_in_place():
+    # a transposed weight: the pass cannot flatten it, so it runs on the tensors as they are
+    # (⊥Grad applied to a copy of the gradient first); weights must move exactly as eager's
+    def train(compiled: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        w = nn.Parameter(torch.randn(6, 9).t())
+        opt = DolphinFlow([w], lr=1e-2, compiled=compiled, eps=1e-30)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            w.grad = torch.randn(9, 6, generator=gen)
+            opt.step()
+        return [w.detach().clone(), opt.state[w]["exp_avg"].clone()]
+
+    for c, e in zip(train(True), train(False)):
+        torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-6)

@@ -413,11 +413,11 @@ class DolphinFlow(ShardFlowOptimizer):
                 tensors[1], fold = it.grad, None
             dtype, device = _compute_dtype(it.grad), it.grad.device
             tensors.append(torch.tensor(row, dtype=dtype, device=device))
-            if fold is None:
-                tensors[:4] = [t.view(-1) for t in tensors[:4]]
-            else:
+            if fold is not None:
                 tensors[:4] = [_rows(t, rowwise) for t in tensors[:4]]
                 tensors += [f.unsqueeze(1) for f in fold]
+            elif all(t.is_contiguous() for t in tensors[:4]):
+                tensors[:4] = [t.view(-1) for t in tensors[:4]]
             calls[fold is not None].append(tuple(tensors))
         for args in calls.values():
             if args:
