@@ -603,7 +603,8 @@ def fused_update(
     recompile; ``c`` scales the gradient (the clip factor, when ``g`` is the raw gradient). With
     ``a, b`` (per-row coefficients of ⊥Grad, broadcastable against ``g``, ``c`` already in them;
     :func:`~shardflow.optim.orthogonalize.orthograd_fold`) the gradient is ``a·g − b·w``
-    instead (inductor's loop for ``c·(a·g − b·w)`` measured ~1.5× slower on this CPU). Then ``v ← β₂v + (1−β₂)g²``, ``m ← m + (1−μ)(g − m)``, ``n = g + μ(m − g)``
+    instead (folding ``c`` into the per-row coefficients keeps the generated loop as short as
+    fused AdamW's; a loop computing ``c·(a·g − b·w)`` ran slower in a one-off CPU check). Then ``v ← β₂v + (1−β₂)g²``, ``m ← m + (1−μ)(g − m)``, ``n = g + μ(m − g)``
     (Nesterov) or ``m``, ``w ← w·(1 − lr·wd) − s₃·n / (√v + s₄)``.
     """
     decay, one_minus_mu, beta2, scale, eps, c = s.unbind()
@@ -656,10 +657,11 @@ def _row_sums(grads: list[Tensor], weights: list[Tensor], compiled: bool) -> lis
 
 
 CHUNK = 8
-"""Most parameters per compiled call. A call costs ~75 µs of Python and guard checks (CPU,
-measured with torch 2.13), ~20 µs more per parameter it carries; every list length is a graph of
-its own, so a list is cut into chunks of ``CHUNK`` and its remainder into powers of two (4, 2,
-1): at most four lengths whatever the model, and at most three calls beyond the full chunks."""
+"""Most parameters per compiled call. Each call costs Python, guard checks and dispatch (on the
+tiny-model row of ``python -m bench.step_parts``, the compiled step's overhead halved when
+calls were batched); every list length is a graph of its own, so a list is cut into chunks of
+``CHUNK`` and its remainder into powers of two (4, 2, 1): at most four lengths whatever the
+model, and at most three calls beyond the full chunks."""
 
 
 def _each(fn: Callable[..., Any], *lists: list[Any], **kwargs: Any) -> list[Any]:
