@@ -688,7 +688,12 @@ def _compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
         from torch._dynamo import config as dynamo_config  # noqa: PLC0415
         from torch.fx.experimental import _config as shape_config  # noqa: PLC0415
 
-        compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+        # cpp.dynamic_threads: inductor's CPU code otherwise decides at compile time, from the
+        # first call's sizes, whether a loop runs on one thread or all; a graph first built for a
+        # small parameter then ran a 28 M-element embedding on one thread
+        compiled = torch.compile(
+            fn, dynamic=True, fullgraph=True, options={"cpp.dynamic_threads": True}
+        )
         # no duck shaping: a square first matrix would tie rows to columns in the guards and
         # recompile for every other shape; the variants above can outnumber dynamo's default
         # limit of 8 graphs per function
