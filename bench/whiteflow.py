@@ -18,8 +18,10 @@ decoder written here, trained on the running Python's standard-library sources.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -117,24 +119,37 @@ def _grads(params, seed=0):
         p.grad = torch.randn(p.shape, generator=gen) * 1e-3
 
 
-def speed(reps: int, layers: int, embedding: bool = True) -> None:
-    """Median step time per optimizer, interleaved (one step of each, ``reps`` rounds)."""
+SPEED_VARIANTS = {
+    "AdamW fused": lambda ps: torch.optim.AdamW([p for _, p in ps], lr=1e-3, fused=True),
+    "AdamW foreach": lambda ps: torch.optim.AdamW([p for _, p in ps], lr=1e-3, foreach=True),
+    "WhiteFlow projected r=256, eager": lambda ps: WhiteFlow(ps, rank=256, compiled=False),
+    "WhiteFlow dense, eager": lambda ps: WhiteFlow(ps, second_moment="dense", compiled=False),
+    "WhiteFlow projected r=256, compiled": lambda ps: WhiteFlow(ps, rank=256, compiled=True),
+    "WhiteFlow dense, compiled": lambda ps: WhiteFlow(ps, second_moment="dense", compiled=True),
+    "WhiteFlow dense, compiled, RTN": lambda ps: WhiteFlow(
+        ps, second_moment="dense", compiled=True, stochastic_rounding=False
+    ),
+}
+"""Optimizers of ``speed`` (``--only`` picks those whose name contains a given text)."""
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def speed(reps: int, layers: int, embedding: bool = True, only: str = "") -> None:
+    """Min and median step time per optimizer, interleaved (one step of each, ``reps`` rounds).
+
+    Scopes: ``layers`` SmolLM2 hidden layers, and (``embedding``) the same layers plus the tied
+    embedding (49152×576) and final norm in one optimizer, as a model's step sees them.
+    """
+    print(f"UTC {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M}; load before: {_load()}")
     scopes = {f"{layers} hidden layers": smollm2_shapes(layers, embedding=False)}
     if embedding:
-        scopes["embedding (49152×576)"] = [("embed_tokens.weight", (VOCAB, HIDDEN))]
-    makers = {
-        "AdamW fused": lambda ps: torch.optim.AdamW([p for _, p in ps], lr=1e-3, fused=True),
-        "AdamW foreach": lambda ps: torch.optim.AdamW([p for _, p in ps], lr=1e-3, foreach=True),
-        "WhiteFlow projected r=256": lambda ps: WhiteFlow(ps, rank=256, compiled=False),
-        "WhiteFlow projected r=256, RTN": lambda ps: WhiteFlow(
-            ps, rank=256, stochastic_rounding=False, compiled=False
-        ),
-        "WhiteFlow dense": lambda ps: WhiteFlow(ps, second_moment="dense", compiled=False),
-        "WhiteFlow projected r=256, compiled": lambda ps: WhiteFlow(ps, rank=256, compiled=True),
-        "WhiteFlow dense, compiled": lambda ps: WhiteFlow(ps, second_moment="dense", compiled=True),
-    }
+        scopes[f"{layers} layers + embedding"] = smollm2_shapes(layers, embedding=True)
+    makers = {k: v for k, v in SPEED_VARIANTS.items() if k == "AdamW fused" or only in k}
     compile_s: dict[str, float] = {}
-    results: dict[str, dict[str, float]] = {}
+    results: dict[str, dict[str, tuple[float, float]]] = {}
     for scope, shapes in scopes.items():
         runs = {}
         for name, make in makers.items():
@@ -143,7 +158,7 @@ def speed(reps: int, layers: int, embedding: bool = True) -> None:
             opt = make(named)
             start = time.perf_counter()
             opt.step()  # warm-up (state, projections; compilation for the compiled variants)
-            opt.step()  # a second shape-generic compile may happen here (dynamic=None)
+            opt.step()  # a second shape-generic compile may happen here
             if "compiled" in name:
                 compile_s[f"{name}, {scope}"] = time.perf_counter() - start
             runs[name] = (opt, [])
@@ -152,29 +167,24 @@ def speed(reps: int, layers: int, embedding: bool = True) -> None:
                 start = time.perf_counter()
                 opt.step()
                 times.append(time.perf_counter() - start)
-        results[scope] = {name: statistics.median(t) for name, (_, t) in runs.items()}
+        results[scope] = {n: (min(t), statistics.median(t)) for n, (_, t) in runs.items()}
         del runs
-    print(f"median of {reps} interleaved steps, torch threads = {torch.get_num_threads()}\n")
-    print("| optimizer | " + " | ".join(f"{s} (ms) | × fused" for s in scopes) + " |")
-    print("|---|" + "---:|---:|" * len(scopes))
+    print(f"load after: {_load()}")
+    print(f"{reps} interleaved steps, torch threads = {torch.get_num_threads()}\n")
+    head = " | ".join(f"{s}: min ms | median ms | × fused (min) | × fused (median)" for s in scopes)
+    print(f"| optimizer | {head} |")
+    print("|---|" + "---:|---:|---:|---:|" * len(scopes))
     for name in makers:
         cells = []
         for scope in scopes:
-            t, ref = results[scope][name], results[scope]["AdamW fused"]
-            cells.append(f"{t * 1e3:.1f} | {t / ref:.2f}")
+            (lo, med), (ref_lo, ref_med) = results[scope][name], results[scope]["AdamW fused"]
+            cells.append(
+                f"{lo * 1e3:.2f} | {med * 1e3:.2f} | {lo / ref_lo:.2f} | {med / ref_med:.2f}"
+            )
         print(f"| {name} | " + " | ".join(cells) + " |")
-    print("\nFirst two steps of the compiled variants (compilation included, cold cache):\n")
+    print("\nFirst two steps of the compiled variants (compilation included):\n")
     for key, seconds in compile_s.items():
         print(f"- {key}: {seconds:.1f} s")
-    if not embedding:
-        return
-    hidden, emb = list(scopes)
-    print(f"\nWhole SmolLM2-135M estimate (30 layers = hidden × 30/{layers}, + embedding):\n")
-    print("| optimizer | est. ms/step | × fused |")
-    print("|---|---:|---:|")
-    full = {n: results[hidden][n] * LAYERS / layers + results[emb][n] for n in makers}
-    for name in makers:
-        print(f"| {name} | {full[name] * 1e3:.0f} | {full[name] / full['AdamW fused']:.2f} |")
 
 
 # -- training -------------------------------------------------------------------------------
@@ -429,13 +439,15 @@ def main() -> None:
     parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-embedding", action="store_true", help="speed: hidden layers only")
-    parser.add_argument("--only", default="", help="train: variants whose label contains this")
+    parser.add_argument(
+        "--only", default="", help="train/speed: variants whose label contains this"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.what == "memory":
         memory()
     elif args.what == "speed":
-        speed(args.reps, args.layers, not args.no_embedding)
+        speed(args.reps, args.layers, not args.no_embedding, args.only)
     elif args.what == "report":
         report(args.runs, args.out)
     else:

@@ -18,12 +18,8 @@ from shardflow.optim.precision import (
     round_bf16_stochastic,
 )
 from shardflow.optim.projection import projection
-from shardflow.optim.whiteflow import (
-    WhiteFlow,
-    beta2_at,
-    second_moment_weight,
-    whiteflow_direction,
-)
+import shardflow.optim.whiteflow as whiteflow_module
+from shardflow.optim.whiteflow import WhiteFlow, beta2_at, second_moment_weight
 
 EPS = 1e-8
 
@@ -265,10 +261,26 @@ def test_bad_projection_settings_name_the_fix():
         WhiteFlow(p, compiled="yes")
 
 
-def test_compiled_defaults_to_cuda_only():
-    p = torch.nn.Parameter(torch.randn(3, 3))
-    opt = WhiteFlow([p])
-    assert opt.compiled is None and opt._kernel(p) is whiteflow_direction  # a CPU tensor: eager
+def test_compiled_defaults_to_cuda_only(monkeypatch):
+    """compiled=None on CPU tensors runs eagerly; compiled=True sends the chunk to _each."""
+    calls = []
+
+    def fake_each(fn, *lists, **kwargs):
+        calls.append((fn, len(lists[0]), kwargs))
+        return [None] * len(lists[0])
+
+    monkeypatch.setattr(whiteflow_module, "_each", fake_each)
+    for compiled in (None, True):
+        params = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(5, 4))]
+        opt = WhiteFlow(params, rank=2, compiled=compiled)
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    assert opt.compiled is True
+    assert calls == [
+        (whiteflow_module.whiteflow_scales_each, 2, {"route": "projected"}),
+        (whiteflow_module.whiteflow_apply_each, 2, {}),
+    ]
 
 
 @pytest.mark.skipif(
