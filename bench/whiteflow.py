@@ -4,6 +4,7 @@ Run from the repository root (CPU, one thread, so that timings on a shared machi
 
     python bench/whiteflow.py memory            # bytes/param on SmolLM2-135M shapes (meta tensors)
     python bench/whiteflow.py speed  --reps 7   # step time vs torch AdamW fused/foreach, interleaved
+    python bench/whiteflow.py floor  --reps 7   # bandwidth, matmul GFLOP/s: the best ratio reachable
     python bench/whiteflow.py train  --steps 300 --final-steps 1000   # lr sweep + ablation + long run
     python bench/whiteflow.py report RUN_DIR...  # table + PNG from launch/compare.py run dirs
 
@@ -18,8 +19,10 @@ decoder written here, trained on the running Python's standard-library sources.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -117,24 +120,37 @@ def _grads(params, seed=0):
         p.grad = torch.randn(p.shape, generator=gen) * 1e-3
 
 
-def speed(reps: int, layers: int, embedding: bool = True) -> None:
-    """Median step time per optimizer, interleaved (one step of each, ``reps`` rounds)."""
+SPEED_VARIANTS = {
+    "AdamW fused": lambda ps: torch.optim.AdamW([p for _, p in ps], lr=1e-3, fused=True),
+    "AdamW foreach": lambda ps: torch.optim.AdamW([p for _, p in ps], lr=1e-3, foreach=True),
+    "WhiteFlow projected r=256, eager": lambda ps: WhiteFlow(ps, rank=256, compiled=False),
+    "WhiteFlow dense, eager": lambda ps: WhiteFlow(ps, second_moment="dense", compiled=False),
+    "WhiteFlow projected r=256, compiled": lambda ps: WhiteFlow(ps, rank=256, compiled=True),
+    "WhiteFlow dense, compiled": lambda ps: WhiteFlow(ps, second_moment="dense", compiled=True),
+    "WhiteFlow dense, compiled, RTN": lambda ps: WhiteFlow(
+        ps, second_moment="dense", compiled=True, stochastic_rounding=False
+    ),
+}
+"""Optimizers of ``speed`` (``--only`` picks those whose name contains a given text)."""
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def speed(reps: int, layers: int, embedding: bool = True, only: str = "") -> None:
+    """Min and median step time per optimizer, interleaved (one step of each, ``reps`` rounds).
+
+    Scopes: ``layers`` SmolLM2 hidden layers, and (``embedding``) the same layers plus the tied
+    embedding (49152×576) and final norm in one optimizer, as a model's step sees them.
+    """
+    print(f"UTC {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M}; load before: {_load()}")
     scopes = {f"{layers} hidden layers": smollm2_shapes(layers, embedding=False)}
     if embedding:
-        scopes["embedding (49152×576)"] = [("embed_tokens.weight", (VOCAB, HIDDEN))]
-    makers = {
-        "AdamW fused": lambda ps: torch.optim.AdamW([p for _, p in ps], lr=1e-3, fused=True),
-        "AdamW foreach": lambda ps: torch.optim.AdamW([p for _, p in ps], lr=1e-3, foreach=True),
-        "WhiteFlow projected r=256": lambda ps: WhiteFlow(ps, rank=256, compiled=False),
-        "WhiteFlow projected r=256, RTN": lambda ps: WhiteFlow(
-            ps, rank=256, stochastic_rounding=False, compiled=False
-        ),
-        "WhiteFlow dense": lambda ps: WhiteFlow(ps, second_moment="dense", compiled=False),
-        "WhiteFlow projected r=256, compiled": lambda ps: WhiteFlow(ps, rank=256, compiled=True),
-        "WhiteFlow dense, compiled": lambda ps: WhiteFlow(ps, second_moment="dense", compiled=True),
-    }
+        scopes[f"{layers} layers + embedding"] = smollm2_shapes(layers, embedding=True)
+    makers = {k: v for k, v in SPEED_VARIANTS.items() if k == "AdamW fused" or only in k}
     compile_s: dict[str, float] = {}
-    results: dict[str, dict[str, float]] = {}
+    results: dict[str, dict[str, tuple[float, float]]] = {}
     for scope, shapes in scopes.items():
         runs = {}
         for name, make in makers.items():
@@ -143,7 +159,7 @@ def speed(reps: int, layers: int, embedding: bool = True) -> None:
             opt = make(named)
             start = time.perf_counter()
             opt.step()  # warm-up (state, projections; compilation for the compiled variants)
-            opt.step()  # a second shape-generic compile may happen here (dynamic=None)
+            opt.step()  # a second shape-generic compile may happen here
             if "compiled" in name:
                 compile_s[f"{name}, {scope}"] = time.perf_counter() - start
             runs[name] = (opt, [])
@@ -152,29 +168,111 @@ def speed(reps: int, layers: int, embedding: bool = True) -> None:
                 start = time.perf_counter()
                 opt.step()
                 times.append(time.perf_counter() - start)
-        results[scope] = {name: statistics.median(t) for name, (_, t) in runs.items()}
+        results[scope] = {n: (min(t), statistics.median(t)) for n, (_, t) in runs.items()}
         del runs
-    print(f"median of {reps} interleaved steps, torch threads = {torch.get_num_threads()}\n")
-    print("| optimizer | " + " | ".join(f"{s} (ms) | × fused" for s in scopes) + " |")
-    print("|---|" + "---:|---:|" * len(scopes))
+    print(f"load after: {_load()}")
+    print(f"{reps} interleaved steps, torch threads = {torch.get_num_threads()}\n")
+    head = " | ".join(f"{s}: min ms | median ms | × fused (min) | × fused (median)" for s in scopes)
+    print(f"| optimizer | {head} |")
+    print("|---|" + "---:|---:|---:|---:|" * len(scopes))
     for name in makers:
         cells = []
         for scope in scopes:
-            t, ref = results[scope][name], results[scope]["AdamW fused"]
-            cells.append(f"{t * 1e3:.1f} | {t / ref:.2f}")
+            (lo, med), (ref_lo, ref_med) = results[scope][name], results[scope]["AdamW fused"]
+            cells.append(
+                f"{lo * 1e3:.2f} | {med * 1e3:.2f} | {lo / ref_lo:.2f} | {med / ref_med:.2f}"
+            )
         print(f"| {name} | " + " | ".join(cells) + " |")
-    print("\nFirst two steps of the compiled variants (compilation included, cold cache):\n")
+    print("\nFirst two steps of the compiled variants (compilation included):\n")
     for key, seconds in compile_s.items():
         print(f"- {key}: {seconds:.1f} s")
-    if not embedding:
-        return
-    hidden, emb = list(scopes)
-    print(f"\nWhole SmolLM2-135M estimate (30 layers = hidden × 30/{layers}, + embedding):\n")
-    print("| optimizer | est. ms/step | × fused |")
-    print("|---|---:|---:|")
-    full = {n: results[hidden][n] * LAYERS / layers + results[emb][n] for n in makers}
-    for name in makers:
-        print(f"| {name} | {full[name] * 1e3:.0f} | {full[name] / full['AdamW fused']:.2f} |")
+
+
+# -- floor ----------------------------------------------------------------------------------
+
+DENSE_PASSES = {
+    "clipping norm (read g)": 4,
+    "pass 1, row scales (read g, w, m, v; write v)": 4 + 4 + 2 + 2 + 2,
+    "pass 2, momentum + weights (read g, w, m; write w, m)": 4 + 4 + 2 + 4 + 2,
+}
+"""Bytes per parameter each pass of WhiteFlow dense must move (fp32 w/g, bf16 m/v)."""
+
+ADAMW_BYTES = 28
+"""Fused AdamW: read w, g, m, v (fp32) and write w, m, v: 7 × 4 bytes per parameter."""
+
+
+def _best(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def floor(reps: int, layers: int, rank: int = 256) -> None:
+    """Measured lower bounds of WhiteFlow's step against fused AdamW on this machine.
+
+    Memory: streaming bandwidth of three kernels over all parameters (a read-only dot, an
+    ``out = a + s·b`` triad, fused AdamW itself) and the bytes each WhiteFlow pass must move.
+    Matmul: ``torch.mm`` GFLOP/s on the projection shapes ``(rows, n) @ (n, r)``, and the FLOPs
+    projected mode needs (two such products per hidden matrix per step).
+    """
+    print(f"UTC {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M}; load before: {_load()}")
+    print(f"torch threads = {torch.get_num_threads()}, {layers} SmolLM2 hidden layers\n")
+    shapes = [s for _, s in smollm2_shapes(layers, embedding=False)]
+    params = [torch.randn(s) * 0.02 for s in shapes]
+    n = sum(p.numel() for p in params)
+    named = [(f"p{i}", nn.Parameter(p)) for i, p in enumerate(params)]
+    _grads([p for _, p in named])
+    adam = torch.optim.AdamW([p for _, p in named], lr=1e-3, fused=True)
+    t_adam = _best(adam.step, reps)
+    grads = [p.grad for _, p in named]
+    t_read = _best(lambda: [torch.dot(g.view(-1), g.view(-1)) for g in grads], reps)
+    outs = [torch.empty_like(g) for g in grads]
+    ws = [p.detach() for _, p in named]
+    t_triad = _best(
+        lambda: [torch.add(w, g, alpha=0.5, out=o) for w, g, o in zip(ws, grads, outs)], reps
+    )
+    bw = {
+        "read (dot, 4 B)": 4 * n / t_read,
+        "triad (a + s·b, 12 B)": 12 * n / t_triad,
+        "fused AdamW (28 B)": ADAMW_BYTES * n / t_adam,
+    }
+    print(f"parameters: {n / 1e6:.2f} M; fused AdamW step: {t_adam * 1e3:.2f} ms (min of {reps})\n")
+    print("| kernel | GB/s |")
+    print("|---|---:|")
+    for name, value in bw.items():
+        print(f"| {name} | {value / 1e9:.1f} |")
+    hidden = [s for s in shapes if len(s) == 2]
+    flops = 0.0
+    t_mm = 0.0
+    for rows, cols in hidden:
+        a, b = torch.randn(rows, cols), torch.randn(cols, min(rank, cols))
+        t_mm += 2 * _best(lambda a=a, b=b: torch.mm(a, b), reps)  # gradient and momentum
+        flops += 2 * 2 * rows * cols * min(rank, cols)
+    gflops = flops / t_mm / 1e9
+    dense = sum(DENSE_PASSES.values())
+    print("\n| WhiteFlow dense pass | B/param |\n|---|---:|")
+    for name, value in DENSE_PASSES.items():
+        print(f"| {name} | {value} |")
+    print(f"| total | {dense} (fused AdamW: {ADAMW_BYTES}) |")
+    at_adam = dense / ADAMW_BYTES
+    print(
+        f"\nMemory floor, dense, at fused AdamW's own bandwidth: {dense}/{ADAMW_BYTES} = "
+        f"**{at_adam:.2f}× fused AdamW** ({at_adam * t_adam * 1e3:.2f} ms)."
+    )
+    proj_extra = 4 + 4 + 4 + 4  # write g⊥ and M̂ for the products, which read them back
+    proj_bytes = dense - 2 + proj_extra  # v is rows × r, not rows × n (≈ 0 B/param)
+    t_proj = proj_bytes / ADAMW_BYTES * t_adam + t_mm
+    print(
+        f"\nProjected r={rank}: {flops / 1e9:.2f} GFLOP per step (2 products per matrix), torch.mm "
+        f"on these shapes: {gflops:.1f} GFLOP/s → {t_mm * 1e3:.2f} ms = "
+        f"{t_mm / t_adam:.2f}× fused AdamW for the products alone; with ≈{proj_bytes} B/param "
+        f"of passes: floor ≈ **{t_proj / t_adam:.2f}× fused AdamW** ({t_proj * 1e3:.2f} ms)."
+    )
+    print(f"\nload after: {_load()}")
 
 
 # -- training -------------------------------------------------------------------------------
@@ -419,7 +517,7 @@ def report(run_dirs: list[str], out_stem: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["memory", "speed", "train", "report"])
+    parser.add_argument("what", choices=["memory", "speed", "floor", "train", "report"])
     parser.add_argument("runs", nargs="*", help="report: run directories <optimizer>-lr<lr>")
     parser.add_argument("--out", default="bench/results/whiteflow-convergence", help="report")
     parser.add_argument("--reps", type=int, default=7)
@@ -429,13 +527,17 @@ def main() -> None:
     parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-embedding", action="store_true", help="speed: hidden layers only")
-    parser.add_argument("--only", default="", help="train: variants whose label contains this")
+    parser.add_argument(
+        "--only", default="", help="train/speed: variants whose label contains this"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.what == "memory":
         memory()
+    elif args.what == "floor":
+        floor(args.reps, args.layers)
     elif args.what == "speed":
-        speed(args.reps, args.layers, not args.no_embedding)
+        speed(args.reps, args.layers, not args.no_embedding, args.only)
     elif args.what == "report":
         report(args.runs, args.out)
     else:

@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 
+import shardflow.optim.whiteflow as whiteflow_module
 from shardflow.optim.precision import (
     bf16_stochastic,
     hash32,
@@ -18,12 +19,7 @@ from shardflow.optim.precision import (
     round_bf16_stochastic,
 )
 from shardflow.optim.projection import projection
-from shardflow.optim.whiteflow import (
-    WhiteFlow,
-    beta2_at,
-    second_moment_weight,
-    whiteflow_direction,
-)
+from shardflow.optim.whiteflow import WhiteFlow, beta2_at, second_moment_weight
 
 EPS = 1e-8
 
@@ -49,8 +45,9 @@ def _orthograd_reference(g, w):
     return out
 
 
-def _reference_run(w0, grads, *, mode, rank, freq, lr, wd, betas=(0.9, 0.999), seed=0):
-    """WhiteFlow on one float64 matrix, every quantity computed densely from its definition."""
+def _reference_run(w0, grads, *, mode, rank, freq, lr, wd, betas=(0.9, 0.999), seed=0, clip=None):
+    """WhiteFlow on one float64 matrix, every quantity computed densely from its definition
+    (``clip``: the gradient is first scaled to norm ``clip`` when its norm is larger)."""
     w = w0.clone()
     rows, n = w.shape
     r = min(rank, n)
@@ -60,6 +57,8 @@ def _reference_run(w0, grads, *, mode, rank, freq, lr, wd, betas=(0.9, 0.999), s
     prod_b2 = 1.0
     history = []
     for t, grad in enumerate(grads, start=1):
+        if clip is not None:
+            grad = grad * min(1.0, clip / (grad.norm().item() + 1e-6))
         g = _orthograd_reference(grad, w)
         b2 = min(beta2, 0.9 + 0.099 * t / 100)
         prod_b2 *= b2
@@ -96,10 +95,17 @@ def _problem(rows=6, n=10, steps=7, seed=0):
     return w0, grads
 
 
-@pytest.mark.parametrize("mode,rank", [("projected", 4), ("projected", 64), ("dense", 4)])
-def test_update_equals_its_dense_definition(mode, rank):
+@pytest.mark.parametrize(
+    "mode,rank,clip",
+    [("projected", 4, None), ("projected", 64, None), ("dense", 4, None), ("projected", 4, 0.5)],
+)
+def test_update_equals_its_dense_definition(mode, rank, clip):
+    """The clipped case checks the clip factor folded into the raw-gradient read (the gradients'
+    norms are ≈ 8, so clipping to 0.5 is active on every step)."""
     w0, grads = _problem()
-    expected, _ = _reference_run(w0, grads, mode=mode, rank=rank, freq=3, lr=0.05, wd=0.1)
+    expected, _ = _reference_run(
+        w0, grads, mode=mode, rank=rank, freq=3, lr=0.05, wd=0.1, clip=clip
+    )
     param = torch.nn.Parameter(w0.clone())
     opt = WhiteFlow(
         [param],
@@ -108,7 +114,7 @@ def test_update_equals_its_dense_definition(mode, rank):
         rank=rank,
         proj_update_freq=3,
         second_moment=mode,
-        gradient_clipping=None,
+        gradient_clipping=clip,
     )
     got = _run(opt, param, grads)[-1]
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
@@ -265,10 +271,26 @@ def test_bad_projection_settings_name_the_fix():
         WhiteFlow(p, compiled="yes")
 
 
-def test_compiled_defaults_to_cuda_only():
-    p = torch.nn.Parameter(torch.randn(3, 3))
-    opt = WhiteFlow([p])
-    assert opt.compiled is None and opt._kernel(p) is whiteflow_direction  # a CPU tensor: eager
+def test_compiled_defaults_to_cuda_only(monkeypatch):
+    """compiled=None on CPU tensors runs eagerly; compiled=True sends the chunk to _each."""
+    calls = []
+
+    def fake_each(fn, *lists, **kwargs):
+        calls.append((fn, len(lists[0]), kwargs))
+        return [None] * len(lists[0])
+
+    monkeypatch.setattr(whiteflow_module, "_each", fake_each)
+    for compiled in (None, True):
+        params = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(5, 4))]
+        opt = WhiteFlow(params, rank=2, compiled=compiled)
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    assert opt.compiled is True
+    assert calls == [
+        (whiteflow_module.whiteflow_scales_each, 2, {"route": "projected"}),
+        (whiteflow_module.whiteflow_apply_each, 2, {}),
+    ]
 
 
 @pytest.mark.skipif(
@@ -355,10 +377,14 @@ def test_bf16_momentum_tracks_the_fp32_reference():
 # -- options --------------------------------------------------------------------------------
 
 
-def test_norm_growth_limiter_caps_growth_at_gamma():
+@pytest.mark.parametrize(
+    "shape,mode", [((6, 12), "dense"), ((6, 12), "projected"), ((12,), "dense")]
+)
+def test_norm_growth_limiter_caps_growth_at_gamma(shape, mode):
+    """Channel-scaled matrices (‖u‖ from the first pass) and an element-wise vector alike."""
     # eps = 1 makes u ≈ M̂ for tiny gradients, so doubling gradients double ‖u‖ unless limited.
-    w0 = torch.randn(6, 12, dtype=torch.float64)
-    direction = torch.randn(6, 12, dtype=torch.float64)
+    w0 = torch.randn(shape, dtype=torch.float64)
+    direction = torch.randn(shape, dtype=torch.float64)
     moves = {}
     for gamma in (None, 1.01):
         param = torch.nn.Parameter(w0.clone())
@@ -369,7 +395,8 @@ def test_norm_growth_limiter_caps_growth_at_gamma():
             norm_growth_limit=gamma,
             gradient_clipping=None,
             weight_decay=0.0,
-            second_moment="dense",
+            second_moment=mode,
+            rank=4,
         )
         norms, before = [], w0.clone()
         for k in range(6):
@@ -399,6 +426,27 @@ def test_shape_lr_scaling_uses_two_over_rows_plus_cols():
         )
         moves[flag] = _run(opt, param, grads)[-1] - w0
     torch.testing.assert_close(moves[True], moves[False], rtol=1e-12, atol=1e-14)
+
+
+def test_non_contiguous_parameter_of_three_dims_updates_in_place():
+    """A (4, 3, 5) parameter viewed from a permuted buffer cannot be viewed as (4, 15) rows: the
+    rule runs on contiguous copies and writes weights, momentum and second moment back."""
+    gen = torch.Generator().manual_seed(5)
+    base = torch.randn(3, 4, 5, dtype=torch.float64, generator=gen)
+    grads = [torch.randn(4, 3, 5, dtype=torch.float64, generator=gen) for _ in range(3)]
+    runs = []
+    for contiguous in (True, False):
+        w = base.permute(1, 0, 2)
+        param = torch.nn.Parameter(
+            w.contiguous() if contiguous else w.clone(memory_format=torch.preserve_format)
+        )
+        assert param.is_contiguous() == contiguous
+        opt = WhiteFlow([param], rank=4, gradient_clipping=None)
+        moved = _run(opt, param, grads)[-1]
+        runs.append((moved, opt.state[param]["exp_avg"].clone()))
+    torch.testing.assert_close(runs[1][0], runs[0][0], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(runs[1][1], runs[0][1], rtol=1e-12, atol=1e-14)
+    assert not torch.equal(runs[0][0], base.permute(1, 0, 2))
 
 
 # -- memory ---------------------------------------------------------------------------------

@@ -53,7 +53,8 @@ global row block)`` — never of the shard — so 1, 2 or 4 ranks round identica
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -66,8 +67,9 @@ from shardflow.optim._validate import (
     check_nonnegative,
     check_unit_interval,
 )
-from shardflow.optim.base import Item, Layout, ShardFlowOptimizer, step_counter
-from shardflow.optim.orthogonalize import orthograd_
+from shardflow.optim.base import Item, Layout, ShardFlowOptimizer, _compute_dtype, step_counter
+from shardflow.optim.dolphinflow import _each
+from shardflow.optim.orthogonalize import orthograd_fold, orthograd_sums
 from shardflow.optim.precision import bf16_stochastic, hash32_int, mix_seed
 from shardflow.optim.projection import ProjectionCache
 from shardflow.optim.routing import is_hidden_matrix
@@ -122,9 +124,12 @@ class WhiteFlow(ShardFlowOptimizer):
             compute device only while used).
         process_group: ProcessGroup or 1-D DeviceMesh to shard over; None: one process.
         foreach: use ``torch._foreach_*`` kernels (None: when all tensors share a device).
-        compiled: run each parameter's direction (:func:`whiteflow_direction`) through
-            ``torch.compile`` (None: on CUDA only; on a CPU inductor emits C++).
+        compiled: run the step (:func:`whiteflow_update_`) through ``torch.compile``, a chunk
+            of parameters per call (None: on CUDA only; on a CPU inductor emits C++).
     """
+
+    scratch_grads: ClassVar[bool] = False
+    """:func:`whiteflow_update_` reads the raw gradient and applies the clip factor itself."""
 
     state_layout: ClassVar[dict[str, Layout]] = {
         "step": "replicated",
@@ -179,7 +184,6 @@ class WhiteFlow(ShardFlowOptimizer):
                 f"compiled={compiled!r} is invalid: pass True, False or None (compile on CUDA only)."
             )
         self._compiled = compiled
-        self._hyper_cache: tuple[Any, Tensor | None] = (None, None)
         super().__init__(
             params,
             defaults,
@@ -279,62 +283,116 @@ class WhiteFlow(ShardFlowOptimizer):
         for it in items:
             by_step.setdefault(int(it.state["step"]), []).append(it)
         for t, bucket in by_step.items():
-            self._directions(group, t, bucket, ops)
-        if group["norm_growth_limit"] is not None:
-            self._limit_norm_growth(group, items, ops)
-        self._apply(group, items, ops)
+            self._step_items(group, t, bucket)
 
-    def _directions(self, group: dict[str, Any], t: int, items: list[Item], ops: ListOps) -> None:
-        """Overwrite each ``item.grad`` with the direction ``u`` (steps 1–5 of the rule).
+    def _step_items(self, group: dict[str, Any], t: int, items: list[Item]) -> None:
+        """One step of ``items`` (all at step ``t``), in at most two passes per parameter.
 
-        One call of :func:`whiteflow_direction` per parameter — eagerly, or through
-        ``torch.compile`` when :attr:`compiled` says so (one fused kernel per route and shape).
+        Hidden matrices: :func:`whiteflow_scales_` (⊥Grad coefficients, second moment, channel
+        scales — everything per row) then :func:`whiteflow_apply_` (momentum and weights,
+        element-wise). Both read the raw gradient with the clip factor as a scalar (no scratch
+        copy). The rule needs a row's scale before it may write that row, and the momentum
+        written to memory is rounded, so the second pass recomputes the fp32 momentum from
+        ``(g, w, m)`` instead of reading it back. Element-wise parameters: one pass,
+        :func:`whiteflow_elementwise_`. With the norm-growth limiter, ``‖u‖`` of every
+        parameter comes from the first pass (``Σᵢ sᵢ²·‖M̂ᵢ‖²``), one batched reduction over
+        shards, and scales ``sᵢ`` before the second.
+
+        Eager: the same functions, called on the lists. Compiled: through ``torch.compile``, a
+        chunk of parameters per call (:func:`~shardflow.optim.dolphinflow._each`), except empty
+        shards and the rare parameter that needs contiguous copies (eager).
         """
-        for it in items:
-            route = self.route(it.param, group)
-            g = _rows(it.grad)
-            m = _rows(it.state["exp_avg"])
-            v = it.state["exp_avg_sq_proj" if route == "projected" else "exp_avg_sq"]
-            v = v if route == "projected" else _rows(v)
-            proj = None
-            if route == "projected":
-                n, r = _width(self.placement.global_shape(it.param)), v.shape[1]
-                refresh = (t - 1) // group["proj_update_freq"]
-                proj = self.projections.get(
-                    group["seed"], n, r, refresh, device=g.device, dtype=g.dtype
-                )
-            rounding = group["stochastic_rounding"] and m.dtype == torch.bfloat16
-            u = self._kernel(g)(
-                g,
-                _rows(it.local) if route != "elementwise" else g,
-                m,
-                v,
-                proj,
-                self._hyper(group, t, g),
-                self._rounding_keys(group, it, t, v.shape[1]) if rounding else None,
-                route=route,
-            )
-            it.grad = u.view_as(it.grad)
+        compiled = self._compiled if self._compiled is not None else items[0].grad.is_cuda
+        jobs = [self._job(group, t, it) for it in items]
+        limited = group["norm_growth_limit"] is not None
+        channel = [j for j in jobs if j.route != "elementwise"]
+        elementwise = [j for j in jobs if j.route == "elementwise"]
+        for route in ("projected", "dense"):
+            chosen = [j for j in channel if j.route == route]
+            scales = _call(whiteflow_scales_each, chosen, compiled, lambda j: j.args, route=route)
+            for j, coef in zip(chosen, scales):
+                j.coef = coef
+        for j, u in zip(
+            elementwise,
+            _call(
+                whiteflow_elementwise_each,
+                elementwise,
+                compiled,
+                lambda j: (*j.args[:4], *j.args[5:]),
+                apply=not limited,
+            ),
+        ):
+            j.u = u
+        if limited:
+            self._limit_norm_growth(group, channel, elementwise)
+        _call(
+            whiteflow_apply_each,
+            channel,
+            compiled,
+            lambda j: (j.args[0], j.args[1], j.args[2], j.coef, j.args[5], j.args[6]),
+        )
+        for j in jobs:
+            for dst, src in j.write_back:
+                dst.copy_(src.view_as(dst))
+
+    def _job(self, group: dict[str, Any], t: int, it: Item) -> _Job:
+        """One item's arguments ``(w, g, m, v, proj, hyper, keys)`` for the pass functions."""
+        route = self.route(it.param, group)
+        v_key = "exp_avg_sq_proj" if route == "projected" else "exp_avg_sq"
+        tensors = [it.local.detach(), it.grad, it.state["exp_avg"], it.state[v_key]]
+        write_back: list[tuple[Tensor, Tensor]] = []
+        if route == "elementwise":
+            if all(x.is_contiguous() for x in tensors):  # 1-D and 2-D share one graph
+                tensors = [x.view(-1) for x in tensors]
+        else:
+            views = [_rows_view(x) for x in tensors]
+            if any(x is None for x in views):  # a non-contiguous tensor of 3+ dims: copies
+                views = [_rows(x.contiguous()) for x in tensors]
+                write_back = [(tensors[i], views[i]) for i in (0, 2, 3)]
+            tensors = views
+        w, g, m, v = tensors
+        proj = None
+        if route == "projected":
+            n, r = _width(self.placement.global_shape(it.param)), v.shape[1]
+            refresh = (t - 1) // group["proj_update_freq"]
+            dtype = _compute_dtype(g)
+            proj = self.projections.get(group["seed"], n, r, refresh, device=g.device, dtype=dtype)
+        keys = None
+        if group["stochastic_rounding"] and m.dtype == torch.bfloat16:
+            keys = self._rounding_keys(group, it, t, v.shape[-1] if v.ndim > 1 else 1)
+        args = (w, g, m, v, proj, self._hyper(group, t, it), keys)
+        fast = it.grad.numel() > 0 and not write_back
+        return _Job(it, route, args, fast, write_back)
 
     @property
     def compiled(self) -> bool | None:
-        """Run :func:`whiteflow_direction` through ``torch.compile`` (None: on CUDA only)."""
+        """Run the passes through ``torch.compile`` (None: on CUDA only)."""
         return self._compiled
 
-    def _kernel(self, g: Tensor):
-        compiled = self._compiled if self._compiled is not None else g.device.type == "cuda"
-        return _compiled_direction() if compiled else whiteflow_direction
+    def _step_size(self, group: dict[str, Any], param: Tensor) -> float:
+        """``η = lr × lr_scale`` (× SPlus's ``2/(rows + cols)`` with ``shape_lr_scaling``)."""
+        return group["lr"] * group["lr_scale"] * self._shape_factor(group, param)
 
-    def _hyper(self, group: dict[str, Any], t: int, like: Tensor) -> Tensor:
-        """The step's scalars as one tensor (a compiled kernel then never recompiles for them)."""
-        key = (id(group), t, like.device, like.dtype)
-        if self._hyper_cache[0] != key:
-            beta1, beta2 = group["betas"]
-            b2, weight = beta2_at(beta2, t), second_moment_weight(beta2, t)
-            values = [1.0 - beta1, 1.0 / (1.0 - beta1**t), b2, 1.0 - b2, 1.0 / weight]
-            hyper = torch.tensor([*values, group["eps"]], dtype=like.dtype)
-            self._hyper_cache = (key, hyper.to(like.device, non_blocking=True))
-        return self._hyper_cache[1]
+    def _hyper(self, group: dict[str, Any], t: int, it: Item) -> Tensor:
+        """The scalars of the pass functions as one tensor (a compiled kernel then never
+        recompiles for new values): ``[c, 1−β₁, 1/(1−β₁ᵗ), β₂ₜ, 1−β₂ₜ, 1/cₜ, eps, 1−η·λ, η]``
+        with ``c`` the clip factor and ``η`` the parameter's step size."""
+        beta1, beta2 = group["betas"]
+        b2, weight = beta2_at(beta2, t), second_moment_weight(beta2, t)
+        eta = self._step_size(group, it.param)
+        values = [
+            it.grad_scale,
+            1.0 - beta1,
+            1.0 / (1.0 - beta1**t),
+            b2,
+            1.0 - b2,
+            1.0 / weight,
+            group["eps"],
+            1.0 - eta * group["weight_decay"],
+            eta,
+        ]
+        hyper = torch.tensor(values, dtype=_compute_dtype(it.grad))
+        return hyper.to(it.grad.device, non_blocking=True)
 
     def _rounding_keys(self, group: dict[str, Any], it: Item, t: int, v_width: int) -> Tensor:
         """``[key_m, offset_m, key_v, offset_v]`` for :func:`bf16_stochastic`: the counter-based
@@ -352,32 +410,33 @@ class WhiteFlow(ShardFlowOptimizer):
         ]
         return torch.tensor(keys, dtype=torch.int64).to(it.grad.device, non_blocking=True)
 
-    def _limit_norm_growth(self, group: dict[str, Any], items: list[Item], ops: ListOps) -> None:
-        gamma = group["norm_growth_limit"]
-        # Summed in fp64 per row (each row is whole on one rank), then over rows and shards: the
-        # total does not depend on where the shard boundaries are (to fp64 rounding).
-        local = [_row_norms(_rows(it.grad), torch.float64).square().sum() for it in items]
-        sq = self.placement.sum_over_shards(torch.stack(local))
-        scales = []
-        for it, norm in zip(items, sq.double().sqrt().tolist()):
-            prev = float(it.state["update_norm"])
-            scale = gamma * prev / norm if prev > 0 and norm > gamma * prev else 1.0
-            it.state["update_norm"].fill_(norm * scale)
-            scales.append(scale)
-        ops.mul_([it.grad for it in items], scales)
+    def _limit_norm_growth(
+        self, group: dict[str, Any], channel: list[_Job], elementwise: list[_Job]
+    ) -> None:
+        """APOLLO's limiter: ``‖uₜ‖ ≤ γ·‖uₜ₋₁‖`` per parameter, one reduction over shards.
 
-    def _apply(self, group: dict[str, Any], items: list[Item], ops: ListOps) -> None:
-        lr = group["lr"] * group["lr_scale"]
-        steps = [lr * self._shape_factor(group, it.param) for it in items]
-        locals_ = [it.local for it in items]
-        updates = [it.grad for it in items]
-        if group["weight_decay"] and lr:
-            ops.mul_(locals_, [1.0 - s * group["weight_decay"] for s in steps])
-        if locals_ and locals_[0].dtype != updates[0].dtype:
-            for p, u, s in zip(locals_, updates, steps):
-                p.add_(u.to(p.dtype), alpha=-s)
-        else:
-            ops.scaled_add_(locals_, updates, [-s for s in steps])
+        ``‖u‖²`` is summed in fp64 over rows (each row is whole on one rank), then over rows and
+        shards: the total does not depend on where the shard boundaries are (to fp64 rounding).
+        Channel-scaled parameters take ``‖uᵢ‖²`` from :func:`whiteflow_scales_` and have their
+        scales ``sᵢ`` multiplied; element-wise ones are scaled and applied here.
+        """
+        gamma = group["norm_growth_limit"]
+        local = [j.coef[:, 3].double().sum() for j in channel]
+        local += [_row_norms(_rows(j.u), torch.float64).square().sum() for j in elementwise]
+        sq = self.placement.sum_over_shards(torch.stack(local)) if local else torch.zeros(0)
+        factors = []
+        for j, norm in zip(channel + elementwise, sq.double().sqrt().tolist()):
+            prev = float(j.item.state["update_norm"])
+            factor = gamma * prev / norm if prev > 0 and norm > gamma * prev else 1.0
+            j.item.state["update_norm"].fill_(norm * factor)
+            factors.append(factor)
+        for j, factor in zip(channel, factors):
+            j.coef[:, 2].mul_(factor)
+        for j, factor in zip(elementwise, factors[len(channel) :]):
+            eta = self._step_size(group, j.item.param)
+            w = j.args[0]
+            w.mul_(1.0 - eta * group["weight_decay"])
+            w.add_(j.u.to(w.dtype), alpha=-eta * factor)
 
     def _shape_factor(self, group: dict[str, Any], param: Tensor) -> float:
         """SPlus's ``2/(rows + cols)`` for hidden matrices when ``shape_lr_scaling``, else 1."""
@@ -387,9 +446,53 @@ class WhiteFlow(ShardFlowOptimizer):
         return 2.0 / (shape[0] + _width(shape))
 
 
-def whiteflow_direction(
-    g: Tensor,
+@dataclass(slots=True)
+class _Job:
+    """One parameter's step as :meth:`WhiteFlow._step_items` carries it between passes."""
+
+    item: Item
+    route: str
+    args: tuple
+    """``(w, g, m, v, proj, hyper, keys)``: views as the pass functions take them."""
+    fast: bool
+    """May go through the compiled call (not an empty shard, no copies to write back)."""
+    write_back: list[tuple[Tensor, Tensor]]
+    """``(state, contiguous copy)`` pairs to copy back after the step."""
+    coef: Tensor | None = None
+    """:func:`whiteflow_scales_`'s ``(rows, 4)`` result."""
+    u: Tensor | None = None
+    """The element-wise direction, kept only for the limiter."""
+
+
+def _call(
+    fn: Callable[..., list | None],
+    jobs: list[_Job],
+    compiled: bool,
+    args: Callable[[_Job], tuple],
+    **kwargs: Any,
+) -> list[Any]:
+    """``fn`` (a function of lists) on ``args(job)`` of every job; its results in job order.
+
+    Compiled: the ``fast`` jobs through :func:`~shardflow.optim.dolphinflow._each` (chunked
+    ``torch.compile`` calls), the others eagerly; otherwise one eager call for all.
+    """
+    out: list[Any] = [None] * len(jobs)
+    parts = {True: [], False: []}
+    for i, j in enumerate(jobs):
+        parts[compiled and j.fast].append(i)
+    for through_compile, index in parts.items():
+        if not index:
+            continue
+        lists = [list(x) for x in zip(*(args(jobs[i]) for i in index))]
+        results = (_each(fn, *lists, **kwargs) if through_compile else fn(*lists, **kwargs)) or []
+        for i, r in zip(index, results):
+            out[i] = r
+    return out
+
+
+def whiteflow_scales_(
     w: Tensor,
+    g: Tensor,
     m: Tensor,
     v: Tensor,
     proj: Tensor | None,
@@ -398,34 +501,134 @@ def whiteflow_direction(
     *,
     route: str,
 ) -> Tensor:
-    """The direction ``u`` of one parameter (steps 1–5 of the module docstring); updates ``m, v``.
+    """First pass for a hidden matrix (steps 1–4 of the module docstring); updates ``v``.
 
-    ``g`` (fp32/fp64, clipped), ``w``, ``m`` and (dense) ``v`` are ``(rows, n)`` views; ``v`` is
-    ``(rows, r)`` and ``proj`` ``(n, r)`` for ``route="projected"``. ``hyper`` holds
-    ``[1−β₁, 1/(1−β₁ᵗ), β₂ₜ, 1−β₂ₜ, 1/cₜ, eps]``; ``keys`` the stochastic-rounding keys
-    (:meth:`WhiteFlow._rounding_keys`) or None to round to nearest. Written as one pure function so
-    that ``torch.compile`` can fuse it; eager it runs op by op.
+    ``w, g, m`` (and dense ``v``) are ``(rows, n)`` views, ``v`` is ``(rows, r)`` and ``proj``
+    ``(n, r)`` for ``route="projected"``. ``g`` is the raw gradient (never written); ``hyper``
+    holds ``[c, 1−β₁, 1/(1−β₁ᵗ), β₂ₜ, 1−β₂ₜ, 1/cₜ, eps, 1−η·λ, η]`` in the compute dtype (``c``
+    the clip factor) and ``keys`` the stochastic-rounding keys (:meth:`WhiteFlow._rounding_keys`)
+    or None to round to nearest. Returns ``(rows, 4)``: ``[c·a, b, s, ‖uᵢ‖²]``, where ``c·g⊥ =
+    (c·a)·g − b·w`` is ⊥Grad of the clipped gradient (:func:`~shardflow.optim.orthogonalize.
+    orthograd_fold`), ``s`` the channel scale and ``‖uᵢ‖ = s·‖M̂ᵢ‖`` the row's update norm.
+
+    Every quantity is per row, so a compiled version can finish a row while it is in cache.
     """
-    one_minus_b1, corr1, b2, one_minus_b2, inv_weight, eps = hyper.unbind()
-    if route != "elementwise":
-        g = orthograd_(g.clone(), w, rowwise=True, restore_norm=True)
-    mom = m.to(g.dtype, copy=True).lerp_(g, one_minus_b1)
-    _store(m, mom, keys, 0)
-    mhat = mom.mul_(corr1)
+    c, one_minus_b1, corr1, b2, one_minus_b2, inv_weight, eps, _, _ = hyper.unbind()
+    dtype = hyper.dtype
+    w32 = w.to(dtype)
+    g = g.to(dtype) * c
+    a, b = orthograd_fold(orthograd_sums(g, w32), restore_norm=True)
+    g = a.unsqueeze(1) * g - b.unsqueeze(1) * w32
+    mhat = torch.lerp(m.to(dtype), g, one_minus_b1) * corr1
+    ref = mhat
     if route == "projected":
         g = g @ proj
-        mhat_p = mhat @ proj
-    sq = v.to(g.dtype, copy=True).mul_(b2).addcmul_(g, g, value=one_minus_b2)
+        ref = mhat @ proj
+    sq = v.to(dtype) * b2 + one_minus_b2 * g * g
     _store(v, sq, keys, 2)
-    denom = sq.mul_(inv_weight).sqrt_().add_(eps)
-    if route == "elementwise":
-        return mhat.div_(denom)
-    adapted = (mhat_p if route == "projected" else mhat) / denom
-    ref = mhat_p if route == "projected" else mhat
-    scale = _ratio(_row_norms(adapted), _row_norms(ref))
+    adapted = ref / ((sq * inv_weight).sqrt() + eps)
+    ref_norm = _row_norms(ref)
+    scale = _ratio(_row_norms(adapted), ref_norm)
+    mhat_norm = ref_norm
     if route == "projected":
         scale = scale * math.sqrt(mhat.shape[1] / proj.shape[1])
-    return mhat.mul_(scale.unsqueeze(1))
+        mhat_norm = _row_norms(mhat)
+    return torch.stack([a * c, b, scale, (scale * mhat_norm).square()], dim=1)
+
+
+def whiteflow_apply_(
+    w: Tensor, g: Tensor, m: Tensor, coef: Tensor, hyper: Tensor, keys: Tensor | None
+) -> None:
+    """Second pass for a hidden matrix (steps 2, 5 and 7), in place on ``m`` and ``w``.
+
+    With ``coef`` from :func:`whiteflow_scales_`: ``g⊥ = coef₀·g − coef₁·w``, ``m ← β₁·m +
+    (1−β₁)·g⊥`` (stored rounded; the update uses the fp32 value), ``w ← w·(1 − η·λ) −
+    η·s·m/(1−β₁ᵗ)``. Element-wise, with per-row coefficients (as fused AdamW's loop, plus the
+    rounding).
+    """
+    _, one_minus_b1, corr1, _, _, _, _, decay, eta = hyper.unbind()
+    dtype = hyper.dtype
+    w32 = w.to(dtype)
+    g = coef[:, 0:1] * g.to(dtype) - coef[:, 1:2] * w32
+    mom = torch.lerp(m.to(dtype), g, one_minus_b1)
+    _store(m, mom, keys, 0)
+    w.copy_((w32 * decay - (eta * corr1) * coef[:, 2:3] * mom).to(w.dtype))
+
+
+def whiteflow_elementwise_(
+    w: Tensor,
+    g: Tensor,
+    m: Tensor,
+    v: Tensor,
+    hyper: Tensor,
+    keys: Tensor | None,
+    *,
+    apply: bool = True,
+) -> Tensor | None:
+    """The fallback's step (Adam with the warmed-up second moment), one element-wise pass, in
+    place on ``m``, ``v`` and (``apply``) ``w``; without ``apply`` it returns ``u`` instead of
+    writing the weights (for the limiter). Arguments as in :func:`whiteflow_scales_`."""
+    c, one_minus_b1, corr1, b2, one_minus_b2, inv_weight, eps, decay, eta = hyper.unbind()
+    dtype = hyper.dtype
+    g = g.to(dtype) * c
+    mom = torch.lerp(m.to(dtype), g, one_minus_b1)
+    _store(m, mom, keys, 0)
+    sq = v.to(dtype) * b2 + one_minus_b2 * g * g
+    _store(v, sq, keys, 2)
+    u = mom * corr1 / ((sq * inv_weight).sqrt() + eps)
+    if not apply:
+        return u
+    w.copy_((w.to(dtype) * decay - eta * u).to(w.dtype))
+    return None
+
+
+def whiteflow_scales_each(
+    ws: list[Tensor],
+    gs: list[Tensor],
+    ms: list[Tensor],
+    vs: list[Tensor],
+    projs: list[Tensor | None],
+    hypers: list[Tensor],
+    keys: list[Tensor | None],
+    *,
+    route: str,
+) -> list[Tensor]:
+    """:func:`whiteflow_scales_` for each parameter of the lists (one compiled call)."""
+    return [
+        whiteflow_scales_(w, g, m, v, p, h, k, route=route)
+        for w, g, m, v, p, h, k in zip(ws, gs, ms, vs, projs, hypers, keys)
+    ]
+
+
+def whiteflow_apply_each(
+    ws: list[Tensor],
+    gs: list[Tensor],
+    ms: list[Tensor],
+    coefs: list[Tensor],
+    hypers: list[Tensor],
+    keys: list[Tensor | None],
+) -> None:
+    """:func:`whiteflow_apply_` for each parameter of the lists (one compiled call)."""
+    for w, g, m, coef, h, k in zip(ws, gs, ms, coefs, hypers, keys):
+        whiteflow_apply_(w, g, m, coef, h, k)
+
+
+def whiteflow_elementwise_each(
+    ws: list[Tensor],
+    gs: list[Tensor],
+    ms: list[Tensor],
+    vs: list[Tensor],
+    hypers: list[Tensor],
+    keys: list[Tensor | None],
+    *,
+    apply: bool,
+) -> list[Tensor] | None:
+    """:func:`whiteflow_elementwise_` for each parameter of the lists (one compiled call)."""
+    out = [
+        whiteflow_elementwise_(w, g, m, v, h, k, apply=apply)
+        for w, g, m, v, h, k in zip(ws, gs, ms, vs, hypers, keys)
+    ]
+    return None if apply else out
 
 
 def _store(dst: Tensor, value: Tensor, keys: Tensor | None, at: int) -> None:
@@ -436,18 +639,18 @@ def _store(dst: Tensor, value: Tensor, keys: Tensor | None, at: int) -> None:
         dst.copy_(bf16_stochastic(value, keys[at], keys[at + 1]))
 
 
-_COMPILED: list[Any] = []
-
-
-def _compiled_direction():
-    if not _COMPILED:
-        _COMPILED.append(torch.compile(whiteflow_direction, dynamic=None))
-    return _COMPILED[0]
-
-
 def _rows(t: Tensor) -> Tensor:
     """The ``(out, rest)`` view (0-row shards included); a 0-d tensor is one row."""
     return t.reshape(t.shape[0], _width(t.shape)) if t.ndim >= 1 else t.reshape(1, 1)
+
+
+def _rows_view(t: Tensor) -> Tensor | None:
+    """The ``(out, rest)`` view of ``t`` sharing its storage, or None where only a copy can be
+    had (a non-contiguous tensor of 3+ dims)."""
+    try:
+        return t.view(t.shape[0], _width(t.shape)) if t.ndim >= 1 else t.view(1, 1)
+    except RuntimeError:
+        return None
 
 
 def _row_norms(t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
