@@ -9,8 +9,9 @@ Two measurements, each the minimum over ``--steps`` steps (the minimum is the le
 by other load on a shared machine), with fused AdamW measured in the same process:
 
 - **parts**: SmolLM2-135M shapes, 2 layers. Every compiled call is timed and filed by what it
-  does — the embedding's update, the other updates, the ⊥Grad row sums — and the base's norm
-  pass (:func:`shardflow.optim.base._sq_norms`) separately; the rest of the step is Python.
+  does — the embedding's update, the other updates, the ⊥Grad row sums, the norm pass (the
+  base's :func:`shardflow.optim.base._sq_norms` and DolphinFlow's compiled ``sq_norms_each``);
+  the rest of the step is Python.
 - **overhead**: the same parameter structure (20 tensors) at tiny sizes (hidden 64), so that
   the step time is what Python, dynamo guards and the call machinery cost.
 
@@ -46,7 +47,8 @@ def _parts(steps: int) -> dict[str, float]:
             start = time.perf_counter()
             out = call(*args, **kwargs)
             first = args[0][0] if isinstance(args[0], list) else args[0]
-            part = "sums" if "sums" in fn.__name__ else "update"
+            name = fn.__name__
+            part = "sums" if "sums" in name else "norm pass" if "norms" in name else "update"
             if part == "update" and first.numel() > 10**7:
                 part = "embedding update"
             spent[part] += time.perf_counter() - start

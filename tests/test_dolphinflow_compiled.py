@@ -15,7 +15,8 @@ import pytest
 import torch
 from torch import nn
 
-from shardflow.optim.dolphinflow import DolphinFlow, fused_update
+from shardflow.optim import dolphinflow
+from shardflow.optim.dolphinflow import DolphinFlow, fused_update, sq_norms_each
 
 
 def _model(dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -60,7 +61,9 @@ _MORE = pytest.mark.skipif(
         pytest.param({"dynamic_momentum": True}, marks=_MORE),
     ],
 )
-def test_compiled_and_eager_steps_agree_in_float32(config):
+def test_compiled_and_eager_steps_agree_in_float32(config, monkeypatch):
+    # the embedding (128 elements) takes the compiled norm pass, the 1-D params the base's
+    monkeypatch.setattr(dolphinflow, "LARGE", 64)
     # eps=1e-30: with this draw one element of g⊥ cancels to ~1e-8, where the default eps makes
     # g/(|g| + eps) amplify the two paths' different rounding of g⊥ (~4e-10) a million-fold; a
     # negligible eps keeps the update a smooth function of g away from 0.
@@ -125,3 +128,10 @@ def test_compiled_pass_updates_a_non_contiguous_parameter_in_place():
 
     for c, e in zip(train(True), train(False)):
         torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 4, 5, 13, 64])
+def test_sq_norms_each_is_the_sum_of_squares(n):
+    g = torch.arange(1.0, n + 1, dtype=torch.float64)  # every remainder of n mod 4
+    (got,) = sq_norms_each([g])
+    assert got.item() == sum(k * k for k in range(1, n + 1))
