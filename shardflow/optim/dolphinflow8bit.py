@@ -206,8 +206,11 @@ class DolphinFlow8bit(DolphinFlow):
             corr = 1.0 - beta2 ** float(it.state["step"])
             c = it.grad_scale
             scalars = (decay, 1.0 - mu, beta2, lr * corr**0.5 / weight, eps * corr**0.5, c)
-            fold = folds.get(id(it))
-            if fold is not None:  # per row, or (flat ⊥Grad) one pair for the whole tensor
+            fold = folds.get(id(it))  # per row, or (flat ⊥Grad) one pair for the whole tensor
+            decay_on = bool(group["weight_decay"] and lr)
+            if self._native_step(it, fold, scalars, group["nesterov"], decay_on):
+                continue
+            if fold is not None:
                 rows = it.local.shape[0] if not rowwise else -1
                 fold = tuple(f.unsqueeze(1).expand(rows, 1) for f in fold)
             if compiled:
@@ -216,12 +219,39 @@ class DolphinFlow8bit(DolphinFlow):
                 rule = functools.partial(_compiled_rule, s=s, nesterov=group["nesterov"])
             else:
                 rule = functools.partial(
-                    _eager_rule,
-                    s=scalars,
-                    nesterov=group["nesterov"],
-                    decay_on=bool(group["weight_decay"] and lr),
+                    _eager_rule, s=scalars, nesterov=group["nesterov"], decay_on=decay_on
                 )
             self._slabs(it, fold, rule)
+
+    def _native_step(
+        self,
+        item: Item,
+        fold: tuple[Tensor, Tensor] | None,
+        scalars: tuple[float, ...],
+        nesterov: bool,
+        decay_on: bool,
+    ) -> bool:
+        """The whole fused step of ``item`` in the native CPU kernel, if it takes these tensors
+        (fp32 weights, gradients and folds, contiguous, on the CPU); returns whether it ran.
+        ``fold``: ``(a, b)`` with one value per row, or one for all rows (flat ⊥Grad)."""
+        blocks = self._blocks(item)
+        w, g = item.local.detach(), item.grad
+        states = tuple((item.state[k], item.state[absmax_key(k)]) for k in MOMENTS)
+        if not quant8.native.usable(w, g, *(fold or ()), *(t for s in states for t in s)):
+            return False
+        rows = w.shape[0]
+        if rows:
+            quant8.native.step_rows(
+                w.view(rows, blocks.cols),
+                g.view(rows, blocks.cols),
+                states,
+                fold,
+                scalars,
+                blocks,
+                nesterov=nesterov,
+                decay_on=decay_on,
+            )
+        return True
 
     def _slabs(
         self, item: Item, fold: tuple[Tensor, Tensor] | None, rule: Callable[..., None]
