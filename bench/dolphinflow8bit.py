@@ -14,7 +14,9 @@ or one part: ``memory`` | ``step`` | ``convergence``. Needs bitsandbytes.
   and DolphinFlow 32-bit with the same ``compiled`` setting (eager, then ``compiled=True``),
   interleaved round-robin so machine load hits both alike; the median of the per-round ratios is
   printed. Two SmolLM2 layers (the hidden matrices, default vector mode), and the same layers plus
-  the embedding with name routing. Target: ≤ 1.5×.
+  the embedding with name routing. Target: ≤ 1.5×. On an x86-64 CPU with AVX2 the 8-bit step
+  runs the native kernel (``shardflow.optim.quant8_native``); ``SHARDFLOW_NATIVE=0`` measures
+  the torch path instead.
 - **convergence**: a byte-level decoder (2 layers, width 192, 3 heads, MLP 768, context 128)
   trained for 200 steps on the running Python's standard library sources, 8-bit and 32-bit from
   the same initialization and batches; validation loss on held-out text. Target: within 1%.
@@ -36,6 +38,7 @@ from torch import nn
 
 from bench.common import stdlib_bytes
 from shardflow import DolphinFlow, param_groups
+from shardflow.optim import quant8_native
 from shardflow.optim.dolphinflow8bit import DolphinFlow8bit
 
 # -- SmolLM2-135M shapes ------------------------------------------------------------------------
@@ -242,7 +245,8 @@ def _machine() -> list[str]:
     return [
         f"python {platform.python_version()}, torch {torch.__version__}, "
         f"bitsandbytes {__import__('bitsandbytes').__version__}, "
-        f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()}",
+        f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()}, "
+        f"native 8-bit kernel {quant8_native.available()}",
         "```",
         *lscpu,
         "```",
@@ -267,6 +271,7 @@ def main() -> None:
         f"Date: {time.strftime('%Y-%m-%d')}",
         "",
     ]
+    print(f"native 8-bit kernel: {quant8_native.available()}", flush=True)
     for part in parts:
         started = time.perf_counter()
         if part == "memory":

@@ -309,8 +309,10 @@ def test_chunked_steps_equal_whole_group_steps():
 
 
 def test_slabs_of_any_size_give_the_same_step(monkeypatch):
-    """The fused route updates quantized moments a slab of rows at a time; every value's update
-    is row-local, so one row per slab and whole tensors give bitwise the same run."""
+    """The torch fused route updates quantized moments a slab of rows at a time; every value's
+    update is row-local, so one row per slab and whole tensors give bitwise the same run (the
+    native kernel, which takes whole tensors, is switched off here)."""
+    monkeypatch.setattr(quant8.native, "available", lambda: False)
     results = []
     for slab in (1, 10**9):
         monkeypatch.setattr(dolphinflow8bit, "SLAB_ELEMENTS", slab)
@@ -349,9 +351,13 @@ def test_non_contiguous_params_take_the_dequantized_path_with_the_same_result():
         assert (a.int() - b.int()).abs().max() <= 1 and (a != b).float().mean() < 0.01
 
 
-def test_compiled_and_eager_8bit_steps_agree():
-    """``compiled=True`` runs DolphinFlow's compiled element-wise pass on each dequantized slab
-    (the graphs DolphinFlow's own tests compile); eager runs the same maths as in-place ops.
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch-path"])
+def test_compiled_and_eager_8bit_steps_agree(native, monkeypatch):
+    """On the torch path ``compiled=True`` runs DolphinFlow's compiled element-wise pass on each
+    dequantized slab (the graphs DolphinFlow's own tests compile) and eager the same maths as
+    in-place ops; with the native kernel both run the native loop, and what differs is
+    DolphinFlow's compiled clipping pass (it reads the raw gradient, the clip factor applied in
+    the loop).
 
     One step from the same quantized state (after 3 eager steps): only float rounding differs
     (fused multiply-adds, operation order). The weights use this step's unrounded moments, so
@@ -361,6 +367,8 @@ def test_compiled_and_eager_8bit_steps_agree():
     O(1) steps. Over several steps the runs drift apart further (a flipped code of a tiny
     second moment moves that element's next update by a few %), as 8-bit and 32-bit do.
     """
+    if not native:
+        monkeypatch.setattr(quant8.native, "available", lambda: False)
     model = _model()
     opt = DolphinFlow8bit(model.parameters(), lr=1e-2)
     _train(model, opt, 3)

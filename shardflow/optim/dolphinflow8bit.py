@@ -8,12 +8,18 @@ the row-aligned blocks of :mod:`shardflow.optim.quant8`. Each step dequantizes t
 DolphinFlow's update on the fp32 values, and requantizes the result:
 
 - **the fused route** (element-wise and vector routes with ``adaptive_lr`` and no trust region:
-  DolphinFlow's ``_fused_update``) goes slab by slab — :data:`SLAB_ELEMENTS` values of a
-  parameter's rows at a time: dequantize both moments, apply the element-wise rule (DolphinFlow's
-  compiled :func:`~shardflow.optim.dolphinflow.fused_update` when ``compiled``, else the same
-  maths as in-place eager ops), requantize. A slab's working tensors stay in the CPU's caches
-  and no fp32 copy of a whole moment is made. Every value's update is row-local, so the slab
-  size never changes a result (tested bitwise).
+  DolphinFlow's ``_fused_update``). On the CPU, where the native kernel is available
+  (:mod:`~shardflow.optim.quant8_native`: x86-64 with AVX2 and a C compiler) and the weights,
+  gradients and ⊥Grad coefficients are contiguous fp32, each parameter is one native loop over
+  its blocks, whatever ``compiled`` says: dequantize both moments, DolphinFlow's element-wise
+  rule (the eager rule's operations in its order), requantize, every value read and written
+  once; rows are split over ``torch.get_num_threads()`` threads. Otherwise it goes slab by slab
+  — :data:`SLAB_ELEMENTS` values of a parameter's rows at a time: dequantize both moments, apply
+  the element-wise rule (DolphinFlow's compiled :func:`~shardflow.optim.dolphinflow.fused_update`
+  when ``compiled``, else the same maths as in-place eager ops), requantize. A slab's working
+  tensors stay in the CPU's caches and no fp32 copy of a whole moment is made. Every value's
+  update is row-local, so neither the slab size nor the threads change a result (tested
+  bitwise).
 - **the step-by-step route** (Newton-Schulz, trust region, no ``adaptive_lr``: the whole
   direction is needed before the weights move) and dynamic momentum (it reads every moment
   first) dequantize a chunk's moments whole, run DolphinFlow's update, requantize.
@@ -34,12 +40,12 @@ Each chunk is one call of DolphinFlow's update, with its own batched reductions;
 from global sizes in parameter order, so every rank cuts the same chunks.
 
 **Speed** (``python -m bench.dolphinflow8bit step``, 2 SmolLM2 layers, shared 2-core CPU,
-bench/results/dolphinflow8bit-cpu2-2026-11-23.md, run 4): the 8-bit step takes 2.1× the 32-bit
-one eager on one thread (2.8–3.5× on two: the table look-ups run on one thread; 4.8–6.8× before
-the slab route) and 8–10× compiled, where DolphinFlow's whole pass is one generated loop of
-≈2–3 ns per parameter. The quantizer dominates: per value and moment ≈1.4 ns to dequantize and
-≈4.5 ns to requantize (table look-ups, :mod:`~shardflow.optim.quant8`), against ≈8 ns per
-parameter for DolphinFlow's whole eager step. The issue's target (≤ 1.5×) is not met on this CPU.
+bench/results/dolphinflow8bit-cpu2-2026-11-23.md, run 5): with the native kernel the 8-bit
+step takes 0.93× the 32-bit one eager on one thread and 0.81–0.88× on two (the torch path:
+2.1–3.1×), so the default CPU configuration meets the issue's ≤ 1.5×; compiled against
+DolphinFlow compiled it takes 3.0–4.1× (one thread) and 2.0–2.5× (two; the torch path:
+7–13×): DolphinFlow's compiled pass is one generated loop of ≈1 ns per parameter, the native
+8-bit loop ≈5 ns (four table gathers, three divisions and a square root per parameter).
 """
 
 from __future__ import annotations
@@ -206,8 +212,11 @@ class DolphinFlow8bit(DolphinFlow):
             corr = 1.0 - beta2 ** float(it.state["step"])
             c = it.grad_scale
             scalars = (decay, 1.0 - mu, beta2, lr * corr**0.5 / weight, eps * corr**0.5, c)
-            fold = folds.get(id(it))
-            if fold is not None:  # per row, or (flat ⊥Grad) one pair for the whole tensor
+            fold = folds.get(id(it))  # per row, or (flat ⊥Grad) one pair for the whole tensor
+            decay_on = bool(group["weight_decay"] and lr)
+            if self._native_step(it, fold, scalars, group["nesterov"], decay_on):
+                continue
+            if fold is not None:
                 rows = it.local.shape[0] if not rowwise else -1
                 fold = tuple(f.unsqueeze(1).expand(rows, 1) for f in fold)
             if compiled:
@@ -216,12 +225,39 @@ class DolphinFlow8bit(DolphinFlow):
                 rule = functools.partial(_compiled_rule, s=s, nesterov=group["nesterov"])
             else:
                 rule = functools.partial(
-                    _eager_rule,
-                    s=scalars,
-                    nesterov=group["nesterov"],
-                    decay_on=bool(group["weight_decay"] and lr),
+                    _eager_rule, s=scalars, nesterov=group["nesterov"], decay_on=decay_on
                 )
             self._slabs(it, fold, rule)
+
+    def _native_step(
+        self,
+        item: Item,
+        fold: tuple[Tensor, Tensor] | None,
+        scalars: tuple[float, ...],
+        nesterov: bool,
+        decay_on: bool,
+    ) -> bool:
+        """The whole fused step of ``item`` in the native CPU kernel, if it takes these tensors
+        (fp32 weights, gradients and folds, contiguous, on the CPU); returns whether it ran.
+        ``fold``: ``(a, b)`` with one value per row, or one for all rows (flat ⊥Grad)."""
+        blocks = self._blocks(item)
+        w, g = item.local.detach(), item.grad
+        states = tuple((item.state[k], item.state[absmax_key(k)]) for k in MOMENTS)
+        if not quant8.native.usable(w, g, *(fold or ()), *(t for s in states for t in s)):
+            return False
+        rows = w.shape[0]
+        if rows:
+            quant8.native.step_rows(
+                w.view(rows, blocks.cols),
+                g.view(rows, blocks.cols),
+                states,
+                fold,
+                scalars,
+                blocks,
+                nesterov=nesterov,
+                decay_on=decay_on,
+            )
+        return True
 
     def _slabs(
         self, item: Item, fold: tuple[Tensor, Tensor] | None, rule: Callable[..., None]

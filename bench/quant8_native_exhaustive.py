@@ -1,0 +1,63 @@
+"""Check the native 8-bit quantizer against the torch fp16-bits table on every fp32 value.
+
+Every fp32 value in [−1, 1] (signed map: 2,130,706,434 values) and in [0, 1] (unsigned map:
+1,065,353,217) is quantized as a normed value (rows of 256 led by a 1.0, so the block absmax is
+1 and each value is divided by 1) by :mod:`shardflow.optim.quant8_native` and encoded by
+``quant8._encode`` (the table path); prints how many codes differ. About 2–3 minutes on one
+core of the shared 2-core CPU. Run from the repository root:
+
+    /work/venv/bin/python -m bench.quant8_native_exhaustive
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from shardflow.optim import quant8, quant8_native
+
+CHUNK = 255 * 2**16
+ONE = 0x3F800000  # the bits of 1.0
+
+
+def differing_codes(signed: bool) -> tuple[int, int]:
+    """(values checked, codes that differ) over every fp32 value of the map's range."""
+    blocks = quant8.RowBlocks(256)
+    lower, threshold = quant8._fp16_tables((signed,))
+    offsets = quant8._offsets(1, 2**16, torch.device("cpu"))
+    total = bad = 0
+    for sign in (0, -(2**31)) if signed else (0,):
+        for start in range(0, ONE + 1, CHUNK):
+            bits = torch.arange(start, min(start + CHUNK, ONE + 1), dtype=torch.int64) + sign
+            x = bits.to(torch.int32).view(torch.float32)
+            n = x.numel()
+            rows = torch.cat([x, x.new_zeros(-n % 255)]).view(-1, 255)
+            rows = torch.cat([torch.ones(rows.shape[0], 1), rows], 1).contiguous()
+            codes, absmax = quant8.empty_state(rows.shape[0], blocks, x.device)
+            quant8_native.quantize_rows(codes, absmax, rows, blocks, signed)
+            native = codes[:, 1:].reshape(-1)[:n]
+            table = quant8._encode(
+                x.view(1, 1, -1, 1), torch.ones(1, 1, n), lower, threshold, offsets
+            ).view(-1)
+            total += n
+            bad += int((native != table).sum())
+    return total, bad
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    if not quant8_native.available():
+        raise SystemExit("the native kernel is not available here")
+    for signed in (True, False):
+        started = time.perf_counter()
+        total, bad = differing_codes(signed)
+        print(
+            f"signed={signed}: {total} fp32 values, {bad} codes differ "
+            f"({time.perf_counter() - started:.0f} s)",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
