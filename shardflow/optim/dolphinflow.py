@@ -330,8 +330,7 @@ class DolphinFlow(ShardFlowOptimizer):
         folds = self._orthograd(group, vector, fold=fusable and not group["dynamic_momentum"])
         mus = self._momenta(group, items)
         mu_of = dict(zip(map(id, items), mus))
-        for it in items:
-            it.state["step"] += 1
+        torch._foreach_add_([it.state["step"] for it in items], 1.0)
         if fused:
             self._fused_update(group, fused, [mu_of[id(it)] for it in fused], lr, folds, ops)
         if rest:
@@ -339,12 +338,12 @@ class DolphinFlow(ShardFlowOptimizer):
 
     def _nesterov_weights(self, group: dict[str, Any], items: list[Item], mus: list[float]):
         """Advance each item's accumulated EMA weight; return the bias correction of its ``n``."""
-        weights = []
-        for it, mu in zip(items, mus):
-            it.state["momentum_weight"].mul_(mu).add_(1.0 - mu)
-            w = float(it.state["momentum_weight"])
-            weights.append(mu * w + (1.0 - mu) if group["nesterov"] else w)
-        return weights
+        accumulated = [it.state["momentum_weight"] for it in items]
+        torch._foreach_mul_(accumulated, mus)
+        torch._foreach_add_(accumulated, [1.0 - mu for mu in mus])
+        if not group["nesterov"]:
+            return _values(accumulated)
+        return [mu * w + (1.0 - mu) for mu, w in zip(mus, _values(accumulated))]
 
     def _fused_update(
         self,
@@ -366,7 +365,7 @@ class DolphinFlow(ShardFlowOptimizer):
         """
         weights = self._nesterov_weights(group, items, mus)
         beta2, eps, decay = group["beta2"], group["eps"], 1.0 - lr * group["weight_decay"]
-        corr = [1.0 - beta2 ** float(it.state["step"]) for it in items]
+        corr = [1.0 - beta2**t for t in _values([it.state["step"] for it in items])]
         scales = [lr * c**0.5 / w for c, w in zip(corr, weights)]
         epss = [eps * c**0.5 for c in corr]
         if self._use_compiled(items[0].grad):
@@ -404,7 +403,8 @@ class DolphinFlow(ShardFlowOptimizer):
         """The fused pass through :func:`fused_update_each`: parameters with and without ⊥Grad
         in separate calls, each call a chunk of parameters (:func:`_each`)."""
         rowwise = group["vector_mode"] == "rowwise"
-        calls: dict[bool, list[tuple[Tensor, ...]]] = {True: [], False: []}
+        args: list[tuple[bool, list[Tensor], list[Tensor]]] = []  # (folded, w g m v, a b)
+        rows: list[tuple[float, ...]] = []
         for it, row in zip(items, scalars):
             # detach: parameters would get static shapes (one graph per shape)
             tensors = [it.local.detach(), it.grad, it.state["exp_avg"], it.state["exp_avg_sq"]]
@@ -417,14 +417,17 @@ class DolphinFlow(ShardFlowOptimizer):
                     self._apply_fold(group, it, fold)
                     row = (*row[:-1], 1.0)
                 tensors[1], fold = it.grad, None
-            dtype, device = _compute_dtype(it.grad), it.grad.device
-            tensors.append(torch.tensor(row, dtype=dtype, device=device))
             if fold is not None:
-                tensors[:4] = [_rows(t, rowwise) for t in tensors[:4]]
-                tensors += [f.unsqueeze(1) for f in fold]
-            elif all(t.is_contiguous() for t in tensors[:4]):
-                tensors[:4] = [t.view(-1) for t in tensors[:4]]
-            calls[fold is not None].append(tuple(tensors))
+                tensors = [_rows(t, rowwise) for t in tensors]
+                args.append((True, tensors, [f.unsqueeze(1) for f in fold]))
+            else:
+                if all(t.is_contiguous() for t in tensors):
+                    tensors = [t.view(-1) for t in tensors]
+                args.append((False, tensors, []))
+            rows.append(row)
+        calls: dict[bool, list[tuple[Tensor, ...]]] = {True: [], False: []}
+        for (folded, tensors, ab), s in zip(args, _scalar_rows([t[1] for _, t, _ in args], rows)):
+            calls[folded].append((*tensors, s, *ab))
         for args in calls.values():
             if args:
                 _each(fused_update_each, *map(list, zip(*args)), nesterov=group["nesterov"])
@@ -465,7 +468,8 @@ class DolphinFlow(ShardFlowOptimizer):
         ops.mul_(grads, [1.0 / w for w in weights])
 
         if group["adaptive_lr"]:
-            debias = [1.0 / (1.0 - group["beta2"] ** float(it.state["step"])) for it in items]
+            steps = _values([it.state["step"] for it in items])
+            debias = [1.0 / (1.0 - group["beta2"] ** t) for t in steps]
             ops.div_by_rms_denominator_(
                 grads, [it.state["exp_avg_sq"] for it in items], debias, group["eps"]
             )
@@ -494,7 +498,9 @@ class DolphinFlow(ShardFlowOptimizer):
             sums = list(self.placement.sum_over_shards(flat).split(1))
         if fold:
             scales = [it.grad_scale for it in items]
-            return dict(zip(map(id, items), _folds(sums, group["restore_norm"], scales)))
+            compiled = self._use_compiled(items[0].grad)
+            folds = _folds(sums, group["restore_norm"], scales, compiled)
+            return dict(zip(map(id, items), folds))
         for it, x in zip(items, sums):
             orthograd_(
                 it.grad, it.local, rowwise=rowwise, restore_norm=group["restore_norm"], sums=x
@@ -746,22 +752,52 @@ def _make_scratch(items: list[Item], ops: ListOps) -> None:
 
 
 def _folds(
-    sums: list[Tensor], restore_norm: bool, scales: list[float]
+    sums: list[Tensor], restore_norm: bool, scales: list[float], compiled: bool
 ) -> list[tuple[Tensor, Tensor]]:
     """:func:`~shardflow.optim.orthogonalize.orthograd_fold` of each parameter's sums times its
     ``scale`` (the clip factor still to apply to a raw gradient: ``c·g⊥ = (c·a)·g − (c·b)·w``),
-    computed on all rows at once (a dozen small kernels per group, not per parameter)."""
+    computed on all rows at once: one compiled kernel (:func:`scaled_fold`) when ``compiled``
+    and the scales agree, else a dozen small kernels per group, not per parameter."""
     if len({x.dtype for x in sums}) > 1:
         folds = [orthograd_fold(x, restore_norm=restore_norm) for x in sums]
         return [(a * c, b * c) for (a, b), c in zip(folds, scales)]
-    a, b = orthograd_fold(torch.cat(sums), restore_norm=restore_norm)
     rows = [x.shape[0] for x in sums]
+    cat = torch.cat(sums)
+    if compiled and len(set(scales)) == 1:
+        c = torch.tensor(scales[0], dtype=cat.dtype, device=cat.device)
+        a, b = _compiled(scaled_fold)(cat, c, restore_norm=restore_norm)
+        return list(zip(a.split(rows), b.split(rows)))
+    a, b = orthograd_fold(cat, restore_norm=restore_norm)
     if any(c != 1.0 for c in scales):
         per_row = torch.tensor(scales, dtype=a.dtype, device=a.device).repeat_interleave(
             torch.tensor(rows, device=a.device), output_size=a.shape[0]
         )
         a, b = a * per_row, b * per_row
     return list(zip(a.split(rows), b.split(rows)))
+
+
+def scaled_fold(sums: Tensor, c: Tensor, *, restore_norm: bool) -> tuple[Tensor, Tensor]:
+    """:func:`~shardflow.optim.orthogonalize.orthograd_fold` with both coefficients times the
+    0-d ``c``: a function of its arguments, for ``torch.compile`` (one loop over the rows)."""
+    a, b = orthograd_fold(sums, restore_norm=restore_norm)
+    return a * c, b * c
+
+
+def _scalar_rows(grads: list[Tensor], rows: list[tuple[float, ...]]) -> list[Tensor]:
+    """Each row of step scalars as a 1-D tensor in its gradient's compute dtype and device: one
+    tensor for them all when those agree (one copy, not one per parameter)."""
+    kinds = {(_compute_dtype(g), g.device) for g in grads}
+    if len(kinds) == 1:
+        dtype, device = kinds.pop()
+        return list(torch.tensor(rows, dtype=dtype, device=device).unbind(0))
+    return [
+        torch.tensor(row, dtype=_compute_dtype(g), device=g.device) for g, row in zip(grads, rows)
+    ]
+
+
+def _values(scalars: list[Tensor]) -> list[float]:
+    """The values of 0-d tensors (one copy for them all, not one ``float()`` each)."""
+    return torch.stack(scalars).tolist() if scalars else []
 
 
 def _one_or_each(values: list[float]) -> float | list[float]:
