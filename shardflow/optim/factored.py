@@ -83,6 +83,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from shardflow.optim import factored_native
 from shardflow.optim._listops import ListOps
 from shardflow.optim._validate import (
     _fail,
@@ -596,6 +597,10 @@ class _Factored(ShardFlowOptimizer):
         "exp_avg_slow_sign": "rows",
     }
 
+    native_rule: ClassVar[bool] = False
+    """Whether the rule is the one :mod:`~shardflow.optim.factored_native`'s kernel implements
+    (FactoredAdam's; Prodigy's ``d`` scaling and Adopt's rule are not in it)."""
+
     rule: Any = None
     """The update direction on dense moments (:func:`adam_direction` or :func:`adopt_direction`)."""
 
@@ -686,9 +691,11 @@ class _Factored(ShardFlowOptimizer):
 
     def _update_group(self, group: dict[str, Any], items: list[Item], ops: ListOps) -> None:
         fused = {id(it) for it in items if self._fuses(group, it)}
-        # the compiled pass reads the raw gradient (clip factor and dtype folded in); every other
-        # path, and ⊥Grad (which rewrites the gradient), works in a scratch copy
-        scratch = [it for it in items if group["orthograd"] or id(it) not in fused]
+        native = {id(it) for it in items if id(it) not in fused and self._native(group, it)}
+        # the compiled pass and the native kernel read the raw gradient (clip factor folded in);
+        # every other path, and ⊥Grad (which rewrites the gradient), works in a scratch copy
+        raw = fused | native
+        scratch = [it for it in items if group["orthograd"] or id(it) not in raw]
         _make_scratch(scratch, ops, _compute_dtype(items[0].grad))
         if group["orthograd"]:
             self._orthograd(items)
@@ -701,6 +708,8 @@ class _Factored(ShardFlowOptimizer):
             lr_eff = lr * scalars.scale
             if id(it) in fused:
                 partials += self._fused_step(group, it, scalars, lr_eff)
+            elif id(it) in native:
+                partials += self._native_step(group, it, scalars, lr_eff)
             elif self._is_factored(it.param, group):
                 partials += self._factored_step(group, it, scalars, lr_eff)
             else:
@@ -767,6 +776,50 @@ class _Factored(ShardFlowOptimizer):
                 )
             partial = sums if partial is None else [t.add_(u) for t, u in zip(partial, sums)]
         return [c.reshape(-1) for c in partial]
+
+    def _native(self, group: dict[str, Any], it: Item) -> bool:
+        """Whether this matrix takes the native CPU kernel (:mod:`.factored_native`): unless
+        ``compiled=True``, for FactoredAdam's plain rule (no AdEMAMix, atan2, Grams) on fp32
+        CPU weights and gradients, contiguous and non-empty, where the kernel is available."""
+        return (
+            self.native_rule
+            and self.compiled is not True
+            and self._is_factored(it.param, group)
+            and not (group["ademamix"] or group["atan2"] or group["grams"])
+            and it.local.numel() > 0
+            and it.grad.numel() == it.local.numel()
+            and factored_native.usable(it.local, it.grad)
+        )
+
+    def _native_step(
+        self, group: dict[str, Any], it: Item, s: StepScalars, lr_eff: float
+    ) -> list[Tensor]:
+        """One matrix through :func:`.factored_native.adam_rows` (the arithmetic of
+        :meth:`_factored_step` with :func:`adam_direction` and :meth:`_apply`, one pass); returns
+        its column partial sums, as :meth:`_factored_step`."""
+        st, local = it.state, it.local
+        rows, cols = local.shape[0], self._cols(it.param)
+        f32 = torch.float32
+        rm, rv, cm, cv = factored_native.adam_rows(
+            local.view(rows, cols),
+            it.grad.view(rows, cols),
+            (st["exp_avg_row"].to(f32), st["exp_avg_sq_row"].to(f32).contiguous()),
+            (_normalized(st["exp_avg_col"], f32), _normalized(st["exp_avg_sq_col"], f32)),
+            st["exp_avg_sign"],
+            (
+                it.grad_scale,
+                1.0 - s.beta1,
+                s.beta2,
+                s.den_scale,
+                s.den_eps,
+                1.0 - lr_eff * group["weight_decay"],
+                lr_eff,
+            ),
+        )
+        seed = mix_seed(self._param_index(it.param), int(st["step"]), _SR_EXP_AVG_ROW)
+        _store(st["exp_avg_row"], rm, seed, offset=self._row0(it))
+        st["exp_avg_sq_row"].copy_(rv)
+        return [cm, cv]
 
     def _dense(self, it: Item) -> tuple[Tensor, Tensor, Tensor | None]:
         return it.state["exp_avg"], it.state["exp_avg_sq"], it.state.get("exp_avg_slow")
@@ -1006,6 +1059,7 @@ class FactoredAdam(_Factored):
     )
 
     rule = staticmethod(adam_direction)
+    native_rule = True
 
     def __init__(
         self,

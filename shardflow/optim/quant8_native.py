@@ -43,25 +43,18 @@ the build fails: one warning) the torch path runs, with the same codes.
 
 from __future__ import annotations
 
-import concurrent.futures
 import ctypes
 import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import warnings
-from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
-HEAD_BLOCK, TAIL_BLOCK = 256, 64  # as quant8 (not imported: quant8 imports this module)
+from shardflow.optim._native import I64 as _I64
+from shardflow.optim._native import PTR as _PTR
+from shardflow.optim._native import NativeLibrary, over_rows
+from shardflow.optim._native import ptr as _ptr
 
-_FLAGS = ["-O3", "-mavx2", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC"]
+HEAD_BLOCK, TAIL_BLOCK = 256, 64  # as quant8 (not imported: quant8 imports this module)
 
 _SOURCE = r"""
 #include <immintrin.h>
@@ -271,7 +264,6 @@ class _Rule(ctypes.Structure):
     ]
 
 
-_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _SIGNATURES: dict[str, list[type]] = {
     # r0, r1, w, g, cols, code_cols, head_blocks, blocks, mc, ms, vc, vs, fa, fb, fold_stride,
     # rule, m map, v map
@@ -283,65 +275,13 @@ _SIGNATURES: dict[str, list[type]] = {
 }
 
 
-def _cache_dir() -> Path:
-    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "shardflow"
-    return Path(os.environ.get("SHARDFLOW_CACHE_DIR", default))
-
-
-def _supported() -> bool:
-    """x86-64 with AVX2, a C compiler, and not switched off by ``SHARDFLOW_NATIVE=0``."""
-    if os.environ.get("SHARDFLOW_NATIVE", "1") == "0":
-        return False
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        return False
-    return shutil.which(_compiler()) is not None
-
-
-def _compiler() -> str:
-    return os.environ.get("CC", "cc")
-
-
-def _build() -> Path:
-    """The compiled library's path, built first if this source and these flags never were."""
-    key = hashlib.sha256((_SOURCE + " ".join(_FLAGS)).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"quant8_{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        source, lib = Path(tmp) / "quant8.c", Path(tmp) / "quant8.so"
-        source.write_text(_SOURCE)
-        subprocess.run(
-            [_compiler(), *_FLAGS, "-o", str(lib), str(source)],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        os.replace(lib, target)  # atomic: other processes see no file or the whole file
-    return target
-
-
-@functools.cache
-def _library() -> ctypes.CDLL | None:
-    if not _supported():
-        return None
-    try:
-        lib = ctypes.CDLL(str(_build()))
-    except (OSError, subprocess.CalledProcessError) as exc:
-        detail = getattr(exc, "stderr", "") or exc
-        warnings.warn(
-            f"DolphinFlow8bit: the native CPU quantizer did not build ({detail}); "
-            "using the torch path (slower, same codes)",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return None
-    for name, argtypes in _SIGNATURES.items():
-        fn = getattr(lib, name)
-        fn.argtypes, fn.restype = argtypes, None
-    return lib
+_library = NativeLibrary(
+    "quant8",
+    _SOURCE,
+    _SIGNATURES,
+    fallback="DolphinFlow8bit uses the torch path (slower, same codes)",
+)
+"""The compiled kernel (``_library()``: the ``ctypes.CDLL`` or None; see :mod:`._native`)."""
 
 
 def available() -> bool:
@@ -387,10 +327,6 @@ def _map(signed: bool) -> tuple[_Map, tuple[Tensor, ...]]:
     return m, (code, mids)
 
 
-def _ptr(t: Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
 def usable(*tensors: Tensor) -> bool:
     """Whether the kernel takes these tensors: CPU, contiguous, fp32 (or uint8 codes)."""
     return available() and all(
@@ -404,7 +340,7 @@ def quantize_rows(codes: Tensor, absmax: Tensor, x: Tensor, blocks, signed: bool
     ``absmax`` in place."""
     rows = x.shape[0]
     lib, m = _library(), _map(signed)[0]
-    _over_rows(
+    over_rows(
         rows,
         x.numel(),
         lambda r0, r1: lib.sf8_quantize_rows(
@@ -418,7 +354,7 @@ def dequantize_rows(codes: Tensor, absmax: Tensor, blocks, signed: bool, out: Te
     """Write the fp32 values ``codes`` and ``absmax`` encode into ``out`` ``(rows,
     code_cols)``."""
     lib, m = _library(), _map(signed)[0]
-    _over_rows(
+    over_rows(
         codes.shape[0],
         codes.numel(),
         lambda r0, r1: lib.sf8_dequantize_rows(
@@ -464,7 +400,7 @@ def step_rows(
     stride = 0 if fold is None or fold[0].numel() == 1 else 1
     lib, mm, vm = _library(), _map(True)[0], _map(False)[0]
     rows, cols = w.shape
-    _over_rows(
+    over_rows(
         rows,
         w.numel(),
         lambda r0, r1: lib.sf8_step_rows(
@@ -473,34 +409,3 @@ def step_rows(
             ctypes.addressof(rule), ctypes.addressof(mm), ctypes.addressof(vm),
         ),
     )  # fmt: skip
-
-
-PARALLEL_ELEMENTS = 2**16
-"""Below this many values a call runs on the calling thread (a pool hand-off costs ~50 µs)."""
-
-
-def _over_rows(rows: int, numel: int, fn: Callable[[int, int], None]) -> None:
-    """``fn(r0, r1)`` over ``[0, rows)``, split into ``torch.get_num_threads()`` row ranges run
-    on a thread pool (ctypes releases the GIL) when there is enough work."""
-    threads = min(torch.get_num_threads(), rows)
-    if threads <= 1 or numel < PARALLEL_ELEMENTS:
-        fn(0, rows)
-        return
-    bounds = [rows * i // threads for i in range(threads + 1)]
-    pool = _pool(threads - 1)
-    futures = [pool.submit(fn, a, b) for a, b in zip(bounds[1:-1], bounds[2:])]
-    fn(bounds[0], bounds[1])
-    for f in futures:
-        f.result()
-
-
-_POOLS: dict[tuple[int, int], concurrent.futures.ThreadPoolExecutor] = {}
-
-
-def _pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
-    """A pool of ``workers`` threads for this process (a forked child gets its own: the
-    parent's threads do not survive a fork)."""
-    key = (os.getpid(), workers)
-    if key not in _POOLS:
-        _POOLS[key] = concurrent.futures.ThreadPoolExecutor(workers, "shardflow-quant8")
-    return _POOLS[key]
