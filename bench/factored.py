@@ -11,8 +11,9 @@ Run (CPU, ~10 min on a 2-core machine; each part can run alone):
   768×1024 matrix, against adv_optm 2.5.16's ≈0.14 (ANCHORS.md) and AdamW's 8.
 - ``speed``: optimizer step time on one SmolLM2 decoder layer's weights (3.5 M params), a
   768×1024 matrix and all of SmolLM2-135M's weights: torch AdamW fused, alone and after
-  ``clip_grad_norm_`` (the anchors), and FactoredAdam eager and ``compiled=True``, measured
-  interleaved round by round in one process; medians and ratios printed.
+  ``clip_grad_norm_`` (the anchors), and FactoredAdam eager (the torch path), ``compiled=True``
+  and with the native CPU kernel (the default where it builds), measured interleaved round by
+  round in one process; medians and ratios printed (``--skip`` leaves contenders out).
 - ``convergence``: the runtime's convergence benchmark (launch/compare.py, as bench/convergence.py
   runs it) on configs/quickstart.toml shrunk to 0.40 M params, FactoredAdam ``factored=True``
   vs ``factored=False`` over an lr grid, 1000 steps; the best validation losses, their ratio
@@ -143,25 +144,40 @@ SPEED_CASES = {
     "SmolLM2-135M (all 272 tensors)": smollm2_135m_shapes,
 }
 
+
+class _TorchPathAdam(FactoredAdam):
+    """FactoredAdam with the native kernel (:mod:`shardflow.optim.factored_native`) off: the
+    torch (eager) path, as with ``SHARDFLOW_NATIVE=0``."""
+
+    native_rule = False
+
+
 CONTENDERS = {
     "AdamW fused": lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True),
     "AdamW fused + clip": _ClippedAdamW,
-    "FactoredAdam": lambda ps: FactoredAdam(ps, lr=1e-4, compiled=False),
+    "FactoredAdam": lambda ps: _TorchPathAdam(ps, lr=1e-4, compiled=False),
     "FactoredAdam compiled": lambda ps: FactoredAdam(ps, lr=1e-4, compiled=True),
+    "FactoredAdam native": lambda ps: FactoredAdam(ps, lr=1e-4),
 }
+RATIOS = [  # (label, numerator, denominator)
+    ("eager / fused", "FactoredAdam", "AdamW fused"),
+    ("compiled / fused", "FactoredAdam compiled", "AdamW fused"),
+    ("native / fused", "FactoredAdam native", "AdamW fused"),
+    ("native / (fused + clip)", "FactoredAdam native", "AdamW fused + clip"),
+]
 
 
-def speed(rounds: int, cases: list[str], steps: int) -> list[str]:
-    names = list(CONTENDERS)
+def speed(rounds: int, cases: list[str], steps: int, skip: list[str]) -> list[str]:
+    names = [n for n in CONTENDERS if n not in skip]
+    ratios = [r for r in RATIOS if r[1] in names and r[2] in names]
     lines = [
         f"torch threads: {torch.get_num_threads()}; {rounds} interleaved rounds of {steps} steps; "
         "median ms/step, CPU time (process time, all threads) / wall time; 2 warm-up steps "
         "first, not counted (their wall time is listed below); load average before: "
         f"{os.getloadavg()[0]:.2f}",
         "",
-        "| weights | " + " | ".join(names) + " | eager / fused | compiled / fused "
-        "| compiled / (fused + clip) |",
-        "|---|" + "---|" * (len(names) + 3),
+        "| weights | " + " | ".join(names + [r[0] for r in ratios]) + " |",
+        "|---|" + "---|" * (len(names) + len(ratios)),
     ]
     warm_lines = []
     for case in cases:
@@ -177,13 +193,11 @@ def speed(rounds: int, cases: list[str], steps: int) -> list[str]:
                 times[n].append(_time_steps(opts[n], steps))
         cpu = {n: statistics.median(t[0] for t in times[n]) * 1e3 for n in names}
         wall = {n: statistics.median(t[1] for t in times[n]) * 1e3 for n in names}
-        fused, clipped = cpu["AdamW fused"], cpu["AdamW fused + clip"]
         lines.append(
             f"| {case} | "
             + " | ".join(f"{cpu[n]:.1f} / {wall[n]:.1f}" for n in names)
-            + f" | {cpu['FactoredAdam'] / fused:.2f}x"
-            + f" | {cpu['FactoredAdam compiled'] / fused:.2f}x"
-            + f" | {cpu['FactoredAdam compiled'] / clipped:.2f}x |"
+            + "".join(f" | {cpu[a] / cpu[b]:.2f}x" for _, a, b in ratios)
+            + " |"
         )
         warm_lines.append(f"- {case}: " + ", ".join(f"{n} {warm[n]:.2f} s" for n in names))
         del params, opts, grads
@@ -314,6 +328,7 @@ def main() -> None:
     parser.add_argument(
         "--cases", default=",".join(SPEED_CASES), help="speed: comma-separated case names"
     )
+    parser.add_argument("--skip", default="", help="speed: contenders to leave out")
     parser.add_argument("--timed-steps", type=int, default=5, help="speed: steps per round")
     parser.add_argument("--lrs", default="1e-3,3e-3,1e-2")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "factored-convergence")
@@ -323,7 +338,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     lines = {
         "memory": memory,
-        "speed": lambda: speed(args.rounds, args.cases.split(","), args.timed_steps),
+        "speed": lambda: speed(
+            args.rounds, args.cases.split(","), args.timed_steps, args.skip.split(",")
+        ),
     }.get(args.part, lambda: convergence(args.steps, args.lrs, args.out, args.reuse))()
     today = datetime.date.today().isoformat()
     header = [

@@ -702,6 +702,7 @@ class _Factored(ShardFlowOptimizer):
         lr = group["lr"] * group["lr_scale"]
         self._before_moments(group, items, lr)
         partials: list[Tensor] = []
+        rounded: list[tuple[Tensor, Tensor, int, int]] = []  # bf16 row factors, stored in a batch
         for it in items:
             it.state["step"] += 1
             scalars = self._scalars(group, it)
@@ -709,14 +710,14 @@ class _Factored(ShardFlowOptimizer):
             if id(it) in fused:
                 partials += self._fused_step(group, it, scalars, lr_eff)
             elif id(it) in native:
-                partials += self._native_step(group, it, scalars, lr_eff)
+                partials += self._native_step(group, it, scalars, lr_eff, rounded)
             elif self._is_factored(it.param, group):
                 partials += self._factored_step(group, it, scalars, lr_eff)
             else:
                 u = self._direction(group, it.grad, *self._dense(it), scalars)
                 if u is not None:
                     self._apply(group, it, it.local, u, lr_eff, offset=self._offset(it, 0))
-        self._finish_columns(group, items, partials)
+        self._finish_columns(group, items, partials, rounded)
 
     def _fuses(self, group: dict[str, Any], it: Item) -> bool:
         """Whether this matrix takes the compiled path (:func:`fused_factored_update`): when
@@ -792,11 +793,18 @@ class _Factored(ShardFlowOptimizer):
         )
 
     def _native_step(
-        self, group: dict[str, Any], it: Item, s: StepScalars, lr_eff: float
+        self,
+        group: dict[str, Any],
+        it: Item,
+        s: StepScalars,
+        lr_eff: float,
+        rounded: list[tuple[Tensor, Tensor, int, int]],
     ) -> list[Tensor]:
         """One matrix through :func:`.factored_native.adam_rows` (the arithmetic of
         :meth:`_factored_step` with :func:`adam_direction` and :meth:`_apply`, one pass); returns
-        its column partial sums, as :meth:`_factored_step`."""
+        its column partial sums, as :meth:`_factored_step`. The bf16 row factor of ``|m|`` is
+        queued on ``rounded`` (stochastically rounded with the column factors, in one batch: the
+        same bits as :func:`_store` with the row offset)."""
         st, local = it.state, it.local
         rows, cols = local.shape[0], self._cols(it.param)
         f32 = torch.float32
@@ -817,7 +825,10 @@ class _Factored(ShardFlowOptimizer):
             ),
         )
         seed = mix_seed(self._param_index(it.param), int(st["step"]), _SR_EXP_AVG_ROW)
-        _store(st["exp_avg_row"], rm, seed, offset=self._row0(it))
+        if st["exp_avg_row"].dtype == torch.bfloat16:
+            rounded.append((st["exp_avg_row"], rm, seed, self._row0(it)))
+        else:
+            st["exp_avg_row"].copy_(rm)
         st["exp_avg_sq_row"].copy_(rv)
         return [cm, cv]
 
@@ -868,23 +879,27 @@ class _Factored(ShardFlowOptimizer):
         return [partial[k] for k in keys]
 
     def _finish_columns(
-        self, group: dict[str, Any], items: list[Item], partials: list[Tensor]
+        self,
+        group: dict[str, Any],
+        items: list[Item],
+        partials: list[Tensor],
+        rounded: list[tuple[Tensor, Tensor, int, int]],
     ) -> None:
-        """One ``sum_over_shards`` for the column sums of every factored state in the group."""
+        """One ``sum_over_shards`` for the column sums of every factored state in the group;
+        the bf16 factors (these and ``rounded``) stored in one batch."""
         factored = [it for it in items if self._is_factored(it.param, group)]
         if not factored:
             return
         dtype = torch.float64 if any(t.dtype == torch.float64 for t in partials) else torch.float32
         totals = self.placement.sum_over_shards(torch.cat([t.to(dtype) for t in partials]))
         pieces = iter(totals.split([t.numel() for t in partials]))
-        rounded: list[tuple[Tensor, Tensor, int]] = []
         for it in factored:
             seed = mix_seed(self._param_index(it.param), int(it.state["step"]), _SR_EXP_AVG_COL)
             for k in _MOMENTS:
                 if f"{k}_col" in it.state:
                     dst, value = it.state[f"{k}_col"], next(pieces)
                     if dst.dtype == torch.bfloat16:
-                        rounded.append((dst, value, seed))
+                        rounded.append((dst, value, seed, 0))
                     else:
                         dst.copy_(value)
         _store_bf16_many(rounded)
@@ -988,20 +1003,21 @@ symbolic sizes were 1.8x slower on the CPU), so allow more than dynamo's default
 context manager, entered per call: building one per call cost ~30 µs)."""
 
 
-def _store_bf16_many(items: list[tuple[Tensor, Tensor, int]]) -> None:
-    """``_store`` of many bf16 factors ``(dst, value, seed)`` (offset 0 each) in one batch:
-    the same random bits as one call per factor (each element's key is its factor's and its
-    index is counted from its factor's start), a few ops instead of ~15 per factor."""
+def _store_bf16_many(items: list[tuple[Tensor, Tensor, int, int]]) -> None:
+    """``_store`` of many bf16 factors ``(dst, value, seed, offset)`` in one batch: the same
+    random bits as one call per factor (each element's key is its factor's and its index is
+    counted from its factor's start plus its offset), a few ops instead of ~15 per factor."""
     if not items:
         return
-    sizes = torch.tensor([v.numel() for _, v, _ in items])
-    values = torch.cat([v.to(torch.float32) for _, v, _ in items])
+    sizes = torch.tensor([v.numel() for _, v, _, _ in items])
+    values = torch.cat([v.to(torch.float32) for _, v, _, _ in items])
     starts = torch.cumsum(sizes, 0) - sizes
-    keys = torch.tensor([hash32_int(seed) for _, _, seed in items]).repeat_interleave(sizes)
+    offsets = torch.tensor([off for _, _, _, off in items]) - starts
+    keys = torch.tensor([hash32_int(seed) for _, _, seed, _ in items]).repeat_interleave(sizes)
     out = bf16_stochastic(
-        values, keys.to(values.device), (-starts).repeat_interleave(sizes).to(values.device)
+        values, keys.to(values.device), offsets.repeat_interleave(sizes).to(values.device)
     )
-    for (dst, _, _), piece in zip(items, out.split(sizes.tolist())):
+    for (dst, _, _, _), piece in zip(items, out.split(sizes.tolist())):
         dst.copy_(piece)
 
 
