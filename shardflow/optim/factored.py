@@ -54,6 +54,20 @@ over each matrix (the column reductions cannot share the row loop; the new first
 written and read back 3 times) against fused AdamW's one, plus ~0.3 ms of Python and dynamo
 guards per call.
 
+**Native CPU kernel** (FactoredAdam, fp32 weights and gradients on the CPU, no AdEMAMix, atan2
+or Grams; the default there unless ``compiled=True``): :mod:`~shardflow.optim.factored_native`
+does a matrix's step in one row loop (reconstruct, rule, weight update, sign packing, new row
+sums, column partial sums per fixed block of rows), built with the system C compiler on first
+use (:mod:`~shardflow.optim._native`; ``SHARDFLOW_NATIVE=0`` switches it off, a failed build
+warns once and the torch path runs). It follows the torch path's arithmetic (weights to 1-2 fp32
+ulps, signs bit-identical; tests/test_factored_native.py), independent of the thread count.
+Measured on one CPU thread (bench/results/factored-cpu-2026-11-23.md, Run 5, shared 2-core
+machine): SmolLM2-135M's weights 1.61x fused ``torch.optim.AdamW`` in CPU time (0.90x AdamW
+after ``clip_grad_norm_``; the torch path 9.0x, compiled 3.6x); the kernel alone is faster than
+fused AdamW's step (1536×576: 1.0 vs 1.3 ms), the rest is the base's gradient-norm pass and
+~0.3 ms of Python per matrix. Small single matrices: 2.0-2.6x. Other variants and dtypes keep
+the torch (or compiled) path.
+
 **Options, on every variant:**
 
 - ``ademamix`` — AdEMAMix (Pagliardini et al. 2024, arXiv 2409.03137): a slow EMA
