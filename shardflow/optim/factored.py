@@ -825,7 +825,7 @@ class _Factored(ShardFlowOptimizer):
         rm, rv, cm, cv = factored_native.adam_rows(
             local.view(rows, cols),
             it.grad.view(rows, cols),
-            (st["exp_avg_row"].to(f32), st["exp_avg_sq_row"].to(f32).contiguous()),
+            (st["exp_avg_row"].to(f32), st["exp_avg_sq_row"]),
             (_normalized(st["exp_avg_col"], f32), _normalized(st["exp_avg_sq_col"], f32)),
             st["exp_avg_sign"],
             (
@@ -993,7 +993,7 @@ def _cols(shape: torch.Size) -> int:
 
 
 def _normalized(col: Tensor, dtype: torch.dtype) -> Tensor:
-    col = col.to(dtype)
+    col = col if col.dtype == dtype else col.to(dtype)
     return col / col.sum().clamp_min(torch.finfo(dtype).tiny)
 
 

@@ -36,8 +36,7 @@ import ctypes
 import torch
 from torch import Tensor
 
-from shardflow.optim._native import FLAGS, I64, PTR, NativeLibrary, run_split
-from shardflow.optim._native import ptr as _ptr
+from shardflow.optim._native import FLAGS, I64, PARALLEL_ELEMENTS, PTR, NativeLibrary, run_split
 
 _SOURCE = r"""
 #include <immintrin.h>
@@ -134,12 +133,25 @@ void sff_adam_blocks(int64_t b0, int64_t b1, int64_t block_rows, int64_t rows, i
     }
 }
 
-/* out[j] = sum over blocks b, in order, of part[b][j] for columns [c0, c1) */
-void sff_sum_blocks(int64_t c0, int64_t c1, int64_t blocks, int64_t cols, const float* part,
-                    float* out) {
-    for (int64_t j = c0; j < c1; j++) out[j] = 0.0f;
-    for (int64_t b = 0; b < blocks; b++)
-        for (int64_t j = c0; j < c1; j++) out[j] += part[b * cols + j];
+/* out[k][j] = sum over blocks b, in order, of part[k][b][j] (moments k = 0, 1) */
+void sff_sum_blocks(int64_t blocks, int64_t cols, const float* part, float* out) {
+    for (int k = 0; k < 2; k++) {
+        const float* pk = part + k * blocks * cols;
+        float* ok = out + k * cols;
+        for (int64_t j = 0; j < cols; j++) ok[j] = 0.0f;
+        for (int64_t b = 0; b < blocks; b++)
+            for (int64_t j = 0; j < cols; j++) ok[j] += pk[b * cols + j];
+    }
+}
+
+/* the whole matrix on the calling thread: every block, then the column sums */
+void sff_adam(int64_t blocks, int64_t block_rows, int64_t rows, int64_t cols, float* w,
+              const float* g, const float* rm, const float* rv, const float* cm,
+              const float* cv, uint8_t* signs, float* out_rm, float* out_rv, float* part_m,
+              float* part_v, const Rule* R, float* sums) {
+    sff_adam_blocks(0, blocks, block_rows, rows, cols, w, g, rm, rv, cm, cv, signs, out_rm,
+                    out_rv, part_m, part_v, R);
+    sff_sum_blocks(blocks, cols, part_m, sums);
 }
 """
 
@@ -167,8 +179,10 @@ _SIGNATURES: dict[str, list[type]] = {
     # b0, b1, block_rows, rows, cols, w, g, rm, rv, cm, cv, signs, out_rm, out_rv, part_m,
     # part_v, rule
     "sff_adam_blocks": [*[I64] * 5, *[PTR] * 12],
-    # c0, c1, blocks, cols, part, out
-    "sff_sum_blocks": [*[I64] * 4, PTR, PTR],
+    # blocks, cols, part (both moments), out (both moments)
+    "sff_sum_blocks": [I64, I64, PTR, PTR],
+    # blocks, then the arguments of sff_adam_blocks after b1, then sums
+    "sff_adam": [*[I64] * 4, *[PTR] * 13],
 }
 
 _library = NativeLibrary(
@@ -216,51 +230,35 @@ def adam_rows(
     ``threads``: row blocks run on this many threads (default ``torch.get_num_threads()``).
     """
     grad_scale, omb1, beta2, den_scale, den_eps, decay, lr = scalars
-    rule = _Rule(
-        grad_scale=grad_scale,
-        one_minus_beta1=omb1,
-        beta2=beta2,
-        one_minus_beta2=1.0 - beta2,
-        den_scale=den_scale,
-        den_eps=den_eps,
-        decay=decay,
-        neg_lr=-lr,
-        decay_on=int(decay != 1.0),
-    )
+    rule = _Rule(grad_scale, omb1, beta2, 1.0 - beta2, den_scale, den_eps, decay, -lr, decay != 1.0)
     rows, cols = w.shape
-    rm, rv = row_factors
-    cm, cv = col_factors
     per_block = block_rows(rows)
     blocks = -(-rows // per_block)
-    out = torch.empty(2, rows, dtype=torch.float32)
-    part = torch.empty(2, blocks, cols, dtype=torch.float32)
-    sums = torch.empty(2, cols, dtype=torch.float32)
-    lib = _library()
-    _split(
-        blocks,
-        w.numel(),
-        threads,
-        lambda b0, b1: lib.sff_adam_blocks(
-            b0, b1, per_block, rows, cols, _ptr(w), _ptr(g), _ptr(rm), _ptr(rv), _ptr(cm),
-            _ptr(cv), _ptr(signs), _ptr(out[0]), _ptr(out[1]), _ptr(part[0]), _ptr(part[1]),
-            ctypes.addressof(rule),
-        ),
+    # one buffer: row sums (m, v), column sums (m, v), block column partials (m, then v)
+    buf = torch.empty(2 * rows + 2 * cols + 2 * blocks * cols, dtype=torch.float32)
+    at = buf.data_ptr()
+    out_rm, out_rv, sums = at, at + 4 * rows, at + 8 * rows
+    part_m = sums + 8 * cols
+    part_v = part_m + 4 * blocks * cols
+    rm, rv = row_factors
+    cm, cv = col_factors
+    args = (
+        per_block, rows, cols, w.data_ptr(), g.data_ptr(), rm.data_ptr(), rv.data_ptr(),
+        cm.data_ptr(), cv.data_ptr(), signs.data_ptr(), out_rm, out_rv, part_m, part_v,
+        ctypes.addressof(rule),
     )  # fmt: skip
-    for k in range(2):
-        lib.sff_sum_blocks(0, cols, blocks, cols, _ptr(part[k]), _ptr(sums[k]))
-    return out[0], out[1], sums[0], sums[1]
-
-
-def _split(blocks: int, numel: int, threads: int | None, fn) -> None:
-    """``fn(b0, b1)`` over ``[0, blocks)`` on up to ``threads`` threads (one below 2¹⁶
-    elements)."""
-    from shardflow.optim._native import PARALLEL_ELEMENTS  # noqa: PLC0415
-
+    lib = _library()
     n = min(torch.get_num_threads() if threads is None else threads, blocks)
-    if n <= 1 or numel < PARALLEL_ELEMENTS:
-        fn(0, blocks)
-        return
-    run_split([blocks * i // n for i in range(n + 1)], fn)
+    if n <= 1 or w.numel() < PARALLEL_ELEMENTS:
+        lib.sff_adam(blocks, *args, sums)
+    else:
+        run_split(
+            [blocks * i // n for i in range(n + 1)],
+            lambda b0, b1: lib.sff_adam_blocks(b0, b1, *args),
+        )
+        lib.sff_sum_blocks(blocks, cols, part_m, sums)
+    r, c = 2 * rows, 2 * rows + cols
+    return buf[:rows], buf[rows:r], buf[r:c], buf[c : c + cols]
 
 
 def usable(w: Tensor, g: Tensor) -> bool:
