@@ -26,6 +26,7 @@ from shardflow.optim.factored import (
     FactoredAdopt,
     FactoredProdigy,
     StepScalars,
+    _normalized,
     adam_direction,
     factored_chunk_update,
     pack_signs,
@@ -40,10 +41,12 @@ STEPS_TOL = {"rtol": 1e-5, "atol": 1e-6}
 
 
 def _factors(rows, cols, gen):
-    rm, rv = torch.rand(rows, generator=gen), torch.rand(rows, generator=gen) * 1e-2
-    cm, cv = torch.rand(cols, generator=gen), torch.rand(cols, generator=gen)
+    """Stored factors as the optimizer keeps them: ``|m|``'s bf16, ``v``'s fp32, columns not
+    normalized."""
+    rm, rv = torch.rand(rows, generator=gen).bfloat16(), torch.rand(rows, generator=gen) * 1e-2
+    cm, cv = torch.rand(cols, generator=gen).bfloat16() * 3, torch.rand(cols, generator=gen) * 5
     signs = pack_signs(torch.rand(rows, cols, generator=gen) < 0.5)
-    return rm, rv, cm / cm.sum(), cv / cv.sum(), signs
+    return rm, rv, cm, cv, signs
 
 
 def _torch_step(w, g, rm, rv, cm, cv, signs, s, grad_scale, lr, wd):
@@ -52,7 +55,7 @@ def _torch_step(w, g, rm, rv, cm, cv, signs, s, grad_scale, lr, wd):
         adam_direction,
         g * grad_scale,
         {"exp_avg": rm, "exp_avg_sq": rv},
-        {"exp_avg": cm, "exp_avg_sq": cv},
+        {"exp_avg": _normalized(cm, torch.float32), "exp_avg_sq": _normalized(cv, torch.float32)},
         {"exp_avg": signs.clone()},
         s,
         atan2=False,

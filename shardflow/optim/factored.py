@@ -804,6 +804,7 @@ class _Factored(ShardFlowOptimizer):
             and it.local.numel() > 0
             and it.grad.numel() == it.local.numel()
             and factored_native.usable(it.local, it.grad)
+            and it.state["exp_avg_row"].dtype == torch.bfloat16
         )
 
     def _native_step(
@@ -821,12 +822,11 @@ class _Factored(ShardFlowOptimizer):
         same bits as :func:`_store` with the row offset)."""
         st, local = it.state, it.local
         rows, cols = local.shape[0], self._cols(it.param)
-        f32 = torch.float32
         rm, rv, cm, cv = factored_native.adam_rows(
             local.view(rows, cols),
             it.grad.view(rows, cols),
-            (st["exp_avg_row"].to(f32), st["exp_avg_sq_row"]),
-            (_normalized(st["exp_avg_col"], f32), _normalized(st["exp_avg_sq_col"], f32)),
+            (st["exp_avg_row"], st["exp_avg_sq_row"]),
+            (st["exp_avg_col"], st["exp_avg_sq_col"]),
             st["exp_avg_sign"],
             (
                 it.grad_scale,

@@ -42,6 +42,7 @@ _SOURCE = r"""
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+#include <float.h>
 #include <string.h>
 
 typedef struct {
@@ -50,6 +51,34 @@ typedef struct {
 } Rule;
 
 int32_t sff_version(void) { return 1; }
+
+static inline float bf16(uint16_t h) { /* a bf16 value as fp32 (exact) */
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* c / max(sum(c), FLT_MIN) (as factored._normalized; NaN stays NaN), summed in 8 lanes */
+static void normalize(int64_t cols, const float* c, float* out) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= cols; j += 8) acc = _mm256_add_ps(acc, _mm256_loadu_ps(c + j));
+    float l[8], total = 0.0f;
+    _mm256_storeu_ps(l, acc);
+    total = ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+    for (; j < cols; j++) total += c[j];
+    if (total < FLT_MIN) total = FLT_MIN;
+    for (j = 0; j < cols; j++) out[j] = c[j] / total;
+}
+
+/* the normalized column factors: m's from bf16, v's from fp32 */
+void sff_normalize(int64_t cols, const uint16_t* cm, const float* cv, float* cm_out,
+                   float* cv_out) {
+    for (int64_t j = 0; j < cols; j++) cm_out[j] = bf16(cm[j]);
+    normalize(cols, cm_out, cm_out);
+    normalize(cols, cv, cv_out);
+}
 
 /* 8 columns: returns the sign byte of the new m; updates w; adds |m| and v into the row
    accumulators and into the block's column partial sums. */
@@ -88,7 +117,7 @@ static inline float hsum(__m256 x) {
 
 /* blocks [b0, b1) of block_rows rows each (the last may be shorter) */
 void sff_adam_blocks(int64_t b0, int64_t b1, int64_t block_rows, int64_t rows, int64_t cols,
-                     float* w, const float* g, const float* rm, const float* rv,
+                     float* w, const float* g, const uint16_t* rm, const float* rv,
                      const float* cm, const float* cv, uint8_t* signs, float* out_rm,
                      float* out_rv, float* part_m, float* part_v, const Rule* R) {
     int64_t nbytes = (cols + 7) / 8, full = cols / 8;
@@ -103,7 +132,7 @@ void sff_adam_blocks(int64_t b0, int64_t b1, int64_t block_rows, int64_t rows, i
             float* wr = w + r * cols;
             const float* gr = g + r * cols;
             uint8_t* sr = signs + r * nbytes;
-            __m256 vm = _mm256_set1_ps(rm[r]), vv = _mm256_set1_ps(rv[r]);
+            __m256 vm = _mm256_set1_ps(bf16(rm[r])), vv = _mm256_set1_ps(rv[r]);
             __m256 row_m = _mm256_setzero_ps(), row_v = _mm256_setzero_ps();
             for (int64_t k = 0; k < full; k++) {
                 int64_t j = 8 * k;
@@ -144,11 +173,14 @@ void sff_sum_blocks(int64_t blocks, int64_t cols, const float* part, float* out)
     }
 }
 
-/* the whole matrix on the calling thread: every block, then the column sums */
+/* the whole matrix on the calling thread: the normalized column factors (from the raw
+   ones, cm_raw bf16 and cv_raw, into cm and cv), every block, then the column sums */
 void sff_adam(int64_t blocks, int64_t block_rows, int64_t rows, int64_t cols, float* w,
-              const float* g, const float* rm, const float* rv, const float* cm,
-              const float* cv, uint8_t* signs, float* out_rm, float* out_rv, float* part_m,
-              float* part_v, const Rule* R, float* sums) {
+              const float* g, const uint16_t* rm, const float* rv, float* cm,
+              float* cv, uint8_t* signs, float* out_rm, float* out_rv, float* part_m,
+              float* part_v, const Rule* R, float* sums, const uint16_t* cm_raw,
+              const float* cv_raw) {
+    sff_normalize(cols, cm_raw, cv_raw, cm, cv);
     sff_adam_blocks(0, blocks, block_rows, rows, cols, w, g, rm, rv, cm, cv, signs, out_rm,
                     out_rv, part_m, part_v, R);
     sff_sum_blocks(blocks, cols, part_m, sums);
@@ -182,7 +214,9 @@ _SIGNATURES: dict[str, list[type]] = {
     # blocks, cols, part (both moments), out (both moments)
     "sff_sum_blocks": [I64, I64, PTR, PTR],
     # blocks, then the arguments of sff_adam_blocks after b1, then sums
-    "sff_adam": [*[I64] * 4, *[PTR] * 13],
+    "sff_adam": [*[I64] * 4, *[PTR] * 15],
+    # cols, cm (bf16), cv, cm out, cv out
+    "sff_normalize": [I64, *[PTR] * 4],
 }
 
 _library = NativeLibrary(
@@ -223,8 +257,9 @@ def adam_rows(
     """FactoredAdam's step on ``w`` ``(rows, cols)`` fp32 with gradient ``g`` (fp32, times
     ``grad_scale``), in place; ``signs`` ``(rows, ⌈cols/8⌉)`` uint8 updated in place.
 
-    ``row_factors = (r_m, r_v)`` fp32 ``(rows,)``; ``col_factors = (c_m, c_v)`` fp32 ``(cols,)``
-    divided by their sums; ``scalars = (grad_scale, 1−β₁, β₂, den_scale, den_eps, 1 − lr·wd,
+    ``row_factors = (r_m, r_v)`` ``(rows,)`` and ``col_factors = (c_m, c_v)`` ``(cols,)``: the
+    state's factors as stored (``|m|``'s bf16, ``v``'s fp32; the column factors are divided by
+    their sums here, as ``factored._normalized`` does, summed in another order); ``scalars = (grad_scale, 1−β₁, β₂, den_scale, den_eps, 1 − lr·wd,
     lr)`` (``den_scale = bc₁/√bc₂``, ``den_eps = eps·bc₁`` as :class:`StepScalars`). Returns the
     new row sums of ``|m|`` and ``v`` and their column sums over these rows (all fp32).
     ``threads``: row blocks run on this many threads (default ``torch.get_num_threads()``).
@@ -234,24 +269,26 @@ def adam_rows(
     rows, cols = w.shape
     per_block = block_rows(rows)
     blocks = -(-rows // per_block)
-    # one buffer: row sums (m, v), column sums (m, v), block column partials (m, then v)
-    buf = torch.empty(2 * rows + 2 * cols + 2 * blocks * cols, dtype=torch.float32)
+    # one buffer: row sums (m, v), column sums (m, v), normalized column factors (m, v), block
+    # column partials (m, then v)
+    buf = torch.empty(2 * rows + 4 * cols + 2 * blocks * cols, dtype=torch.float32)
     at = buf.data_ptr()
     out_rm, out_rv, sums = at, at + 4 * rows, at + 8 * rows
-    part_m = sums + 8 * cols
+    cm, cv = sums + 8 * cols, sums + 12 * cols
+    part_m = sums + 16 * cols
     part_v = part_m + 4 * blocks * cols
     rm, rv = row_factors
-    cm, cv = col_factors
+    cm_raw, cv_raw = col_factors
     args = (
-        per_block, rows, cols, w.data_ptr(), g.data_ptr(), rm.data_ptr(), rv.data_ptr(),
-        cm.data_ptr(), cv.data_ptr(), signs.data_ptr(), out_rm, out_rv, part_m, part_v,
-        ctypes.addressof(rule),
+        per_block, rows, cols, w.data_ptr(), g.data_ptr(), rm.data_ptr(), rv.data_ptr(), cm, cv,
+        signs.data_ptr(), out_rm, out_rv, part_m, part_v, ctypes.addressof(rule),
     )  # fmt: skip
     lib = _library()
     n = min(torch.get_num_threads() if threads is None else threads, blocks)
     if n <= 1 or w.numel() < PARALLEL_ELEMENTS:
-        lib.sff_adam(blocks, *args, sums)
+        lib.sff_adam(blocks, *args, sums, cm_raw.data_ptr(), cv_raw.data_ptr())
     else:
+        lib.sff_normalize(cols, cm_raw.data_ptr(), cv_raw.data_ptr(), cm, cv)
         run_split(
             [blocks * i // n for i in range(n + 1)],
             lambda b0, b1: lib.sff_adam_blocks(b0, b1, *args),
