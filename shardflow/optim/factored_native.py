@@ -19,7 +19,9 @@ factored_chunk_update` with :func:`~shardflow.optim.factored.adam_direction` and
     u ← m / (√v·den_scale + den_eps)
     w ← fma(−lr, u, w·(1 − lr·wd))              (mul_, then add_ with alpha)
 
-and the new signs, row sums and column partial sums of ``|m|`` and ``v``. Row sums are summed
+with ``c_m``, ``c_v`` the stored column factors divided by their sums in the kernel (summed in
+8 lanes, so they may differ from ``factored._normalized``'s by an ulp), and the new signs, row
+sums and column partial sums of ``|m|`` and ``v``. Row sums are summed
 in 8 lanes then across them; column sums per block of ``block_rows`` rows, the blocks then added
 in order: neither depends on the thread count (rows are split over threads on block
 boundaries), but both differ from torch's reduction order by fp32 rounding (≈1e-7 relative).

@@ -38,7 +38,9 @@ Used when :func:`available`: an x86-64 CPU with AVX2 (``torch.backends.cpu``), a
 (``$CC``, else ``cc``), and ``SHARDFLOW_NATIVE`` not set to ``0``. The library is built once per
 source and flags into ``$SHARDFLOW_CACHE_DIR`` (default ``~/.cache/shardflow``), written under a
 temporary name and renamed, so concurrent processes never load a partial file. Otherwise (or if
-the build fails: one warning) the torch path runs, with the same codes.
+the build fails: one warning) the torch path runs, with the same codes. The building, caching,
+loading and row splitting are :mod:`shardflow.optim._native`'s (shared with
+:mod:`~shardflow.optim.factored_native`).
 """
 
 from __future__ import annotations
