@@ -57,6 +57,7 @@ _MORE = pytest.mark.skipif(
     "config",
     [
         {},
+        {"ortho_mode": "matrix"},  # the compiled direction before Newton-Schulz
         pytest.param({"vector_mode": "flat", "nesterov": False}, marks=_MORE),
         pytest.param({"dynamic_momentum": True}, marks=_MORE),
     ],

@@ -454,30 +454,65 @@ class DolphinFlow(ShardFlowOptimizer):
         the RMS normalization need the whole direction before the weights move)."""
         ortho = [it for it in items if routes[it.param] in ("matrix", "block")]
         plain = [it for it in items if routes[it.param] in ("vector", "elementwise")]
+        weights = self._nesterov_weights(group, items, mus)
+        if group["adaptive_lr"] and self._use_compiled(items[0].grad):
+            self._direction_compiled(group, items, mus, weights)
+        else:
+            self._direction(group, items, mus, weights, ops)
+        if not group["adaptive_lr"]:
+            self._normalize_rms(plain, ops)
+        self._orthogonalize(group, ortho, routes)
+        self._trust_region(group, items, lr, ops)
+        self._apply(group, items, lr, ops)
+
+    def _direction(
+        self,
+        group: dict[str, Any],
+        items: list[Item],
+        mus: list[float],
+        weights: list[float],
+        ops: ListOps,
+    ) -> None:
+        """Steps 3-5 of the rule in place, one list pass per operation: the moments, then
+        ``g ← (n/W) / (√(v/(1 − β₂ᵗ)) + eps)`` (``adaptive_lr``) or ``g ← n/W``."""
         grads = [it.grad for it in items]
         if group["adaptive_lr"]:
             ops.square_ema_([it.state["exp_avg_sq"] for it in items], grads, group["beta2"])
         bufs = [it.state["exp_avg"] for it in items]
         ops.lerp_(bufs, grads, _one_or_each([1.0 - mu for mu in mus]))
-        weights = self._nesterov_weights(group, items, mus)
         if group["nesterov"]:
             ops.lerp_(grads, bufs, _one_or_each(mus))  # g ← μ·m + (1−μ)·g
         else:
             for g, m in zip(grads, bufs):
                 g.copy_(m)
         ops.mul_(grads, [1.0 / w for w in weights])
-
         if group["adaptive_lr"]:
             steps = _values([it.state["step"] for it in items])
             debias = [1.0 / (1.0 - group["beta2"] ** t) for t in steps]
             ops.div_by_rms_denominator_(
                 grads, [it.state["exp_avg_sq"] for it in items], debias, group["eps"]
             )
-        else:
-            self._normalize_rms(plain, ops)
-        self._orthogonalize(group, ortho, routes)
-        self._trust_region(group, items, lr, ops)
-        self._apply(group, items, lr, ops)
+
+    def _direction_compiled(
+        self, group: dict[str, Any], items: list[Item], mus: list[float], weights: list[float]
+    ) -> None:
+        """:meth:`_direction` with ``adaptive_lr`` as one compiled pass per chunk of parameters
+        (:func:`direction_update_each`): the matrices reach Newton-Schulz after one read of
+        ``g, m, v`` instead of six list passes."""
+        steps = _values([it.state["step"] for it in items])
+        beta2, eps = group["beta2"], group["eps"]
+        todo, rows = [], []
+        for it, mu, w, t in zip(items, mus, weights, steps):
+            if it.grad.numel():
+                todo.append([it.grad, it.state["exp_avg"], it.state["exp_avg_sq"]])
+                rows.append((1.0 - mu, beta2, 1.0 / w, 1.0 / (1.0 - beta2**t), eps))
+        if not todo:
+            return
+        todo = [
+            [t.view(-1) for t in ts] if all(t.is_contiguous() for t in ts) else ts for ts in todo
+        ]
+        scalars = _scalar_rows([ts[0] for ts in todo], rows)
+        _each(direction_update_each, *map(list, zip(*todo)), scalars, nesterov=group["nesterov"])
 
     def _orthograd(
         self, group: dict[str, Any], items: list[Item], fold: bool
@@ -646,6 +681,28 @@ def fused_update_each(
         a = None if as_ is None else as_[i]
         b = None if bs is None else bs[i]
         fused_update(w, g, m, v, a, b, s, nesterov=nesterov)
+
+
+def direction_update(g: Tensor, m: Tensor, v: Tensor, s: Tensor, *, nesterov: bool) -> None:
+    """Steps 3-5 of DolphinFlow's rule with ``adaptive_lr``, in place, one element-wise pass:
+    ``v ← β₂v + (1−β₂)g²``, ``m ← m + (1−μ)(g − m)``, ``n = g + μ(m − g)`` (Nesterov) or ``m``,
+    ``g ← (n/W) / (√(v/(1 − β₂ᵗ)) + eps)``: the direction Newton-Schulz and the trust region
+    take. ``s = (1 − μ, β₂, 1/W, 1/(1 − β₂ᵗ), eps)``, one tensor (new values never recompile)."""
+    one_minus_mu, beta2, inv_weight, debias, eps = s.unbind()
+    v_new = beta2 * v + (1 - beta2) * g * g
+    m_new = m + one_minus_mu * (g - m)
+    n = g + (1 - one_minus_mu) * (m_new - g) if nesterov else m_new
+    g.copy_(n * inv_weight / ((v_new * debias).sqrt() + eps))
+    m.copy_(m_new)
+    v.copy_(v_new)
+
+
+def direction_update_each(
+    gs: list[Tensor], ms: list[Tensor], vs: list[Tensor], ss: list[Tensor], *, nesterov: bool
+) -> None:
+    """:func:`direction_update` for each parameter of the lists: one compiled call for them all."""
+    for g, m, v, s in zip(gs, ms, vs, ss):
+        direction_update(g, m, v, s, nesterov=nesterov)
 
 
 def orthograd_sums_each(grads: list[Tensor], weights: list[Tensor]) -> list[Tensor]:
