@@ -36,7 +36,7 @@ gradients agree and shrinks when they oppose.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
@@ -60,6 +60,7 @@ from shardflow.optim.base import (
     _sum_sq,
     step_counter,
 )
+from shardflow.optim.compiling import compile_once, each
 from shardflow.optim.orthogonalize import (
     NS_TOL,
     _rows,
@@ -305,7 +306,7 @@ class DolphinFlow(ShardFlowOptimizer):
                     rest.append(g)
         total = _sum_sq(rest, ops)
         if large:
-            total = total + torch.stack(_each(sq_norms_each, large)).double().sum()
+            total = total + torch.stack(each(sq_norms_each, large)).double().sum()
         if vector:
             params, grads = zip(*vector)
             weights = [self.placement.local(p) for p in params]
@@ -401,7 +402,7 @@ class DolphinFlow(ShardFlowOptimizer):
         folds: dict[int, tuple[Tensor, Tensor]],
     ) -> None:
         """The fused pass through :func:`fused_update_each`: parameters with and without ⊥Grad
-        in separate calls, each call a chunk of parameters (:func:`_each`)."""
+        in separate calls, each call a chunk of parameters (:func:`~shardflow.optim.compiling.each`)."""
         rowwise = group["vector_mode"] == "rowwise"
         args: list[tuple[bool, list[Tensor], list[Tensor]]] = []  # (folded, w g m v, a b)
         rows: list[tuple[float, ...]] = []
@@ -430,7 +431,7 @@ class DolphinFlow(ShardFlowOptimizer):
             calls[folded].append((*tensors, s, *ab))
         for args in calls.values():
             if args:
-                _each(fused_update_each, *map(list, zip(*args)), nesterov=group["nesterov"])
+                each(fused_update_each, *map(list, zip(*args)), nesterov=group["nesterov"])
 
     @staticmethod
     def _apply_fold(group: dict[str, Any], it: Item, fold: tuple[Tensor, Tensor]) -> None:
@@ -512,7 +513,7 @@ class DolphinFlow(ShardFlowOptimizer):
             [t.view(-1) for t in ts] if all(t.is_contiguous() for t in ts) else ts for ts in todo
         ]
         scalars = _scalar_rows([ts[0] for ts in todo], rows)
-        _each(direction_update_each, *map(list, zip(*todo)), scalars, nesterov=group["nesterov"])
+        each(direction_update_each, *map(list, zip(*todo)), scalars, nesterov=group["nesterov"])
 
     def _orthograd(
         self, group: dict[str, Any], items: list[Item], fold: bool
@@ -734,63 +735,17 @@ def _streams_well(g: Tensor) -> bool:
 
 
 def _row_sums(grads: list[Tensor], weights: list[Tensor], compiled: bool) -> list[Tensor]:
-    """Row-wise ⊥Grad sums of each pair; ``compiled``: through :func:`_each`, except empty
+    """Row-wise ⊥Grad sums of each pair; ``compiled``: through :func:`~shardflow.optim.compiling.each`, except empty
     shards (a 0-row tensor would be a graph of its own)."""
     weights = [w.detach() for w in weights]
     if not compiled:
         return orthograd_sums_each(grads, weights)
     full = [i for i, g in enumerate(grads) if g.numel()]
     out = [orthograd_sums(g, w) if not g.numel() else None for g, w in zip(grads, weights)]
-    done = _each(orthograd_sums_each, [grads[i] for i in full], [weights[i] for i in full])
+    done = each(orthograd_sums_each, [grads[i] for i in full], [weights[i] for i in full])
     for i, x in zip(full, done):
         out[i] = x
     return out
-
-
-CHUNK = 8
-"""Most parameters per compiled call. Each call costs Python, guard checks and dispatch (on the
-tiny-model row of ``python -m bench.step_parts``, the compiled step's overhead halved when
-calls were batched); every list length is a graph of its own, so a list is cut into chunks of
-``CHUNK`` and its remainder into powers of two (4, 2, 1): at most four lengths whatever the
-model, and at most three calls beyond the full chunks."""
-
-
-def _each(fn: Callable[..., Any], *lists: list[Any], **kwargs: Any) -> list[Any]:
-    """``fn`` compiled, called on the lists cut as :data:`CHUNK` says (all lists cut alike);
-    returns the concatenated results (``fn`` returns a list, or None)."""
-    compiled = _compiled(fn)
-    out: list[Any] = []
-    start, n = 0, len(lists[0])
-    while start < n:
-        size = min(CHUNK, 1 << ((n - start).bit_length() - 1))
-        cut = slice(start, start + size)
-        out += compiled(*(x[cut] for x in lists), **kwargs) or []
-        start += size
-    return out
-
-
-_COMPILED: dict[Callable[..., Any], Callable[..., Any]] = {}
-
-
-def _compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn`` through ``torch.compile``, built once (dynamic shapes: one graph per variant —
-    list length, with or without ⊥Grad, Nesterov or not, dtype — whatever the shapes)."""
-    if fn not in _COMPILED:
-        from torch._dynamo import config as dynamo_config  # noqa: PLC0415
-        from torch.fx.experimental import _config as shape_config  # noqa: PLC0415
-
-        # cpp.dynamic_threads: inductor's CPU code otherwise decides at compile time, from the
-        # first call's sizes, whether a loop runs on one thread or all; a graph first built for a
-        # small parameter then ran a 28 M-element embedding on one thread
-        compiled = torch.compile(
-            fn, dynamic=True, fullgraph=True, options={"cpp.dynamic_threads": True}
-        )
-        # no duck shaping: a square first matrix would tie rows to columns in the guards and
-        # recompile for every other shape; the variants above can outnumber dynamo's default
-        # limit of 8 graphs per function
-        compiled = shape_config.patch(use_duck_shape=False)(compiled)
-        _COMPILED[fn] = dynamo_config.patch(recompile_limit=64)(compiled)
-    return _COMPILED[fn]
 
 
 _RAW_DTYPES = (torch.float32, torch.float64)
@@ -822,7 +777,7 @@ def _folds(
     cat = torch.cat(sums)
     if compiled and len(set(scales)) == 1:
         c = torch.tensor(scales[0], dtype=cat.dtype, device=cat.device)
-        a, b = _compiled(scaled_fold)(cat, c, restore_norm=restore_norm)
+        a, b = compile_once(scaled_fold)(cat, c, restore_norm=restore_norm)
         return list(zip(a.split(rows), b.split(rows)))
     a, b = orthograd_fold(cat, restore_norm=restore_norm)
     if any(c != 1.0 for c in scales):
