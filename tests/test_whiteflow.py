@@ -272,14 +272,14 @@ def test_bad_projection_settings_name_the_fix():
 
 
 def test_compiled_defaults_to_cuda_only(monkeypatch):
-    """compiled=None on CPU tensors runs eagerly; compiled=True sends the chunk to _each."""
+    """compiled=None on CPU tensors runs eagerly; compiled=True sends the chunk to each."""
     calls = []
 
     def fake_each(fn, *lists, **kwargs):
         calls.append((fn, len(lists[0]), kwargs))
         return [None] * len(lists[0])
 
-    monkeypatch.setattr(whiteflow_module, "_each", fake_each)
+    monkeypatch.setattr(whiteflow_module, "each", fake_each)
     for compiled in (None, True):
         params = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(5, 4))]
         opt = WhiteFlow(params, rank=2, compiled=compiled)

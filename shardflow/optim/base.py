@@ -54,6 +54,7 @@ from torch import Tensor
 from shardflow.distributed.placement import LocalPlacement, resolve_placement
 from shardflow.optim._listops import ListOps
 from shardflow.optim._validate import check_optional_positive
+from shardflow.optim.compiling import compile_settings
 from shardflow.optim.routing import is_hidden_matrix
 
 logger = logging.getLogger("shardflow")
@@ -248,6 +249,12 @@ class ShardFlowOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        with compile_settings():
+            self._step(loss)
+        return loss
+
+    def _step(self, loss: Any) -> None:
+        """The step proper: clip, skip on NaN/inf, update each group (see :meth:`step`)."""
         self.placement.before_update(self)
         collected = self._collect()
         all_grads = [g for _, _, gs in collected for g in gs]
@@ -256,7 +263,7 @@ class ShardFlowOptimizer(torch.optim.Optimizer):
         if scale is None:
             self.placement.after_update(self, updated=False)
             self._skip_nonfinite()
-            return loss
+            return
         for group, params, grads in collected:
             if not params:
                 continue
@@ -280,7 +287,6 @@ class ShardFlowOptimizer(torch.optim.Optimizer):
                 self._store_state(it, before)
         self.placement.after_update(self)
         self._after_step(loss)
-        return loss
 
     def _store_state(self, item: Item, before: dict[str, Any] | None) -> None:
         """Write back the state keys the rule assigned anew (in-place updates need nothing)."""

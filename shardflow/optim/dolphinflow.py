@@ -36,7 +36,7 @@ gradients agree and shrinks when they oppose.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
@@ -60,6 +60,7 @@ from shardflow.optim.base import (
     _sum_sq,
     step_counter,
 )
+from shardflow.optim.compiling import compile_once, each
 from shardflow.optim.orthogonalize import (
     NS_TOL,
     _rows,
@@ -305,7 +306,7 @@ class DolphinFlow(ShardFlowOptimizer):
                     rest.append(g)
         total = _sum_sq(rest, ops)
         if large:
-            total = total + torch.stack(_each(sq_norms_each, large)).double().sum()
+            total = total + torch.stack(each(sq_norms_each, large)).double().sum()
         if vector:
             params, grads = zip(*vector)
             weights = [self.placement.local(p) for p in params]
@@ -401,7 +402,7 @@ class DolphinFlow(ShardFlowOptimizer):
         folds: dict[int, tuple[Tensor, Tensor]],
     ) -> None:
         """The fused pass through :func:`fused_update_each`: parameters with and without ⊥Grad
-        in separate calls, each call a chunk of parameters (:func:`_each`)."""
+        in separate calls, each call a chunk of parameters (:func:`~shardflow.optim.compiling.each`)."""
         rowwise = group["vector_mode"] == "rowwise"
         args: list[tuple[bool, list[Tensor], list[Tensor]]] = []  # (folded, w g m v, a b)
         rows: list[tuple[float, ...]] = []
@@ -430,7 +431,7 @@ class DolphinFlow(ShardFlowOptimizer):
             calls[folded].append((*tensors, s, *ab))
         for args in calls.values():
             if args:
-                _each(fused_update_each, *map(list, zip(*args)), nesterov=group["nesterov"])
+                each(fused_update_each, *map(list, zip(*args)), nesterov=group["nesterov"])
 
     @staticmethod
     def _apply_fold(group: dict[str, Any], it: Item, fold: tuple[Tensor, Tensor]) -> None:
@@ -454,30 +455,65 @@ class DolphinFlow(ShardFlowOptimizer):
         the RMS normalization need the whole direction before the weights move)."""
         ortho = [it for it in items if routes[it.param] in ("matrix", "block")]
         plain = [it for it in items if routes[it.param] in ("vector", "elementwise")]
+        weights = self._nesterov_weights(group, items, mus)
+        if group["adaptive_lr"] and self._use_compiled(items[0].grad):
+            self._direction_compiled(group, items, mus, weights)
+        else:
+            self._direction(group, items, mus, weights, ops)
+        if not group["adaptive_lr"]:
+            self._normalize_rms(plain, ops)
+        self._orthogonalize(group, ortho, routes)
+        self._trust_region(group, items, lr, ops)
+        self._apply(group, items, lr, ops)
+
+    def _direction(
+        self,
+        group: dict[str, Any],
+        items: list[Item],
+        mus: list[float],
+        weights: list[float],
+        ops: ListOps,
+    ) -> None:
+        """Steps 3-5 of the rule in place, one list pass per operation: the moments, then
+        ``g ← (n/W) / (√(v/(1 − β₂ᵗ)) + eps)`` (``adaptive_lr``) or ``g ← n/W``."""
         grads = [it.grad for it in items]
         if group["adaptive_lr"]:
             ops.square_ema_([it.state["exp_avg_sq"] for it in items], grads, group["beta2"])
         bufs = [it.state["exp_avg"] for it in items]
         ops.lerp_(bufs, grads, _one_or_each([1.0 - mu for mu in mus]))
-        weights = self._nesterov_weights(group, items, mus)
         if group["nesterov"]:
             ops.lerp_(grads, bufs, _one_or_each(mus))  # g ← μ·m + (1−μ)·g
         else:
             for g, m in zip(grads, bufs):
                 g.copy_(m)
         ops.mul_(grads, [1.0 / w for w in weights])
-
         if group["adaptive_lr"]:
             steps = _values([it.state["step"] for it in items])
             debias = [1.0 / (1.0 - group["beta2"] ** t) for t in steps]
             ops.div_by_rms_denominator_(
                 grads, [it.state["exp_avg_sq"] for it in items], debias, group["eps"]
             )
-        else:
-            self._normalize_rms(plain, ops)
-        self._orthogonalize(group, ortho, routes)
-        self._trust_region(group, items, lr, ops)
-        self._apply(group, items, lr, ops)
+
+    def _direction_compiled(
+        self, group: dict[str, Any], items: list[Item], mus: list[float], weights: list[float]
+    ) -> None:
+        """:meth:`_direction` with ``adaptive_lr`` as one compiled pass per chunk of parameters
+        (:func:`direction_update_each`): the matrices reach Newton-Schulz after one read of
+        ``g, m, v`` instead of six list passes."""
+        steps = _values([it.state["step"] for it in items])
+        beta2, eps = group["beta2"], group["eps"]
+        todo, rows = [], []
+        for it, mu, w, t in zip(items, mus, weights, steps):
+            if it.grad.numel():
+                todo.append([it.grad, it.state["exp_avg"], it.state["exp_avg_sq"]])
+                rows.append((1.0 - mu, beta2, 1.0 / w, 1.0 / (1.0 - beta2**t), eps))
+        if not todo:
+            return
+        todo = [
+            [t.view(-1) for t in ts] if all(t.is_contiguous() for t in ts) else ts for ts in todo
+        ]
+        scalars = _scalar_rows([ts[0] for ts in todo], rows)
+        each(direction_update_each, *map(list, zip(*todo)), scalars, nesterov=group["nesterov"])
 
     def _orthograd(
         self, group: dict[str, Any], items: list[Item], fold: bool
@@ -648,6 +684,28 @@ def fused_update_each(
         fused_update(w, g, m, v, a, b, s, nesterov=nesterov)
 
 
+def direction_update(g: Tensor, m: Tensor, v: Tensor, s: Tensor, *, nesterov: bool) -> None:
+    """Steps 3-5 of DolphinFlow's rule with ``adaptive_lr``, in place, one element-wise pass:
+    ``v ← β₂v + (1−β₂)g²``, ``m ← m + (1−μ)(g − m)``, ``n = g + μ(m − g)`` (Nesterov) or ``m``,
+    ``g ← (n/W) / (√(v/(1 − β₂ᵗ)) + eps)``: the direction Newton-Schulz and the trust region
+    take. ``s = (1 − μ, β₂, 1/W, 1/(1 − β₂ᵗ), eps)``, one tensor (new values never recompile)."""
+    one_minus_mu, beta2, inv_weight, debias, eps = s.unbind()
+    v_new = beta2 * v + (1 - beta2) * g * g
+    m_new = m + one_minus_mu * (g - m)
+    n = g + (1 - one_minus_mu) * (m_new - g) if nesterov else m_new
+    g.copy_(n * inv_weight / ((v_new * debias).sqrt() + eps))
+    m.copy_(m_new)
+    v.copy_(v_new)
+
+
+def direction_update_each(
+    gs: list[Tensor], ms: list[Tensor], vs: list[Tensor], ss: list[Tensor], *, nesterov: bool
+) -> None:
+    """:func:`direction_update` for each parameter of the lists: one compiled call for them all."""
+    for g, m, v, s in zip(gs, ms, vs, ss):
+        direction_update(g, m, v, s, nesterov=nesterov)
+
+
 def orthograd_sums_each(grads: list[Tensor], weights: list[Tensor]) -> list[Tensor]:
     """Row-wise :func:`~shardflow.optim.orthogonalize.orthograd_sums` of each pair (the flat
     sums are their column sums)."""
@@ -677,63 +735,17 @@ def _streams_well(g: Tensor) -> bool:
 
 
 def _row_sums(grads: list[Tensor], weights: list[Tensor], compiled: bool) -> list[Tensor]:
-    """Row-wise ⊥Grad sums of each pair; ``compiled``: through :func:`_each`, except empty
+    """Row-wise ⊥Grad sums of each pair; ``compiled``: through :func:`~shardflow.optim.compiling.each`, except empty
     shards (a 0-row tensor would be a graph of its own)."""
     weights = [w.detach() for w in weights]
     if not compiled:
         return orthograd_sums_each(grads, weights)
     full = [i for i, g in enumerate(grads) if g.numel()]
     out = [orthograd_sums(g, w) if not g.numel() else None for g, w in zip(grads, weights)]
-    done = _each(orthograd_sums_each, [grads[i] for i in full], [weights[i] for i in full])
+    done = each(orthograd_sums_each, [grads[i] for i in full], [weights[i] for i in full])
     for i, x in zip(full, done):
         out[i] = x
     return out
-
-
-CHUNK = 8
-"""Most parameters per compiled call. Each call costs Python, guard checks and dispatch (on the
-tiny-model row of ``python -m bench.step_parts``, the compiled step's overhead halved when
-calls were batched); every list length is a graph of its own, so a list is cut into chunks of
-``CHUNK`` and its remainder into powers of two (4, 2, 1): at most four lengths whatever the
-model, and at most three calls beyond the full chunks."""
-
-
-def _each(fn: Callable[..., Any], *lists: list[Any], **kwargs: Any) -> list[Any]:
-    """``fn`` compiled, called on the lists cut as :data:`CHUNK` says (all lists cut alike);
-    returns the concatenated results (``fn`` returns a list, or None)."""
-    compiled = _compiled(fn)
-    out: list[Any] = []
-    start, n = 0, len(lists[0])
-    while start < n:
-        size = min(CHUNK, 1 << ((n - start).bit_length() - 1))
-        cut = slice(start, start + size)
-        out += compiled(*(x[cut] for x in lists), **kwargs) or []
-        start += size
-    return out
-
-
-_COMPILED: dict[Callable[..., Any], Callable[..., Any]] = {}
-
-
-def _compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn`` through ``torch.compile``, built once (dynamic shapes: one graph per variant —
-    list length, with or without ⊥Grad, Nesterov or not, dtype — whatever the shapes)."""
-    if fn not in _COMPILED:
-        from torch._dynamo import config as dynamo_config  # noqa: PLC0415
-        from torch.fx.experimental import _config as shape_config  # noqa: PLC0415
-
-        # cpp.dynamic_threads: inductor's CPU code otherwise decides at compile time, from the
-        # first call's sizes, whether a loop runs on one thread or all; a graph first built for a
-        # small parameter then ran a 28 M-element embedding on one thread
-        compiled = torch.compile(
-            fn, dynamic=True, fullgraph=True, options={"cpp.dynamic_threads": True}
-        )
-        # no duck shaping: a square first matrix would tie rows to columns in the guards and
-        # recompile for every other shape; the variants above can outnumber dynamo's default
-        # limit of 8 graphs per function
-        compiled = shape_config.patch(use_duck_shape=False)(compiled)
-        _COMPILED[fn] = dynamo_config.patch(recompile_limit=64)(compiled)
-    return _COMPILED[fn]
 
 
 _RAW_DTYPES = (torch.float32, torch.float64)
@@ -765,7 +777,7 @@ def _folds(
     cat = torch.cat(sums)
     if compiled and len(set(scales)) == 1:
         c = torch.tensor(scales[0], dtype=cat.dtype, device=cat.device)
-        a, b = _compiled(scaled_fold)(cat, c, restore_norm=restore_norm)
+        a, b = compile_once(scaled_fold)(cat, c, restore_norm=restore_norm)
         return list(zip(a.split(rows), b.split(rows)))
     a, b = orthograd_fold(cat, restore_norm=restore_norm)
     if any(c != 1.0 for c in scales):

@@ -61,7 +61,8 @@ from shardflow.optim import quant8
 from shardflow.optim._listops import ListOps
 from shardflow.optim._validate import check_int_at_least
 from shardflow.optim.base import Item, Layout, _compute_dtype
-from shardflow.optim.dolphinflow import DolphinFlow, _each, fused_update_each
+from shardflow.optim.compiling import each
+from shardflow.optim.dolphinflow import DolphinFlow, fused_update_each
 
 MOMENTS: dict[str, bool] = {"exp_avg": True, "exp_avg_sq": False}
 """The quantized state keys and whether their code table is signed."""
@@ -358,7 +359,7 @@ def _compiled_rule(
     if a is None and all(t.is_contiguous() for t in tensors):
         tensors = [t.view(-1) for t in tensors]
     folded = [] if a is None or b is None else [[a], [b]]
-    _each(fused_update_each, *([t] for t in tensors), [s], *folded, nesterov=nesterov)
+    each(fused_update_each, *([t] for t in tensors), [s], *folded, nesterov=nesterov)
 
 
 def _eager_rule(

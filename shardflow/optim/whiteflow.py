@@ -68,7 +68,7 @@ from shardflow.optim._validate import (
     check_unit_interval,
 )
 from shardflow.optim.base import Item, Layout, ShardFlowOptimizer, _compute_dtype, step_counter
-from shardflow.optim.dolphinflow import _each
+from shardflow.optim.compiling import each
 from shardflow.optim.orthogonalize import orthograd_fold, orthograd_sums
 from shardflow.optim.precision import bf16_stochastic, hash32_int, mix_seed
 from shardflow.optim.projection import ProjectionCache
@@ -299,7 +299,7 @@ class WhiteFlow(ShardFlowOptimizer):
         shards, and scales ``sᵢ`` before the second.
 
         Eager: the same functions, called on the lists. Compiled: through ``torch.compile``, a
-        chunk of parameters per call (:func:`~shardflow.optim.dolphinflow._each`), except empty
+        chunk of parameters per call (:func:`~shardflow.optim.compiling.each`), except empty
         shards and the rare parameter that needs contiguous copies (eager).
         """
         compiled = self._compiled if self._compiled is not None else items[0].grad.is_cuda
@@ -473,7 +473,7 @@ def _call(
 ) -> list[Any]:
     """``fn`` (a function of lists) on ``args(job)`` of every job; its results in job order.
 
-    Compiled: the ``fast`` jobs through :func:`~shardflow.optim.dolphinflow._each` (chunked
+    Compiled: the ``fast`` jobs through :func:`~shardflow.optim.compiling.each` (chunked
     ``torch.compile`` calls), the others eagerly; otherwise one eager call for all.
     """
     out: list[Any] = [None] * len(jobs)
@@ -484,7 +484,7 @@ def _call(
         if not index:
             continue
         lists = [list(x) for x in zip(*(args(jobs[i]) for i in index))]
-        results = (_each(fn, *lists, **kwargs) if through_compile else fn(*lists, **kwargs)) or []
+        results = (each(fn, *lists, **kwargs) if through_compile else fn(*lists, **kwargs)) or []
         for i, r in zip(index, results):
             out[i] = r
     return out
