@@ -1,0 +1,111 @@
+"""Single kernels of DolphinFlow's compiled step against torch's, on one 28 M-element tensor.
+
+Run from the repository root::
+
+    /work/venv/bin/python -m bench.kernels [--threads T]
+
+Two questions, each answered side by side in one process (minimum over ``--reps`` calls, a
+64 MiB buffer rewritten before each call so that no operand is in cache):
+
+- **norm pass**: ``‖g‖²`` of the SmolLM2 embedding's gradient (49152×576 fp32) by a BLAS dot
+  (the base's :func:`shardflow.optim.base._sq_norms`) and by DolphinFlow's compiled
+  :func:`~shardflow.optim.dolphinflow.sq_norms_each` (four streams read at once).
+- **update**: DolphinFlow's compiled element-wise pass (:func:`fused_update_each`, Nesterov, no
+  ⊥Grad) against ``torch._fused_adamw_`` on the same size, with the compiled graph built first
+  on a 1000-element tensor (as when a small parameter comes first): with
+  ``cpp.dynamic_threads`` (what :mod:`shardflow.optim.compiling` sets) and without it (inductor
+  then decides the loop's threading from that first call's size).
+
+Results are printed as Markdown; keep them under ``bench/results/`` with the command, machine
+and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+
+from shardflow.optim.dolphinflow import fused_update_each, sq_norms_each
+
+N = 49152 * 576
+
+
+def _best(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
+    evict = torch.empty(16 << 20)
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(reps):
+        for name, fn in fns.items():
+            evict.fill_(1.0)
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def _update_kernel(dynamic_threads: bool) -> Callable[..., None]:
+    options = {"cpp.dynamic_threads": dynamic_threads}
+    kernel = torch.compile(fused_update_each, dynamic=True, fullgraph=True, options=options)
+    small = [[torch.rand(1000)] for _ in range(4)]
+    kernel(*small, [torch.tensor([0.99, 0.05, 0.999, 1e-3, 1e-8, 1.0])], nesterov=True)
+    return kernel
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--reps", type=int, default=12, help="calls per kernel (minimum over them)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    print(f"{torch.get_num_threads()} threads, {N} fp32 elements\n")
+
+    g = torch.randn(N)
+    norms = torch.compile(sq_norms_each, dynamic=True, options={"cpp.dynamic_threads": True})
+    norms([torch.randn(1000)])
+    best = _best(
+        {"BLAS dot": lambda: torch.dot(g, g), "sq_norms_each": lambda: norms([g])}, args.reps
+    )
+    print("| norm pass (reads 4 B/element) | min ms | GB/s |\n|---|---:|---:|")
+    for name, sec in best.items():
+        print(f"| {name} | {sec * 1e3:.2f} | {N * 4 / sec / 1e9:.1f} |")
+
+    w, m, v = torch.randn(N), torch.randn(N), torch.rand(N)
+    scalars = [torch.tensor([0.99, 0.05, 0.999, 1e-3, 1e-8, 1.0])]
+    step = [torch.tensor(5.0)]
+    with_threads, without = _update_kernel(True), _update_kernel(False)
+    fns = {
+        "torch._fused_adamw_": lambda: torch._fused_adamw_(
+            [w],
+            [g],
+            [m],
+            [v],
+            [],
+            step,
+            lr=1e-3,
+            beta1=0.9,
+            beta2=0.999,
+            weight_decay=0.01,
+            eps=1e-8,
+            amsgrad=False,
+            maximize=False,
+        ),  # fmt: skip
+        "fused_update_each, cpp.dynamic_threads": lambda: with_threads(
+            [w], [g], [m], [v], scalars, nesterov=True
+        ),
+        "fused_update_each, threading from the first call": lambda: without(
+            [w], [g], [m], [v], scalars, nesterov=True
+        ),
+    }
+    best = _best(fns, args.reps)
+    base = best["torch._fused_adamw_"]
+    print("\n| update (reads w g m v, writes w m v) | min ms | × fused AdamW |\n|---|---:|---:|")
+    for name, sec in best.items():
+        print(f"| {name} | {sec * 1e3:.2f} | {sec / base:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
