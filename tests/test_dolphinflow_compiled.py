@@ -9,6 +9,7 @@ step-by-step path (float64) on every run.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -136,3 +137,23 @@ def test_sq_norms_each_is_the_sum_of_squares(n):
     g = torch.arange(1.0, n + 1, dtype=torch.float64)  # every remainder of n mod 4
     (got,) = sq_norms_each([g])
     assert got.item() == sum(k * k for k in range(1, n + 1))
+
+
+def test_dynamo_settings_are_entered_only_when_the_step_may_compile(monkeypatch):
+    import shardflow.optim.base as base  # noqa: PLC0415
+
+    entered = []
+
+    def settings():
+        entered.append(True)
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(base, "compile_settings", settings)
+    for compiled, expected in ((None, []), (False, []), (True, [True])):
+        entered.clear()
+        param = nn.Parameter(torch.randn(4, 4))
+        param.grad = torch.randn(4, 4)
+        opt = DolphinFlow([param], compiled=compiled)
+        monkeypatch.setattr(opt, "_step", lambda loss: None)  # the settings, not the step
+        opt.step()
+        assert entered == expected, compiled

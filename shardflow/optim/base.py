@@ -41,6 +41,7 @@ exact across ``load_state_dict`` (torch would cast fp32 state to a bf16 param's 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import warnings
@@ -249,9 +250,19 @@ class ShardFlowOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        with compile_settings():
+        with compile_settings() if self._may_compile() else contextlib.nullcontext():
             self._step(loss)
         return loss
+
+    def _may_compile(self) -> bool:
+        """Whether this step may run ``torch.compile``d passes (``compiled=True``, or ``None``
+        with parameters on CUDA): only then are dynamo's settings entered (importing dynamo
+        costs ~1.5 s once, entering the settings ~0.1 ms per step)."""
+        compiled = getattr(self, "compiled", False)
+        if compiled is None:
+            first = next((p for g in self.param_groups for p in g["params"]), None)
+            return first is not None and first.device.type == "cuda"
+        return bool(compiled)
 
     def _step(self, loss: Any) -> None:
         """The step proper: clip, skip on NaN/inf, update each group (see :meth:`step`)."""

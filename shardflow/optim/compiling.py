@@ -8,8 +8,9 @@ length and per static variant (keyword flags, dtypes, with or without optional t
 whatever the parameters' shapes.
 
 Graphs are built under :func:`compile_settings`, which :meth:`ShardFlowOptimizer.step
-<shardflow.optim.base.ShardFlowOptimizer.step>` enters once per step (entering it costs ~20 µs;
-once per compiled call, that was ~10 % of a small model's step).
+<shardflow.optim.base.ShardFlowOptimizer.step>` enters once per step when the optimizer may
+compile (entering it costs ~0.1 ms; once per compiled call, that was ~10 % of a small model's
+step).
 """
 
 from __future__ import annotations
