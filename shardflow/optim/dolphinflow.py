@@ -402,7 +402,8 @@ class DolphinFlow(ShardFlowOptimizer):
         folds: dict[int, tuple[Tensor, Tensor]],
     ) -> None:
         """The fused pass through :func:`fused_update_each`: parameters with and without ⊥Grad
-        in separate calls, each call a chunk of parameters (:func:`~shardflow.optim.compiling.each`)."""
+        in separate calls, each call a chunk of parameters
+        (:func:`~shardflow.optim.compiling.each`)."""
         rowwise = group["vector_mode"] == "rowwise"
         args: list[tuple[bool, list[Tensor], list[Tensor]]] = []  # (folded, w g m v, a b)
         rows: list[tuple[float, ...]] = []
@@ -429,9 +430,9 @@ class DolphinFlow(ShardFlowOptimizer):
         calls: dict[bool, list[tuple[Tensor, ...]]] = {True: [], False: []}
         for (folded, tensors, ab), s in zip(args, _scalar_rows([t[1] for _, t, _ in args], rows)):
             calls[folded].append((*tensors, s, *ab))
-        for args in calls.values():
-            if args:
-                each(fused_update_each, *map(list, zip(*args)), nesterov=group["nesterov"])
+        for batch in calls.values():
+            if batch:
+                each(fused_update_each, *map(list, zip(*batch)), nesterov=group["nesterov"])
 
     @staticmethod
     def _apply_fold(group: dict[str, Any], it: Item, fold: tuple[Tensor, Tensor]) -> None:
@@ -735,8 +736,9 @@ def _streams_well(g: Tensor) -> bool:
 
 
 def _row_sums(grads: list[Tensor], weights: list[Tensor], compiled: bool) -> list[Tensor]:
-    """Row-wise ⊥Grad sums of each pair; ``compiled``: through :func:`~shardflow.optim.compiling.each`, except empty
-    shards (a 0-row tensor would be a graph of its own)."""
+    """Row-wise ⊥Grad sums of each pair; ``compiled``: through
+    :func:`~shardflow.optim.compiling.each`, except empty shards (a 0-row tensor would be a graph
+    of its own)."""
     weights = [w.detach() for w in weights]
     if not compiled:
         return orthograd_sums_each(grads, weights)
