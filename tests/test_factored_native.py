@@ -78,7 +78,10 @@ def test_kernel_matches_the_torch_path_on_odd_shapes(shape):
     )
     got_w, got_signs = w.clone(), signs.clone()
     scalars = (grad_scale, 1 - 0.9, 0.999, s.den_scale, s.den_eps, 1 - lr * wd, lr)
-    got = factored_native.adam_rows(got_w, g, (rm, rv), (cm, cv), got_signs, scalars)
+    got_rv = rv.clone()
+    job = factored_native.Job(got_w, g, (rm, got_rv), (cm, cv), got_signs, scalars)
+    ((got_rm, got_cm, got_cv),) = factored_native.adam_many([job])
+    got = (got_rm, got_rv, got_cm, got_cv)
     assert torch.equal(got_signs, want_signs)
     torch.testing.assert_close(got_w, want_w, rtol=2.5e-7, atol=1e-9)
     assert not torch.equal(got_w, w)
@@ -90,28 +93,64 @@ def test_kernel_matches_the_torch_path_on_odd_shapes(shape):
 
 def test_thread_counts_give_identical_results():
     gen = torch.Generator().manual_seed(0)
-    rows, cols = 301, 259  # > 2¹⁶ elements: the row blocks really go to the pool
-    w, g = torch.randn(rows, cols, generator=gen), torch.randn(rows, cols, generator=gen)
-    factors = _factors(rows, cols, gen)
+    shapes = [(301, 259), (40, 24), (1, 5), (97, 8)]  # > 2¹⁶ elements: the threads really split
+    inputs = [(torch.randn(s, generator=gen), torch.randn(s, generator=gen)) for s in shapes]
+    factors = [_factors(*s, gen) for s in shapes]
+    scalars = (1.0, 0.1, 0.999, 0.5, 1e-8, 0.999, 1e-2)
+    before = torch.get_num_threads()
     results = []
-    for threads in (1, 2, 4):
-        w1, signs = w.clone(), factors[4].clone()
-        scalars = (1.0, 0.1, 0.999, 0.5, 1e-8, 0.999, 1e-2)
-        out = factored_native.adam_rows(
-            w1, g, factors[:2], factors[2:4], signs, scalars, threads=threads
-        )
-        results.append((w1, signs, *out))
+    try:
+        for threads in (1, 2, 4):
+            torch.set_num_threads(threads)
+            jobs = [
+                factored_native.Job(
+                    w.clone(), g, (f[0], f[1].clone()), f[2:4], f[4].clone(), scalars
+                )
+                for (w, g), f in zip(inputs, factors)
+            ]
+            out = factored_native.adam_many(jobs)
+            results.append(
+                [t for j, o in zip(jobs, out) for t in (j.w, j.signs, j.row_factors[1], *o)]
+            )
+    finally:
+        torch.set_num_threads(before)
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
 
 
+def test_many_matrices_in_one_call_equal_one_call_each():
+    """The group's call is the per-matrix call: a matrix's result does not depend on the others."""
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(64, 40), (7, 13), (300, 250)]
+    inputs = [(torch.randn(s, generator=gen), torch.randn(s, generator=gen)) for s in shapes]
+    factors = [_factors(*s, gen) for s in shapes]
+    scalars = (0.5, 0.1, 0.99, 0.7, 1e-8, 1.0, 3e-3)
+
+    def jobs():
+        return [
+            factored_native.Job(w.clone(), g, (f[0], f[1].clone()), f[2:4], f[4].clone(), scalars)
+            for (w, g), f in zip(inputs, factors)
+        ]
+
+    together = jobs()
+    out = factored_native.adam_many(together)
+    for i, job in enumerate(jobs()):
+        (alone,) = factored_native.adam_many([job])
+        for a, b in zip(
+            (job.w, job.signs, job.row_factors[1], *alone),
+            (together[i].w, together[i].signs, together[i].row_factors[1], *out[i]),
+        ):
+            assert torch.equal(a, b)
+
+
 def _train(cls, shapes, dtype, steps, native, monkeypatch, **hyper):
-    """``steps`` steps with the kernel on or off; returns (weights, optimizer, kernel calls)."""
+    """``steps`` steps with the kernel on or off; returns (weights, optimizer, matrices the kernel
+    stepped)."""
     calls = []
-    kernel = factored_native.adam_rows
+    kernel = factored_native.adam_many
     monkeypatch.setattr(
-        factored_native, "adam_rows", lambda *a, **k: calls.append(1) or kernel(*a, **k)
+        factored_native, "adam_many", lambda jobs: calls.extend(jobs) or kernel(jobs)
     )
     monkeypatch.setattr(factored_native, "usable", _usable if native else lambda *a: False)
     gen = torch.Generator().manual_seed(0)
@@ -203,8 +242,8 @@ CASES = [{"lr": 0.05, "weight_decay": 0.1}, {"lr": 0.05, "orthograd": True}]
 
 def _ranks_fp32(rank, world, mode):
     calls = []
-    kernel = factored_native.adam_rows
-    factored_native.adam_rows = lambda *a, **k: calls.append(1) or kernel(*a, **k)
+    kernel = factored_native.adam_many
+    factored_native.adam_many = lambda jobs: calls.extend(jobs) or kernel(jobs)
     got = [_sharded(mode, "adam", h, torch.float32, 4, rank, world) for h in CASES]
     sharded_calls = len(calls)
     want = [_single("adam", h, torch.float32, 4)[0] for h in CASES] if rank == 0 else None

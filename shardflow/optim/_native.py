@@ -5,8 +5,15 @@ Shared by the hand-written kernels (:mod:`~shardflow.optim.quant8_native`,
 intrinsics) and the ctypes signatures of its functions. On first use it is compiled with the
 system C compiler (``$CC``, else ``cc``) into ``$SHARDFLOW_CACHE_DIR`` (default
 ``~/.cache/shardflow``), once per source and flags, under a temporary name then renamed, so
-concurrent processes never load a partial file; then loaded through :mod:`ctypes`, which
-releases the GIL during a call, so :func:`over_rows` runs row ranges on a thread pool.
+concurrent processes never load a partial file; then loaded through :mod:`ctypes`.
+
+**Threads.** The kernels split their loops with OpenMP pragmas and are linked against the
+OpenMP runtime torch itself loaded (``torch/lib/libgomp.so.1``; the loader finds it already in
+the process by its soname): one thread pool for torch's ops and ours, sized by
+``torch.set_num_threads``. A Python thread pool, as used before, competed with torch's OpenMP
+threads, which spin for a while after each torch op, and gained nothing on two cores
+(bench/results/factored-cpu-2026-11-23.md, Run 5). Where torch has no OpenMP runtime to share,
+the pragmas are ignored and the kernels run on the calling thread.
 
 Used only where :func:`supported`: an x86-64 CPU with AVX2 (``torch.backends.cpu``), a C
 compiler, and ``SHARDFLOW_NATIVE`` not set to ``0``. A failed build warns once (naming the
@@ -15,7 +22,6 @@ torch path that runs instead) and the library reads as unavailable.
 
 from __future__ import annotations
 
-import concurrent.futures
 import ctypes
 import hashlib
 import os
@@ -24,7 +30,6 @@ import shutil
 import subprocess
 import tempfile
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -36,7 +41,8 @@ FLAGS = ["-O3", "-mavx2", "-ffp-contract=off", "-fno-math-errno", "-shared", "-f
 I64, PTR = ctypes.c_int64, ctypes.c_void_p
 
 PARALLEL_ELEMENTS = 2**16
-"""Below this many values a call runs on the calling thread (a pool hand-off costs ~50 µs)."""
+"""Below this many values a loop runs on the calling thread (waking the pool costs a few µs):
+the C sources get it as ``PARALLEL_ELEMENTS``, for their ``omp parallel for if(...)``."""
 
 
 def cache_dir() -> Path:
@@ -46,6 +52,19 @@ def cache_dir() -> Path:
 
 def compiler() -> str:
     return os.environ.get("CC", "cc")
+
+
+SERIAL = ["-Wno-unknown-pragmas"]
+"""Flags of a serial build: the OpenMP pragmas ignored."""
+
+
+def openmp_flags() -> list[str]:
+    """Flags that link a kernel against torch's own OpenMP runtime (GNU's, bundled in
+    ``torch/lib``), or :data:`SERIAL` where torch has none to share."""
+    lib = Path(torch.__file__).parent / "lib"
+    if torch._C.has_openmp and (lib / "libgomp.so.1").exists():
+        return ["-fopenmp", f"-L{lib}", f"-Wl,-rpath,{lib}"]
+    return SERIAL
 
 
 def supported() -> bool:
@@ -78,7 +97,8 @@ class NativeLibrary:
     ) -> None:
         self.name, self.source, self.signatures = name, source, signatures
         self.fallback = fallback
-        self.flags = FLAGS if flags is None else flags
+        self.base_flags = FLAGS if flags is None else flags
+        self.flags = [*self.base_flags, *openmp_flags()]
         self._loaded: list[ctypes.CDLL | None] = []
 
     def __call__(self) -> ctypes.CDLL | None:
@@ -93,18 +113,21 @@ class NativeLibrary:
         """Whether the kernel can run here (built on first call)."""
         return self() is not None
 
-    def build(self) -> Path:
-        """The compiled library's path, built first if this source and these flags never were."""
-        key = hashlib.sha256((self.source + " ".join(self.flags)).encode()).hexdigest()[:16]
+    def build(self, flags: list[str] | None = None) -> Path:
+        """The compiled library's path, built first if this source and these flags (default
+        :attr:`flags`) never were."""
+        flags = self.flags if flags is None else flags
+        text = f"#define PARALLEL_ELEMENTS {PARALLEL_ELEMENTS}\n{self.source}"
+        key = hashlib.sha256((text + " ".join(flags)).encode()).hexdigest()[:16]
         target = cache_dir() / f"{self.name}_{key}.so"
         if target.exists():
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             source, lib = Path(tmp) / f"{self.name}.c", Path(tmp) / f"{self.name}.so"
-            source.write_text(self.source)
+            source.write_text(text)
             subprocess.run(
-                [compiler(), *self.flags, "-o", str(lib), str(source)],
+                [compiler(), *flags, "-o", str(lib), str(source)],
                 check=True,
                 capture_output=True,
                 text=True,
@@ -112,11 +135,22 @@ class NativeLibrary:
             os.replace(lib, target)  # atomic: other processes see no file or the whole file
         return target
 
+    def _build_any(self) -> Path:
+        """:meth:`build`; if an OpenMP build fails (no ``libgomp.so`` for the linker, say),
+        a serial one."""
+        try:
+            return self.build()
+        except subprocess.CalledProcessError:
+            serial = [*self.base_flags, *SERIAL]
+            if self.flags == serial:
+                raise
+            return self.build(serial)
+
     def _load(self) -> ctypes.CDLL | None:
         if not supported():
             return None
         try:
-            lib = ctypes.CDLL(str(self.build()))
+            lib = ctypes.CDLL(str(self._build_any()))
         except (OSError, subprocess.CalledProcessError) as exc:
             detail = getattr(exc, "stderr", "") or exc
             warnings.warn(
@@ -134,35 +168,3 @@ class NativeLibrary:
 def ptr(t: Tensor | None) -> int | None:
     """A tensor's data pointer (None stays None: a NULL pointer)."""
     return None if t is None else t.data_ptr()
-
-
-def over_rows(rows: int, numel: int, fn: Callable[[int, int], None]) -> None:
-    """``fn(r0, r1)`` over ``[0, rows)``, split into ``torch.get_num_threads()`` row ranges run
-    on a thread pool (ctypes releases the GIL) when there is enough work."""
-    threads = min(torch.get_num_threads(), rows)
-    if threads <= 1 or numel < PARALLEL_ELEMENTS:
-        fn(0, rows)
-        return
-    run_split([rows * i // threads for i in range(threads + 1)], fn)
-
-
-def run_split(bounds: list[int], fn: Callable[[int, int], None]) -> None:
-    """``fn(bounds[i], bounds[i + 1])`` for every range, the first on the calling thread and the
-    others on the pool; returns when all are done (re-raising the first error)."""
-    pool = _pool(len(bounds) - 2) if len(bounds) > 2 else None
-    futures = [pool.submit(fn, a, b) for a, b in zip(bounds[1:-1], bounds[2:])] if pool else []
-    fn(bounds[0], bounds[1])
-    for f in futures:
-        f.result()
-
-
-_POOLS: dict[tuple[int, int], concurrent.futures.ThreadPoolExecutor] = {}
-
-
-def _pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
-    """A pool of ``workers`` threads for this process (a forked child gets its own: the
-    parent's threads do not survive a fork)."""
-    key = (os.getpid(), workers)
-    if key not in _POOLS:
-        _POOLS[key] = concurrent.futures.ThreadPoolExecutor(workers, "shardflow-native")
-    return _POOLS[key]

@@ -53,6 +53,7 @@ import torch
 from torch import Tensor
 
 from shardflow.distributed.placement import LocalPlacement, resolve_placement
+from shardflow.optim import norm_native
 from shardflow.optim._listops import ListOps
 from shardflow.optim._validate import check_optional_positive
 from shardflow.optim.compiling import compile_settings
@@ -339,10 +340,15 @@ class ShardFlowOptimizer(torch.optim.Optimizer):
 
 
 def _sum_sq(grads: list[Tensor], ops: ListOps) -> Tensor:
-    """``Σ‖g‖²`` over ``grads`` as a 0-d float64 tensor (0 for no gradients)."""
-    if not grads:
-        return torch.zeros((), dtype=torch.float64)
-    return torch.stack([n.double() for n in _sq_norms(grads, ops)]).sum()
+    """``Σ‖g‖²`` over ``grads`` as a 0-d float64 tensor (0 for no gradients). Contiguous fp32
+    CPU gradients are read by :mod:`.norm_native`'s kernel in one call, where it builds."""
+    native, rest = [], []
+    for g in grads:
+        (native if norm_native.usable(g) else rest).append(g)
+    total = norm_native.sq_norms(native).sum() if native else torch.zeros((), dtype=torch.float64)
+    if rest:
+        total = total + torch.stack([n.double() for n in _sq_norms(rest, ops)]).sum()
+    return total
 
 
 def _sq_norms(grads: list[Tensor], ops: ListOps) -> list[Tensor]:

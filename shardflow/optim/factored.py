@@ -717,23 +717,27 @@ class _Factored(ShardFlowOptimizer):
             self._orthograd(items)
         lr = group["lr"] * group["lr_scale"]
         self._before_moments(group, items, lr)
-        partials: list[Tensor] = []
+        partials: dict[int, list[Tensor]] = {}  # column partial sums, by id(item)
         rounded: list[tuple[Tensor, Tensor, int, int]] = []  # bf16 row factors, stored in a batch
+        jobs: list[tuple[Item, StepScalars, float]] = []  # for the native kernel, in one call
         for it in items:
             it.state["step"] += 1
             scalars = self._scalars(group, it)
             lr_eff = lr * scalars.scale
             if id(it) in fused:
-                partials += self._fused_step(group, it, scalars, lr_eff)
+                partials[id(it)] = self._fused_step(group, it, scalars, lr_eff)
             elif id(it) in native:
-                partials += self._native_step(group, it, scalars, lr_eff, rounded)
+                jobs.append((it, scalars, lr_eff))
             elif self._is_factored(it.param, group):
-                partials += self._factored_step(group, it, scalars, lr_eff)
+                partials[id(it)] = self._factored_step(group, it, scalars, lr_eff)
             else:
                 u = self._direction(group, it.grad, *self._dense(it), scalars)
                 if u is not None:
                     self._apply(group, it, it.local, u, lr_eff, offset=self._offset(it, 0))
-        self._finish_columns(group, items, partials, rounded)
+        if jobs:
+            partials.update(self._native_steps(group, jobs, rounded))
+        ordered = [t for it in items for t in partials.get(id(it), ())]
+        self._finish_columns(group, items, ordered, rounded)
 
     def _fuses(self, group: dict[str, Any], it: Item) -> bool:
         """Whether this matrix takes the compiled path (:func:`fused_factored_update`): when
@@ -807,46 +811,49 @@ class _Factored(ShardFlowOptimizer):
             and it.grad.numel() == it.local.numel()
             and factored_native.usable(it.local, it.grad)
             and it.state["exp_avg_row"].dtype == torch.bfloat16
+            and it.state["exp_avg_sq_row"].dtype == torch.float32
         )
 
-    def _native_step(
+    def _native_steps(
         self,
         group: dict[str, Any],
-        it: Item,
-        s: StepScalars,
-        lr_eff: float,
+        jobs: list[tuple[Item, StepScalars, float]],
         rounded: list[tuple[Tensor, Tensor, int, int]],
-    ) -> list[Tensor]:
-        """One matrix through :func:`.factored_native.adam_rows` (the arithmetic of
-        :meth:`_factored_step` with :func:`adam_direction` and :meth:`_apply`, one pass); returns
-        its column partial sums, as :meth:`_factored_step`. The bf16 row factor of ``|m|`` is
-        queued on ``rounded`` (stochastically rounded with the column factors, in one batch: the
-        same bits as :func:`_store` with the row offset)."""
-        st, local = it.state, it.local
-        rows, cols = local.shape[0], self._cols(it.param)
-        rm, rv, cm, cv = factored_native.adam_rows(
-            local.view(rows, cols),
-            it.grad.view(rows, cols),
-            (st["exp_avg_row"], st["exp_avg_sq_row"]),
-            (st["exp_avg_col"], st["exp_avg_sq_col"]),
-            st["exp_avg_sign"],
-            (
-                it.grad_scale,
-                1.0 - s.beta1,
-                s.beta2,
-                s.den_scale,
-                s.den_eps,
-                1.0 - lr_eff * group["weight_decay"],
-                lr_eff,
-            ),
-        )
-        seed = mix_seed(self._param_index(it.param), int(st["step"]), _SR_EXP_AVG_ROW)
-        if st["exp_avg_row"].dtype == torch.bfloat16:
-            rounded.append((st["exp_avg_row"], rm, seed, self._row0(it)))
-        else:
-            st["exp_avg_row"].copy_(rm)
-        st["exp_avg_sq_row"].copy_(rv)
-        return [cm, cv]
+    ) -> dict[int, list[Tensor]]:
+        """The group's native matrices in one :func:`.factored_native.adam_many` call (the
+        arithmetic of :meth:`_factored_step` with :func:`adam_direction` and :meth:`_apply`, one
+        pass each); returns their column partial sums by ``id(item)``, as :meth:`_factored_step`.
+        ``v``'s row factor is written by the kernel; ``|m|``'s bf16 one is queued on ``rounded``
+        (stochastically rounded with the column factors, in one batch: the same bits as
+        :func:`_store` with the row offset)."""
+        wd = group["weight_decay"]
+        native_jobs = []
+        for it, s, lr_eff in jobs:
+            st, rows, cols = it.state, it.local.shape[0], self._cols(it.param)
+            native_jobs.append(
+                factored_native.Job(
+                    it.local.view(rows, cols),
+                    it.grad.view(rows, cols),
+                    (st["exp_avg_row"], st["exp_avg_sq_row"]),
+                    (st["exp_avg_col"], st["exp_avg_sq_col"]),
+                    st["exp_avg_sign"],
+                    (
+                        it.grad_scale,
+                        1 - s.beta1,
+                        s.beta2,
+                        s.den_scale,
+                        s.den_eps,
+                        1 - lr_eff * wd,
+                        lr_eff,
+                    ),
+                )
+            )
+        out = {}
+        for (it, _, _), (rm, cm, cv) in zip(jobs, factored_native.adam_many(native_jobs)):
+            seed = mix_seed(self._param_index(it.param), int(it.state["step"]), _SR_EXP_AVG_ROW)
+            rounded.append((it.state["exp_avg_row"], rm, seed, self._row0(it)))
+            out[id(it)] = [cm, cv]
+        return out
 
     def _dense(self, it: Item) -> tuple[Tensor, Tensor, Tensor | None]:
         return it.state["exp_avg"], it.state["exp_avg_sq"], it.state.get("exp_avg_slow")

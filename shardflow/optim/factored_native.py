@@ -34,11 +34,12 @@ gradients, on contiguous matrices: everything else takes the torch path. Built a
 from __future__ import annotations
 
 import ctypes
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from shardflow.optim._native import FLAGS, I64, PARALLEL_ELEMENTS, PTR, NativeLibrary, run_split
+from shardflow.optim._native import FLAGS, I64, PTR, NativeLibrary
 
 _SOURCE = r"""
 #include <immintrin.h>
@@ -164,28 +165,66 @@ void sff_adam_blocks(int64_t b0, int64_t b1, int64_t block_rows, int64_t rows, i
     }
 }
 
-/* out[k][j] = sum over blocks b, in order, of part[k][b][j] (moments k = 0, 1) */
-void sff_sum_blocks(int64_t blocks, int64_t cols, const float* part, float* out) {
+/* one matrix of a group's call */
+typedef struct {
+    Rule rule;
+    int64_t rows, cols, block_rows, blocks;
+    float* w;
+    const float* g;
+    const uint16_t* rm;      /* bf16 row factor of |m| */
+    float* rv;               /* row factor of v: read, then overwritten with the new row sums */
+    const uint16_t* cm_raw;  /* bf16 column factor of |m|, not normalized */
+    const float* cv_raw;     /* column factor of v, not normalized */
+    uint8_t* signs;
+    float* out;  /* new row sums of |m| (rows), column sums of |m| and v (2 cols), normalized
+                    column factors (2 cols), block column partials of |m| then v (2 blocks cols) */
+} Matrix;
+
+static inline float* col_sums(const Matrix* M) { return M->out + M->rows; }
+static inline float* col_norm(const Matrix* M) { return col_sums(M) + 2 * M->cols; }
+static inline float* partials(const Matrix* M) { return col_norm(M) + 2 * M->cols; }
+
+static void matrix_block(const Matrix* M, int64_t b) {
+    float* part = partials(M);
+    sff_adam_blocks(b, b + 1, M->block_rows, M->rows, M->cols, M->w, M->g, M->rm, M->rv,
+                    col_norm(M), col_norm(M) + M->cols, M->signs, M->out, M->rv, part,
+                    part + M->blocks * M->cols, &M->rule);
+}
+
+/* sums[k][j] = the blocks' partials of moment k, added in block order */
+static void sum_blocks(const Matrix* M) {
+    const float* part = partials(M);
+    float* sums = col_sums(M);
     for (int k = 0; k < 2; k++) {
-        const float* pk = part + k * blocks * cols;
-        float* ok = out + k * cols;
-        for (int64_t j = 0; j < cols; j++) ok[j] = 0.0f;
-        for (int64_t b = 0; b < blocks; b++)
-            for (int64_t j = 0; j < cols; j++) ok[j] += pk[b * cols + j];
+        const float* pk = part + k * M->blocks * M->cols;
+        float* ok = sums + k * M->cols;
+        for (int64_t j = 0; j < M->cols; j++) ok[j] = 0.0f;
+        for (int64_t b = 0; b < M->blocks; b++)
+            for (int64_t j = 0; j < M->cols; j++) ok[j] += pk[b * M->cols + j];
     }
 }
 
-/* the whole matrix on the calling thread: the normalized column factors (from the raw
-   ones, cm_raw bf16 and cv_raw, into cm and cv), every block, then the column sums */
-void sff_adam(int64_t blocks, int64_t block_rows, int64_t rows, int64_t cols, float* w,
-              const float* g, const uint16_t* rm, const float* rv, float* cm,
-              float* cv, uint8_t* signs, float* out_rm, float* out_rv, float* part_m,
-              float* part_v, const Rule* R, float* sums, const uint16_t* cm_raw,
-              const float* cv_raw) {
-    sff_normalize(cols, cm_raw, cv_raw, cm, cv);
-    sff_adam_blocks(0, blocks, block_rows, rows, cols, w, g, rm, rv, cm, cv, signs, out_rm,
-                    out_rv, part_m, part_v, R);
-    sff_sum_blocks(blocks, cols, part_m, sums);
+/* `n` matrices: every (matrix, block) pair is one task for the OpenMP threads; the column sums
+   are then added per matrix in block order, so no result depends on the thread count. */
+void sff_adam_many(int64_t n, const Matrix* mats, int64_t numel) {
+    int64_t tasks = 0;
+    for (int64_t i = 0; i < n; i++) {
+        sff_normalize(mats[i].cols, mats[i].cm_raw, mats[i].cv_raw, col_norm(&mats[i]),
+                      col_norm(&mats[i]) + mats[i].cols);
+        tasks += mats[i].blocks;
+    }
+    #pragma omp parallel if (numel >= PARALLEL_ELEMENTS)
+    {
+        int64_t i = 0, first = 0;  /* each thread walks the matrices with its own cursor */
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t t = 0; t < tasks; t++) {
+            if (t < first) { i = 0; first = 0; }
+            while (t >= first + mats[i].blocks) first += mats[i++].blocks;
+            matrix_block(&mats[i], t - first);
+        }
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t k = 0; k < n; k++) sum_blocks(&mats[k]);
+    }
 }
 """
 
@@ -209,16 +248,20 @@ class _Rule(ctypes.Structure):
     ]
 
 
+class _Matrix(ctypes.Structure):
+    _fields_ = [
+        ("rule", _Rule),
+        *((name, ctypes.c_int64) for name in ("rows", "cols", "block_rows", "blocks")),
+        *(
+            (name, ctypes.c_void_p)
+            for name in ("w", "g", "rm", "rv", "cm_raw", "cv_raw", "signs", "out")
+        ),
+    ]
+
+
 _SIGNATURES: dict[str, list[type]] = {
-    # b0, b1, block_rows, rows, cols, w, g, rm, rv, cm, cv, signs, out_rm, out_rv, part_m,
-    # part_v, rule
-    "sff_adam_blocks": [*[I64] * 5, *[PTR] * 12],
-    # blocks, cols, part (both moments), out (both moments)
-    "sff_sum_blocks": [I64, I64, PTR, PTR],
-    # blocks, then the arguments of sff_adam_blocks after b1, then sums
-    "sff_adam": [*[I64] * 4, *[PTR] * 15],
-    # cols, cm (bf16), cv, cm out, cv out
-    "sff_normalize": [I64, *[PTR] * 4],
+    # n, matrices, their elements in all
+    "sff_adam_many": [I64, PTR, I64],
 }
 
 _library = NativeLibrary(
@@ -246,58 +289,60 @@ def block_rows(rows: int) -> int:
     return max(MIN_BLOCK_ROWS, -(-rows // MAX_BLOCKS))
 
 
-def adam_rows(
-    w: Tensor,
-    g: Tensor,
-    row_factors: tuple[Tensor, Tensor],
-    col_factors: tuple[Tensor, Tensor],
-    signs: Tensor,
-    scalars: tuple[float, ...],
-    *,
-    threads: int | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """FactoredAdam's step on ``w`` ``(rows, cols)`` fp32 with gradient ``g`` (fp32, times
-    ``grad_scale``), in place; ``signs`` ``(rows, ⌈cols/8⌉)`` uint8 updated in place.
+class Job(NamedTuple):
+    """One fp32 matrix for :func:`adam_many`.
 
-    ``row_factors = (r_m, r_v)`` ``(rows,)`` and ``col_factors = (c_m, c_v)`` ``(cols,)``: the
-    state's factors as stored (``|m|``'s bf16, ``v``'s fp32; the column factors are divided by
-    their sums here, as ``factored._normalized`` does, summed in another order); ``scalars = (grad_scale, 1−β₁, β₂, den_scale, den_eps, 1 − lr·wd,
-    lr)`` (``den_scale = bc₁/√bc₂``, ``den_eps = eps·bc₁`` as :class:`StepScalars`). Returns the
-    new row sums of ``|m|`` and ``v`` and their column sums over these rows (all fp32).
-    ``threads``: row blocks run on this many threads (default ``torch.get_num_threads()``).
+    ``w`` ``(rows, cols)`` and its gradient ``g`` (times ``scalars``' ``grad_scale``); the
+    state's factors as stored: ``row_factors = (r_m, r_v)`` ``(rows,)`` (``|m|``'s bf16, ``v``'s
+    fp32), ``col_factors = (c_m, c_v)`` ``(cols,)`` (the same dtypes; divided by their sums in
+    the kernel, as ``factored._normalized`` does, summed in another order), ``signs`` ``(rows,
+    ⌈cols/8⌉)`` uint8; ``scalars = (grad_scale, 1−β₁, β₂, den_scale, den_eps, 1 − lr·wd, lr)``
+    (``den_scale = bc₁/√bc₂``, ``den_eps = eps·bc₁`` as :class:`StepScalars`)."""
+
+    w: Tensor
+    g: Tensor
+    row_factors: tuple[Tensor, Tensor]
+    col_factors: tuple[Tensor, Tensor]
+    signs: Tensor
+    scalars: tuple[float, ...]
+
+
+def adam_many(jobs: list[Job]) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """FactoredAdam's step on every matrix of ``jobs`` in one call, in place: the weights, the
+    signs, and ``v``'s row factor (overwritten with the new row sums of ``v``).
+
+    Returns, per job, the new row sums of ``|m|`` and the column sums of ``|m|`` and ``v`` over
+    these rows (fp32; the caller rounds ``|m|``'s into its bf16 factor and reduces the columns
+    over shards). The blocks of rows of all matrices are shared among torch's OpenMP threads.
     """
-    grad_scale, omb1, beta2, den_scale, den_eps, decay, lr = scalars
-    rule = _Rule(grad_scale, omb1, beta2, 1.0 - beta2, den_scale, den_eps, decay, -lr, decay != 1.0)
-    rows, cols = w.shape
-    per_block = block_rows(rows)
-    blocks = -(-rows // per_block)
-    # one buffer: row sums (m, v), column sums (m, v), normalized column factors (m, v), block
-    # column partials (m, then v)
-    buf = torch.empty(2 * rows + 4 * cols + 2 * blocks * cols, dtype=torch.float32)
-    at = buf.data_ptr()
-    out_rm, out_rv, sums = at, at + 4 * rows, at + 8 * rows
-    cm, cv = sums + 8 * cols, sums + 12 * cols
-    part_m = sums + 16 * cols
-    part_v = part_m + 4 * blocks * cols
-    rm, rv = row_factors
-    cm_raw, cv_raw = col_factors
-    args = (
-        per_block, rows, cols, w.data_ptr(), g.data_ptr(), rm.data_ptr(), rv.data_ptr(), cm, cv,
-        signs.data_ptr(), out_rm, out_rv, part_m, part_v, ctypes.addressof(rule),
-    )  # fmt: skip
-    lib = _library()
-    n = min(torch.get_num_threads() if threads is None else threads, blocks)
-    if n <= 1 or w.numel() < PARALLEL_ELEMENTS:
-        lib.sff_adam(blocks, *args, sums, cm_raw.data_ptr(), cv_raw.data_ptr())
-    else:
-        lib.sff_normalize(cols, cm_raw.data_ptr(), cv_raw.data_ptr(), cm, cv)
-        run_split(
-            [blocks * i // n for i in range(n + 1)],
-            lambda b0, b1: lib.sff_adam_blocks(b0, b1, *args),
+    mats = (_Matrix * len(jobs))()
+    sizes = []
+    for job in jobs:
+        rows, cols = job.w.shape
+        per_block = block_rows(rows)
+        blocks = -(-rows // per_block)
+        sizes.append((rows, cols, rows + 4 * cols + 2 * blocks * cols))
+    out = torch.empty(sum(n for _, _, n in sizes), dtype=torch.float32)
+    pieces = out.split([n for _, _, n in sizes])
+    for mat, job, (rows, cols, _), piece in zip(mats, jobs, sizes, pieces):
+        grad_scale, omb1, beta2, den_scale, den_eps, decay, lr = job.scalars
+        mat.rule = _Rule(
+            grad_scale, omb1, beta2, 1.0 - beta2, den_scale, den_eps, decay, -lr, decay != 1.0
         )
-        lib.sff_sum_blocks(blocks, cols, part_m, sums)
-    r, c = 2 * rows, 2 * rows + cols
-    return buf[:rows], buf[rows:r], buf[r:c], buf[c : c + cols]
+        mat.rows, mat.cols = rows, cols
+        mat.block_rows = block_rows(rows)
+        mat.blocks = -(-rows // mat.block_rows)
+        mat.w, mat.g, mat.signs, mat.out = (
+            job.w.data_ptr(), job.g.data_ptr(), job.signs.data_ptr(), piece.data_ptr()
+        )  # fmt: skip
+        mat.rm, mat.rv = job.row_factors[0].data_ptr(), job.row_factors[1].data_ptr()
+        mat.cm_raw, mat.cv_raw = job.col_factors[0].data_ptr(), job.col_factors[1].data_ptr()
+    numel = sum(rows * cols for rows, cols, _ in sizes)
+    _library().sff_adam_many(len(jobs), ctypes.addressof(mats), numel)
+    return [
+        (piece[:rows], piece[rows : rows + cols], piece[rows + cols : rows + 2 * cols])
+        for (rows, cols, _), piece in zip(sizes, pieces)
+    ]
 
 
 def usable(w: Tensor, g: Tensor) -> bool:

@@ -5,7 +5,7 @@ per value (``index_select`` over a 65536-entry fp16-bits table, on one thread), 
 ``torch.compile`` does not help (inductor's CPU code loads uint8 and gathers table entries one
 lane at a time: 3-15 ns per value, slower than eager; bench/results/dolphinflow8bit-cpu2-2026-11-23.md).
 This module compiles a small C file (AVX2 intrinsics) with the system C compiler on first use
-and calls it through :mod:`ctypes` (which releases the GIL, so row ranges run on a thread pool).
+and calls it through :mod:`ctypes`; rows are split over torch's OpenMP threads.
 
 **Nearest code without a search.** bitsandbytes' dynamic map (``create_dynamic_map``) is, per
 exponent band ``i = 0..6`` (magnitudes ``[10^(i−7), 10^(i−6)]``), ``q = 2^i`` codes (signed
@@ -39,8 +39,8 @@ Used when :func:`available`: an x86-64 CPU with AVX2 (``torch.backends.cpu``), a
 source and flags into ``$SHARDFLOW_CACHE_DIR`` (default ``~/.cache/shardflow``), written under a
 temporary name and renamed, so concurrent processes never load a partial file. Otherwise (or if
 the build fails: one warning) the torch path runs, with the same codes. The building, caching,
-loading and row splitting are :mod:`shardflow.optim._native`'s (shared with
-:mod:`~shardflow.optim.factored_native`).
+loading and the link to torch's OpenMP runtime are :mod:`shardflow.optim._native`'s (shared
+with :mod:`~shardflow.optim.factored_native`).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ from torch import Tensor
 
 from shardflow.optim._native import I64 as _I64
 from shardflow.optim._native import PTR as _PTR
-from shardflow.optim._native import NativeLibrary, over_rows
+from shardflow.optim._native import NativeLibrary
 from shardflow.optim._native import ptr as _ptr
 
 HEAD_BLOCK, TAIL_BLOCK = 256, 64  # as quant8 (not imported: quant8 imports this module)
@@ -154,11 +154,12 @@ void sf8_step_rows(int64_t r0, int64_t r1, float* w, const float* g, int64_t col
                    int64_t code_cols, int64_t head_blocks, int64_t blocks, uint8_t* mc, float* ms,
                    uint8_t* vc, float* vs, const float* fa, const float* fb, int64_t fold_stride,
                    const Rule* R, const Map* mm, const Map* vm) {
-    float mbuf[HEAD], vbuf[HEAD], wpad[TAIL], gpad[TAIL];
     __m256 beta2 = _mm256_set1_ps(R->beta2), omb2 = _mm256_set1_ps(R->one_minus_beta2);
     __m256 eps = _mm256_set1_ps(R->eps), decay = _mm256_set1_ps(R->decay);
     __m256 neg_scale = _mm256_set1_ps(R->neg_scale), c = _mm256_set1_ps(R->c);
+    #pragma omp parallel for schedule(static) if ((r1 - r0) * cols >= PARALLEL_ELEMENTS)
     for (int64_t r = r0; r < r1; r++) {
+        float mbuf[HEAD], vbuf[HEAD], wpad[TAIL], gpad[TAIL];
         float* wr = w + r * cols;
         const float* gr = g + r * cols;
         __m256 a = _mm256_set1_ps(fa ? fa[r * fold_stride] : 0.0f);
@@ -207,6 +208,7 @@ void sf8_step_rows(int64_t r0, int64_t r1, float* w, const float* g, int64_t col
 void sf8_quantize_rows(int64_t r0, int64_t r1, const float* x, int64_t code_cols,
                        int64_t head_blocks, int64_t blocks, uint8_t* codes, float* absmax,
                        const Map* M) {
+    #pragma omp parallel for schedule(static) if ((r1 - r0) * code_cols >= PARALLEL_ELEMENTS)
     for (int64_t r = r0; r < r1; r++)
         for (int64_t k = 0; k < blocks; k++) {
             int64_t start;
@@ -220,6 +222,7 @@ void sf8_quantize_rows(int64_t r0, int64_t r1, const float* x, int64_t code_cols
 void sf8_dequantize_rows(int64_t r0, int64_t r1, const uint8_t* codes, const float* absmax,
                          int64_t code_cols, int64_t head_blocks, int64_t blocks, float* out,
                          const Map* M) {
+    #pragma omp parallel for schedule(static) if ((r1 - r0) * code_cols >= PARALLEL_ELEMENTS)
     for (int64_t r = r0; r < r1; r++)
         for (int64_t k = 0; k < blocks; k++) {
             int64_t start;
@@ -340,29 +343,20 @@ def usable(*tensors: Tensor) -> bool:
 def quantize_rows(codes: Tensor, absmax: Tensor, x: Tensor, blocks, signed: bool) -> None:
     """Quantize ``x`` ``(rows, code_cols)`` fp32 (padded layout) into ``codes`` and
     ``absmax`` in place."""
-    rows = x.shape[0]
-    lib, m = _library(), _map(signed)[0]
-    over_rows(
-        rows,
-        x.numel(),
-        lambda r0, r1: lib.sf8_quantize_rows(
-            r0, r1, _ptr(x), blocks.code_cols, blocks.head_blocks, blocks.blocks,
-            _ptr(codes), _ptr(absmax), ctypes.addressof(m),
-        ),
+    m = _map(signed)[0]
+    _library().sf8_quantize_rows(
+        0, x.shape[0], _ptr(x), blocks.code_cols, blocks.head_blocks, blocks.blocks,
+        _ptr(codes), _ptr(absmax), ctypes.addressof(m),
     )  # fmt: skip
 
 
 def dequantize_rows(codes: Tensor, absmax: Tensor, blocks, signed: bool, out: Tensor) -> None:
     """Write the fp32 values ``codes`` and ``absmax`` encode into ``out`` ``(rows,
     code_cols)``."""
-    lib, m = _library(), _map(signed)[0]
-    over_rows(
-        codes.shape[0],
-        codes.numel(),
-        lambda r0, r1: lib.sf8_dequantize_rows(
-            r0, r1, _ptr(codes), _ptr(absmax), blocks.code_cols, blocks.head_blocks,
-            blocks.blocks, _ptr(out), ctypes.addressof(m),
-        ),
+    m = _map(signed)[0]
+    _library().sf8_dequantize_rows(
+        0, codes.shape[0], _ptr(codes), _ptr(absmax), blocks.code_cols, blocks.head_blocks,
+        blocks.blocks, _ptr(out), ctypes.addressof(m),
     )  # fmt: skip
 
 
@@ -400,14 +394,10 @@ def step_rows(
     (mc, ms), (vc, vs) = states
     fa, fb = (None, None) if fold is None else fold
     stride = 0 if fold is None or fold[0].numel() == 1 else 1
-    lib, mm, vm = _library(), _map(True)[0], _map(False)[0]
+    mm, vm = _map(True)[0], _map(False)[0]
     rows, cols = w.shape
-    over_rows(
-        rows,
-        w.numel(),
-        lambda r0, r1: lib.sf8_step_rows(
-            r0, r1, _ptr(w), _ptr(g), cols, blocks.code_cols, blocks.head_blocks, blocks.blocks,
-            _ptr(mc), _ptr(ms), _ptr(vc), _ptr(vs), _ptr(fa), _ptr(fb), stride,
-            ctypes.addressof(rule), ctypes.addressof(mm), ctypes.addressof(vm),
-        ),
+    _library().sf8_step_rows(
+        0, rows, _ptr(w), _ptr(g), cols, blocks.code_cols, blocks.head_blocks, blocks.blocks,
+        _ptr(mc), _ptr(ms), _ptr(vc), _ptr(vs), _ptr(fa), _ptr(fb), stride,
+        ctypes.addressof(rule), ctypes.addressof(mm), ctypes.addressof(vm),
     )  # fmt: skip
