@@ -83,6 +83,22 @@ def test_codes_equal_the_table_quantizer_near_every_midpoint(signed, torch_path)
     assert absmax.isnan().sum() == 1
 
 
+@pytest.mark.parametrize("signed", [True, False])
+def test_blocks_with_nan_inf_or_zeros_equal_the_torch_path(signed, torch_path):
+    """A NaN absmax divides by 1 (values past ±1 take the end codes), an inf absmax makes
+    every finite value 0 and every inf NaN (code of 0); all-zero and −0 blocks: codes and
+    scales bitwise equal."""
+    x = torch.randn(6, 320, generator=torch.Generator().manual_seed(1)) * 3
+    x[0, 5] = x[3, 0] = float("nan")
+    x[1, 7] = x[3, 1] = float("inf")
+    x[2, 300] = float("-inf")
+    x[4], x[5, :256] = 0.0, -0.0
+    (codes, absmax), (ref_codes, ref_absmax) = _both_paths(torch_path, lambda: _quantize(x, signed))
+    assert torch.equal(codes, ref_codes)
+    torch.testing.assert_close(absmax, ref_absmax, rtol=0, atol=0, equal_nan=True)
+    assert absmax.isnan().sum() == 2 and absmax.isinf().sum() == 2
+
+
 @pytest.mark.parametrize("cols", [576, 1536, 100, 300, 7])
 @pytest.mark.parametrize("signed", [True, False])
 def test_codes_and_values_equal_the_torch_path_on_random_data(cols, signed, torch_path):

@@ -10,25 +10,28 @@ and calls it through :mod:`ctypes`; rows are split over torch's OpenMP threads.
 **Nearest code without a search.** bitsandbytes' dynamic map (``create_dynamic_map``) is, per
 exponent band ``i = 0..6`` (magnitudes ``[10^(i−7), 10^(i−6)]``), ``q = 2^i`` codes (signed
 map; ``2^(i+1)`` unsigned) at the centres of ``q`` equal cells, mirrored for negative values
-(signed), plus 0 and 1. For a normed value ``x`` the kernel computes arithmetically the code at
-or just below ``|x|`` — band from six comparisons, cell ``⌊(|x|·10^(6−i) − 0.1)·q/0.9 − ½⌋``
-(the cell boundaries are the midpoints between the codes of a band; a cell index of −1 is the
-previous band's last code, so band edges need no special case) — and then compares ``x`` with
-the exact fp32 midpoint ``T[c]`` between that code ``c`` and the next: code ``c + (x > T[c])``.
-The arithmetic candidate only has to be ``c_true`` or ``c_true − 1``, which holds for any
-rounding error below half a cell (an error can only move it where ``x`` is near a code, whose
-midpoints are half a cell away), so the result is decided by the same fp32 comparison with the
-same midpoints as :func:`shardflow.optim.quant8._fp16_table`'s: the codes are bitwise those of
-the table quantizer (tested on every fp32 value within ±300 ulps of every midpoint and code,
-and on random values over nine decades). Values are divided by the block's absmax (IEEE
-division, as the torch path), NaN gives the code of 0 and a NaN absmax, as there.
+(signed), plus 0 and 1. For a normed value ``x`` the kernel finds the band by six comparisons
+and the cell position ``p = (|x|·10^(6−i) − 0.1)·q/0.9 − ½`` (code ``k`` of the band at
+``p = k``, so the midpoints inside the band at ``k + ½``); the code at or below ``|x|`` is
+``⌊p⌋`` (−1: the code below the band). Whether to go one code up is decided on ``p`` against
+the midpoint's position ``⌊p⌋ + ½``, or at the band's edges the positions (per band, from the
+exact fp32 midpoints, :func:`band_constants`) of the midpoints to the previous band's last code
+(or 0) and to the next band's first code (or 1). The arithmetic and the midpoints' own
+roundings are off by < 10⁻⁴ of a cell; where ``p`` lies within 10⁻³ of a cell of the midpoint
+(~0.2% of values) the kernel compares ``x`` itself with the exact fp32 midpoint ``T[c]``
+between the candidate ``c`` and the next code (a 256-entry gather), as the table quantizer
+does. So the codes are bitwise those of :func:`shardflow.optim.quant8._fp16_table`'s (checked
+on every fp32 value in [−1, 1] by ``bench/quant8_native_exhaustive.py``, in the tests on every
+value within ±300 ulps of every midpoint and code, and on random values over nine decades).
+Values are divided by the block's absmax (IEEE division, as the torch path); NaN gives the
+code of 0 and a NaN absmax, as there (a NaN absmax divides by 1, as there).
 
 **The fused step** (:func:`step_rows`): per block of 256 (or 64) values of a row, dequantize
 both moments (a gather from the 256-entry map times the block's scale), apply DolphinFlow's
 element-wise rule in the order of DolphinFlow8bit's eager rule (``_eager_rule``: the same
 operations, one rounding each, no fused multiply-add), keep the new moments in a 1 KiB
-buffer, take their absmax, requantize: every value is read and written once, with no fp32 copy
-of a moment in memory.
+buffer and their absmax in registers, requantize: every value is read and written once, with
+no fp32 copy of a moment in memory.
 
 Measured on the shared 2-core CPU (one thread, 1536×576): quantize ≈1.5 ns per value (torch
 path: 4.5–12), dequantize ≈0.5 (1.4–1.7), the whole fused step ≈6.6 ns per parameter
@@ -60,16 +63,18 @@ HEAD_BLOCK, TAIL_BLOCK = 256, 64  # as quant8 (not imported: quant8 imports this
 
 _SOURCE = r"""
 #include <immintrin.h>
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 
 #define HEAD 256
 #define TAIL 64
+#define NEAR 1e-3f
 
 typedef struct {           /* one dynamic map */
-    float mult[8], off[8], base[8];  /* per band: cell = floor(|x|*mult - off) + base */
-    float pmax;            /* last magnitude index below 1.0 */
+    float mult[8], off[8], base[8];  /* per band: cell floor(|x|*mult - off); base: code of cell 0 */
+    float lo[8], hi[8];    /* per band: the midpoints below cell 0 and above the last, in cells */
     int32_t sgn;           /* signed map */
     const float* T;        /* 256 midpoints, T[c] between codes c and c+1; T[255] = inf */
     const float* map;      /* 256 code values */
@@ -80,34 +85,34 @@ typedef struct {           /* DolphinFlow's element-wise rule, scalars as fp32 *
     int32_t nesterov, decay_on;
 } Rule;
 
-/* the nearest code of 8 normed values (|x| <= 1; NaN -> the code of 0) */
-static inline __m128i encode8(__m256 x, const Map* M) {
+/* the nearest code of 8 normed values (|x| <= 1, no NaN) */
+static inline __attribute__((always_inline)) __m256i encode8(__m256 x, const Map* M, const int sgn) {
     static const float edges[6] = {1e-6f, 1e-5f, 1e-4f, 1e-3f, 1e-2f, 1e-1f};
     __m256 zero = _mm256_setzero_ps();
-    x = _mm256_and_ps(x, _mm256_cmp_ps(x, x, _CMP_ORD_Q));
-    __m256 a = M->sgn ? _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x) : _mm256_max_ps(x, zero);
+    __m256 a = sgn ? _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x) : _mm256_max_ps(x, zero);
     __m256i band = _mm256_setzero_si256();
     for (int e = 0; e < 6; e++)
         band = _mm256_sub_epi32(
             band, _mm256_castps_si256(_mm256_cmp_ps(a, _mm256_set1_ps(edges[e]), _CMP_GE_OQ)));
-    __m256 mult = _mm256_permutevar8x32_ps(_mm256_loadu_ps(M->mult), band);
-    __m256 off = _mm256_permutevar8x32_ps(_mm256_loadu_ps(M->off), band);
-    __m256 base = _mm256_permutevar8x32_ps(_mm256_loadu_ps(M->base), band);
-    __m256 p = _mm256_add_ps(_mm256_floor_ps(_mm256_sub_ps(_mm256_mul_ps(a, mult), off)), base);
-    p = _mm256_min_ps(_mm256_max_ps(p, _mm256_set1_ps(-1.0f)), _mm256_set1_ps(M->pmax));
-    __m256 cand;
-    if (M->sgn) {
-        __m256 neg = _mm256_max_ps(_mm256_sub_ps(_mm256_set1_ps(125.0f), p), zero);
-        __m256 pos = _mm256_add_ps(_mm256_set1_ps(128.0f), p);
-        cand = _mm256_blendv_ps(pos, neg, _mm256_cmp_ps(x, zero, _CMP_LT_OQ));
-    } else {
-        cand = _mm256_add_ps(_mm256_set1_ps(1.0f), p);
+#define BAND(t) _mm256_permutevar8x32_ps(_mm256_loadu_ps(M->t), band)
+    __m256 pr = _mm256_sub_ps(_mm256_mul_ps(a, BAND(mult)), BAND(off));
+    __m256 fl = _mm256_floor_ps(pr);
+    /* the midpoint to the next code in cell units: fl + 1/2, or the band's edge midpoints */
+    __m256 thr = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(fl, _mm256_set1_ps(0.5f)), BAND(lo)), BAND(hi));
+    __m256 d = _mm256_sub_ps(pr, thr);
+    __m256 up = _mm256_cmp_ps(d, zero, _CMP_GT_OQ);
+    __m256 near = _mm256_cmp_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), d), _mm256_set1_ps(NEAR), _CMP_LE_OQ);
+    __m256 cand = _mm256_add_ps(fl, BAND(base));
+#undef BAND
+    if (sgn) {
+        __m256 neg = _mm256_cmp_ps(x, zero, _CMP_LT_OQ);
+        up = _mm256_xor_ps(up, neg);
+        cand = _mm256_blendv_ps(cand, _mm256_sub_ps(_mm256_set1_ps(253.0f), cand), neg); /* -1 saturates to 0 */
     }
     __m256i c = _mm256_cvttps_epi32(cand);
-    __m256 t = _mm256_i32gather_ps(M->T, c, 4);
-    c = _mm256_sub_epi32(c, _mm256_castps_si256(_mm256_cmp_ps(x, t, _CMP_GT_OQ)));
-    __m128i c16 = _mm_packus_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
-    return _mm_packus_epi16(c16, c16);
+    if (__builtin_expect(!_mm256_testz_ps(near, near), 0)) /* too close to call: the exact midpoint */
+        up = _mm256_cmp_ps(x, _mm256_i32gather_ps(M->T, _mm256_max_epi32(c, _mm256_setzero_si256()), 4), _CMP_GT_OQ);
+    return _mm256_sub_epi32(c, _mm256_castps_si256(up));
 }
 
 static inline __m256 decode8(const uint8_t* codes, const float* map, __m256 scale) {
@@ -115,24 +120,43 @@ static inline __m256 decode8(const uint8_t* codes, const float* map, __m256 scal
     return _mm256_mul_ps(_mm256_i32gather_ps(map, c, 4), scale);
 }
 
-/* one block of `size` (a multiple of 8) values: its absmax (NaN if any value is) and codes */
-static void quantize_block(const float* x, int size, uint8_t* codes, float* absmax,
-                           const Map* M) {
+/* the largest of 8 lanes, or NaN if `nan` has a lane set */
+static inline float hmax8(__m256 mx, __m256 nan) {
+    float lanes[8], m = 0.0f;
+    _mm256_storeu_ps(lanes, mx);
+    for (int l = 0; l < 8; l++) m = lanes[l] > m ? lanes[l] : m;
+    return _mm256_movemask_ps(nan) ? NAN : m;
+}
+
+/* the absmax of `size` (a multiple of 8) values, NaN if any value is */
+static inline float block_absmax(const float* x, int size) {
     __m256 mx = _mm256_setzero_ps(), nan = _mm256_setzero_ps();
     for (int j = 0; j < size; j += 8) {
         __m256 v = _mm256_loadu_ps(x + j);
         mx = _mm256_max_ps(mx, _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v));
         nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
     }
-    float lanes[8], m = 0.0f;
-    _mm256_storeu_ps(lanes, mx);
-    for (int l = 0; l < 8; l++) m = lanes[l] > m ? lanes[l] : m;
-    if (_mm256_movemask_ps(nan)) m = NAN;
-    *absmax = m;
+    return hmax8(mx, nan);
+}
+
+/* the codes of a block of `size` values with absmax m */
+static inline __attribute__((always_inline)) void encode_block(
+    const float* x, int size, float m, uint8_t* codes, const Map* M, const int sgn) {
     __m256 s = _mm256_set1_ps(m > 0.0f ? m : 1.0f);
-    for (int j = 0; j < size; j += 8)
-        _mm_storel_epi64((__m128i*)(codes + j),
-                         encode8(_mm256_div_ps(_mm256_loadu_ps(x + j), s), M));
+    int finite = m <= FLT_MAX;
+    for (int j = 0; j < size; j += 16) { /* 16 codes: packed with saturation, 32 -> 16 -> 8 bits */
+        __m256 y0 = _mm256_div_ps(_mm256_loadu_ps(x + j), s);
+        __m256 y1 = _mm256_div_ps(_mm256_loadu_ps(x + j + 8), s);
+        if (!finite) { /* NaN -> 0; a NaN absmax divides by 1: clamp to [-1, 1] (the end codes) */
+            __m256 one = _mm256_set1_ps(1.0f), mone = _mm256_set1_ps(-1.0f);
+            y0 = _mm256_min_ps(_mm256_max_ps(_mm256_and_ps(y0, _mm256_cmp_ps(y0, y0, _CMP_ORD_Q)), mone), one);
+            y1 = _mm256_min_ps(_mm256_max_ps(_mm256_and_ps(y1, _mm256_cmp_ps(y1, y1, _CMP_ORD_Q)), mone), one);
+        }
+        __m256i c16 = _mm256_packus_epi32(encode8(y0, M, sgn), encode8(y1, M, sgn));
+        __m256i c8 = _mm256_packus_epi16(c16, c16);
+        _mm_storeu_si128((__m128i*)(codes + j), _mm256_castsi256_si128(
+            _mm256_permutevar8x32_epi32(c8, _mm256_setr_epi32(0, 4, 1, 5, 0, 0, 0, 0))));
+    }
 }
 
 /* block k of a row: head blocks of 256, then tail blocks of 64 */
@@ -148,7 +172,7 @@ static inline __m256 lerp8(__m256 self, __m256 end, float weight) {
     return _mm256_sub_ps(end, _mm256_mul_ps(_mm256_sub_ps(end, self), _mm256_set1_ps(1.0f - weight)));
 }
 
-int32_t sf8_version(void) { return 1; }
+int32_t sf8_version(void) { return 2; }
 
 void sf8_step_rows(int64_t r0, int64_t r1, float* w, const float* g, int64_t cols,
                    int64_t code_cols, int64_t head_blocks, int64_t blocks, uint8_t* mc, float* ms,
@@ -183,6 +207,7 @@ void sf8_step_rows(int64_t r0, int64_t r1, float* w, const float* g, int64_t col
             __m256 sm = _mm256_set1_ps(ms[at]), sv = _mm256_set1_ps(vs[at]);
             uint8_t* cm = mc + r * code_cols + start;
             uint8_t* cv = vc + r * code_cols + start;
+            __m256 mmx = _mm256_setzero_ps(), vmx = mmx, nan = mmx;
             for (int j = 0; j < size; j += 8) {
                 __m256 m = decode8(cm + j, mm->map, sm);
                 __m256 v = decode8(cv + j, vm->map, sv);
@@ -197,10 +222,16 @@ void sf8_step_rows(int64_t r0, int64_t r1, float* w, const float* g, int64_t col
                 _mm256_storeu_ps(wb + j, _mm256_add_ps(w1, _mm256_div_ps(_mm256_mul_ps(neg_scale, n_), denom)));
                 _mm256_storeu_ps(mbuf + j, m);
                 _mm256_storeu_ps(vbuf + j, v);
+                mmx = _mm256_max_ps(mmx, _mm256_andnot_ps(_mm256_set1_ps(-0.0f), m));
+                vmx = _mm256_max_ps(vmx, _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v));
+                nan = _mm256_or_ps(nan, _mm256_cmp_ps(m, v, _CMP_UNORD_Q));
             }
             if (n < size) memcpy(wr + start, wpad, n * sizeof(float));
-            quantize_block(mbuf, size, cm, ms + at, mm);
-            quantize_block(vbuf, size, cv, vs + at, vm);
+            int any_nan = _mm256_movemask_ps(nan);
+            ms[at] = any_nan ? block_absmax(mbuf, size) : hmax8(mmx, nan);
+            vs[at] = any_nan ? block_absmax(vbuf, size) : hmax8(vmx, nan);
+            encode_block(mbuf, size, ms[at], cm, mm, 1);
+            encode_block(vbuf, size, vs[at], cv, vm, 0);
         }
     }
 }
@@ -214,8 +245,10 @@ void sf8_quantize_rows(int64_t r0, int64_t r1, const float* x, int64_t code_cols
             int64_t start;
             int size;
             block_at(k, head_blocks, &start, &size);
-            quantize_block(x + r * code_cols + start, size, codes + r * code_cols + start,
-                           absmax + r * blocks + k, M);
+            const float* xb = x + r * code_cols + start;
+            float m = absmax[r * blocks + k] = block_absmax(xb, size);
+            if (M->sgn) encode_block(xb, size, m, codes + r * code_cols + start, M, 1);
+            else encode_block(xb, size, m, codes + r * code_cols + start, M, 0);
         }
 }
 
@@ -242,7 +275,8 @@ class _Map(ctypes.Structure):
         ("mult", ctypes.c_float * 8),
         ("off", ctypes.c_float * 8),
         ("base", ctypes.c_float * 8),
-        ("pmax", ctypes.c_float),
+        ("lo", ctypes.c_float * 8),
+        ("hi", ctypes.c_float * 8),
         ("sgn", ctypes.c_int32),
         ("T", ctypes.c_void_p),
         ("map", ctypes.c_void_p),
@@ -304,15 +338,21 @@ def thresholds(signed: bool) -> Tensor:
     return torch.cat([mids, torch.tensor([float("inf")])])
 
 
-def band_constants(signed: bool) -> list[tuple[float, float, float]]:
-    """Per exponent band ``i``: ``(mult, off, base)`` with the candidate magnitude index
-    ``⌊|x|·mult − off⌋ + base`` (``mult = 10^(6−i)·q/0.9``, ``off = 0.1·q/0.9 + ½``, ``base`` =
-    codes below the band; ``q`` codes in the band)."""
-    below = 1 if signed else 2
-    out = []
+def band_constants(signed: bool) -> list[tuple[float, float, float, float, float]]:
+    """Per exponent band ``i`` (``q`` codes): ``(mult, off, base, lo, hi)``. The cell position
+    of a magnitude is ``|x|·mult − off`` (``mult = 10^(6−i)·q/0.9``, ``off = 0.1·q/0.9 + ½``):
+    code ``k`` of the band at ``k``, its midpoints at ``k ± ½``; ``base``: the code of cell 0
+    for ``x ≥ 0`` (``base_i + 127 − k`` for ``x < 0``: ``253 − (base + k)``); ``lo``, ``hi``: the
+    positions of the midpoints to the code below the band (previous band's last, or 0) and to
+    the code above it (next band's first, or 1), from :func:`thresholds` in fp64."""
+    mids = thresholds(signed).double()
+    out, first = [], 128 if signed else 1
     for i in range(7):
         q = 2 ** (i if signed else i + 1)
-        out.append((10.0 ** (6 - i) * q / 0.9, 0.1 * q / 0.9 + 0.5, float(q - below)))
+        mult, off = 10.0 ** (6 - i) * q / 0.9, 0.1 * q / 0.9 + 0.5
+        lo, hi = (float(mids[c]) * mult - off for c in (first - 1, first + q - 1))
+        out.append((mult, off, float(first), lo, hi))
+        first += q
     return out
 
 
@@ -324,9 +364,8 @@ def _map(signed: bool) -> tuple[_Map, tuple[Tensor, ...]]:
     code = dynamic_map(signed).contiguous()
     mids = thresholds(signed).contiguous()
     m = _Map()
-    for i, (mult, off, base) in enumerate(band_constants(signed)):
-        m.mult[i], m.off[i], m.base[i] = mult, off, base
-    m.pmax = 126.0 if signed else 253.0
+    for i, (mult, off, base, lo, hi) in enumerate(band_constants(signed)):
+        m.mult[i], m.off[i], m.base[i], m.lo[i], m.hi[i] = mult, off, base, lo, hi
     m.sgn = int(signed)
     m.T, m.map = mids.data_ptr(), code.data_ptr()
     return m, (code, mids)
