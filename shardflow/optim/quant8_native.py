@@ -33,9 +33,12 @@ operations, one rounding each, no fused multiply-add), keep the new moments in a
 buffer and their absmax in registers, requantize: every value is read and written once, with
 no fp32 copy of a moment in memory.
 
-Measured on the shared 2-core CPU (one thread, 1536×576): quantize ≈1.5 ns per value (torch
-path: 4.5–12), dequantize ≈0.5 (1.4–1.7), the whole fused step ≈6.6 ns per parameter
-(DolphinFlow's compiled element-wise pass: ≈1.0).
+Measured on the shared 2-core CPU (one thread, 1536×576): quantize ≈1.2 ns per value (torch
+path: 4.5–12; 2.0 with a midpoint gather for every value), dequantize ≈0.6 (1.4–1.7), the
+whole fused step ≈3.6 ns per parameter (4.8 before the cell-position decision and the absmax
+taken in the update pass; DolphinFlow's compiled element-wise pass: ≈1.0). Where the 3.6 go:
+requantizing both moments ≈1.9 (the code arithmetic ≈1.4 of it), dequantizing, the rule and
+memory ≈1.7.
 
 Used when :func:`available`: an x86-64 CPU with AVX2 (``torch.backends.cpu``), a C compiler
 (``$CC``, else ``cc``), and ``SHARDFLOW_NATIVE`` not set to ``0``. The library is built once per
