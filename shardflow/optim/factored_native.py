@@ -23,8 +23,12 @@ with ``c_m``, ``c_v`` the stored column factors divided by their sums in the ker
 8 lanes, so they may differ from ``factored._normalized``'s by an ulp), and the new signs, row
 sums and column partial sums of ``|m|`` and ``v``. Row sums are summed
 in 8 lanes then across them; column sums per block of ``block_rows`` rows, the blocks then added
-in order: neither depends on the thread count (rows are split over threads on block
-boundaries), but both differ from torch's reduction order by fp32 rounding (≈1e-7 relative).
+in order: neither depends on the thread count (the blocks of every matrix of a group, in one
+:func:`adam_many` call, are the tasks of torch's OpenMP threads), but both differ from torch's
+reduction order by fp32 rounding (≈1e-7 relative). Rows go two at a time, so a column group's
+partial sums stay in registers; weights and gradients are prefetched 4 KiB ahead. Measured
+(bench/results/factored-cpu-2026-11-23.md, Run 7): SmolLM2-135M's step 1.28–1.44× fused AdamW on
+one thread, 1.07× on two (wall).
 
 Only FactoredAdam's plain rule (no AdEMAMix, atan2, Grams; ``scale = 1``), fp32 weights and
 gradients, on contiguous matrices: everything else takes the torch path. Built and loaded by
