@@ -99,7 +99,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from shardflow.optim import factored_native
+from shardflow.optim import factored_native, rounding_native
 from shardflow.optim._listops import ListOps
 from shardflow.optim._validate import (
     _fail,
@@ -1034,8 +1034,14 @@ context manager, entered per call: building one per call cost ~30 µs)."""
 def _store_bf16_many(items: list[tuple[Tensor, Tensor, int, int]]) -> None:
     """``_store`` of many bf16 factors ``(dst, value, seed, offset)`` in one batch: the same
     random bits as one call per factor (each element's key is its factor's and its index is
-    counted from its factor's start plus its offset), a few ops instead of ~15 per factor."""
+    counted from its factor's start plus its offset), a few ops instead of ~15 per factor; on
+    the CPU one call to :mod:`.rounding_native`'s kernel (the same bits)."""
     if not items:
+        return
+    if all(rounding_native.usable(dst, value) for dst, value, _, _ in items):
+        rounding_native.bf16_stochastic_many(
+            [(dst, value, hash32_int(seed), off) for dst, value, seed, off in items]
+        )
         return
     sizes = torch.tensor([v.numel() for _, v, _, _ in items])
     values = torch.cat([_as(v, torch.float32) for _, v, _, _ in items])
