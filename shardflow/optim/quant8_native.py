@@ -177,6 +177,10 @@ static inline __m256 lerp8(__m256 self, __m256 end, float weight) {
 
 int32_t sf8_version(void) { return 2; }
 
+/* weights and gradients are read 4 KiB ahead (a loop this busy keeps too few loads in flight
+   to stream a matrix that is not in cache; as factored_native's) */
+#define AHEAD 1024
+
 void sf8_step_rows(int64_t r0, int64_t r1, float* w, const float* g, int64_t cols,
                    int64_t code_cols, int64_t head_blocks, int64_t blocks, uint8_t* mc, float* ms,
                    uint8_t* vc, float* vs, const float* fa, const float* fb, int64_t fold_stride,
@@ -212,6 +216,8 @@ void sf8_step_rows(int64_t r0, int64_t r1, float* w, const float* g, int64_t col
             uint8_t* cv = vc + r * code_cols + start;
             __m256 mmx = _mm256_setzero_ps(), vmx = mmx, nan = mmx;
             for (int j = 0; j < size; j += 8) {
+                _mm_prefetch((const char*)(wr + start + j + AHEAD), _MM_HINT_T0);
+                _mm_prefetch((const char*)(gr + start + j + AHEAD), _MM_HINT_T0);
                 __m256 m = decode8(cm + j, mm->map, sm);
                 __m256 v = decode8(cv + j, vm->map, sv);
                 __m256 w0 = _mm256_loadu_ps(wb + j), g0 = _mm256_loadu_ps(gb + j);
