@@ -1,4 +1,4 @@
-"""Single kernels of DolphinFlow's compiled step against torch's, on one 28 M-element tensor.
+"""Single kernels of ShardFlow's CPU steps against torch's, on one 28 M-element tensor.
 
 Run from the repository root::
 
@@ -8,13 +8,21 @@ Two questions, each answered side by side in one process (minimum over ``--reps`
 64 MiB buffer rewritten before each call so that no operand is in cache):
 
 - **norm pass**: ``‖g‖²`` of the SmolLM2 embedding's gradient (49152×576 fp32) by a BLAS dot
-  (the base's :func:`shardflow.optim.base._sq_norms`) and by DolphinFlow's compiled
-  :func:`~shardflow.optim.dolphinflow.sq_norms_each` (four streams read at once).
+  (the base's :func:`shardflow.optim.base._sq_norms` for what the native kernel does not take),
+  by DolphinFlow's compiled :func:`~shardflow.optim.dolphinflow.sq_norms_each` (four streams
+  read at once) and by :mod:`shardflow.optim.norm_native` (the base's pass for contiguous fp32
+  CPU gradients; four streams, fp64 sums).
 - **update**: DolphinFlow's compiled element-wise pass (:func:`fused_update_each`, Nesterov, no
   ⊥Grad) against ``torch._fused_adamw_`` on the same size, with the compiled graph built first
   on a 1000-element tensor (as when a small parameter comes first): with
   ``cpp.dynamic_threads`` (what :mod:`shardflow.optim.compiling` sets) and without it (inductor
   then decides the loop's threading from that first call's size).
+- **FactoredAdam's native kernel** (:func:`shardflow.optim.factored_native.adam_many`) on the
+  same 49152×576 matrix against ``torch._fused_adamw_``, as shipped and built without its
+  prefetch (the loop then reads a matrix that is not in cache with too few loads in flight).
+- **stochastic rounding** of a group's bf16 factors (SmolLM2-135M's 211 matrices: their row and
+  column factors, 0.27 M values) in one batch of torch ops and by
+  :mod:`shardflow.optim.rounding_native`.
 
 Results are printed as Markdown; keep them under ``bench/results/`` with the command, machine
 and date.
@@ -28,6 +36,9 @@ from collections.abc import Callable
 
 import torch
 
+from bench.factored import smollm2_135m_shapes
+from shardflow.optim import factored, factored_native, norm_native, rounding_native
+from shardflow.optim._native import FLAGS, NativeLibrary
 from shardflow.optim.dolphinflow import fused_update_each, sq_norms_each
 
 N = 49152 * 576
@@ -66,9 +77,12 @@ def main() -> None:
     g = torch.randn(N)
     norms = torch.compile(sq_norms_each, dynamic=True, options={"cpp.dynamic_threads": True})
     norms([torch.randn(1000)])
-    best = _best(
-        {"BLAS dot": lambda: torch.dot(g, g), "sq_norms_each": lambda: norms([g])}, args.reps
-    )
+    fns = {
+        "BLAS dot": lambda: torch.dot(g, g),
+        "sq_norms_each": lambda: norms([g]),
+        "norm_native": lambda: norm_native.sq_norms([g]),
+    }
+    best = _best(fns, args.reps)
     print("| norm pass (reads 4 B/element) | min ms | GB/s |\n|---|---:|---:|")
     for name, sec in best.items():
         print(f"| {name} | {sec * 1e3:.2f} | {N * 4 / sec / 1e9:.1f} |")
@@ -100,11 +114,68 @@ def main() -> None:
             [w], [g], [m], [v], scalars, nesterov=True
         ),
     }
+    fns.update(_factored(w, g))
     best = _best(fns, args.reps)
     base = best["torch._fused_adamw_"]
-    print("\n| update (reads w g m v, writes w m v) | min ms | × fused AdamW |\n|---|---:|---:|")
+    print("\n| update | min ms | × fused AdamW |\n|---|---:|---:|")
     for name, sec in best.items():
         print(f"| {name} | {sec * 1e3:.2f} | {sec / base:.2f} |")
+
+    best = _best(_rounding(), args.reps)
+    print("\n| stochastic rounding, 211 matrices' factors | min ms |\n|---|---:|")
+    for name, sec in best.items():
+        print(f"| {name} | {sec * 1e3:.3f} |")
+
+
+def _factored(w: torch.Tensor, g: torch.Tensor) -> dict[str, Callable[[], object]]:
+    """FactoredAdam's native kernel on ``w`` viewed as 49152×576, with and without prefetch."""
+    rows, cols = 49152, 576
+    job = factored_native.Job(
+        w.view(rows, cols),
+        g.view(rows, cols),
+        (torch.rand(rows).bfloat16(), torch.rand(rows) * 1e-2),
+        (torch.rand(cols).bfloat16(), torch.rand(cols)),
+        torch.zeros(rows, cols // 8, dtype=torch.uint8),
+        (1.0, 0.1, 0.999, 0.5, 1e-8, 0.999, 1e-3),
+    )
+    shipped = factored_native._library
+    prefetch = "_mm_prefetch((const char*)(x + AHEAD), _MM_HINT_T0);"
+    assert prefetch in shipped.source
+    plain = NativeLibrary(
+        "factored_noprefetch",
+        shipped.source.replace(prefetch, ""),
+        shipped.signatures,
+        fallback="",
+        flags=[*FLAGS, "-mfma"],
+    )
+
+    def run(lib: NativeLibrary) -> None:
+        factored_native._library = lib
+        factored_native.adam_many([job])
+        factored_native._library = shipped
+
+    return {
+        "FactoredAdam native (reads w g, writes w; 1 bit + factors)": lambda: run(shipped),
+        "the same without prefetch": lambda: run(plain),
+    }
+
+
+def _rounding() -> dict[str, Callable[[], object]]:
+    sizes = [n for s in smollm2_135m_shapes().values() if len(s) == 2 for n in s]
+    items = [
+        (torch.empty(n, dtype=torch.bfloat16), torch.rand(n), i, 0) for i, n in enumerate(sizes)
+    ]
+
+    def torch_batch() -> None:
+        usable = rounding_native.usable
+        rounding_native.usable = lambda *a: False
+        factored._store_bf16_many(items)
+        rounding_native.usable = usable
+
+    return {
+        "torch ops, one batch": torch_batch,
+        "rounding_native": lambda: factored._store_bf16_many(items),
+    }
 
 
 if __name__ == "__main__":

@@ -1038,10 +1038,9 @@ def _store_bf16_many(items: list[tuple[Tensor, Tensor, int, int]]) -> None:
     the CPU one call to :mod:`.rounding_native`'s kernel (the same bits)."""
     if not items:
         return
-    if all(rounding_native.usable(dst, value) for dst, value, _, _ in items):
-        rounding_native.bf16_stochastic_many(
-            [(dst, value, hash32_int(seed), off) for dst, value, seed, off in items]
-        )
+    pieces = [(dst, value, hash32_int(seed), off) for dst, value, seed, off in items]
+    if rounding_native.usable(pieces):
+        rounding_native.bf16_stochastic_many(pieces)
         return
     sizes = torch.tensor([v.numel() for _, v, _, _ in items])
     values = torch.cat([_as(v, torch.float32) for _, v, _, _ in items])

@@ -14,8 +14,6 @@ mod 2³²) ^ k)`` to the fp32 bit pattern and keeps the upper 16 bits; a result 
 
 from __future__ import annotations
 
-import ctypes
-
 import torch
 from torch import Tensor
 
@@ -58,16 +56,6 @@ void sfr_bf16_many(int64_t n, const Piece* pieces) {
 """
 
 
-class _Piece(ctypes.Structure):
-    _fields_ = [
-        ("dst", ctypes.c_void_p),
-        ("src", ctypes.c_void_p),
-        ("n", ctypes.c_int64),
-        ("offset", ctypes.c_int64),
-        ("key", ctypes.c_uint32),
-    ]
-
-
 _library = NativeLibrary(
     "rounding",
     _SOURCE,
@@ -77,26 +65,28 @@ _library = NativeLibrary(
 """The compiled kernel (``_library()``: the ``ctypes.CDLL`` or None; see :mod:`._native`)."""
 
 
-def usable(dst: Tensor, value: Tensor) -> bool:
-    """Whether the kernel writes ``dst`` (contiguous bf16) from ``value`` (contiguous fp32), both
-    on the CPU with the same element count, where the kernel is available."""
-    return (
-        dst.device.type == "cpu"
-        and value.device.type == "cpu"
-        and dst.dtype == torch.bfloat16
+def usable(pieces: list[tuple[Tensor, Tensor, int, int]]) -> bool:
+    """Whether the kernel takes every ``(dst, value, key, offset)`` of ``pieces``: ``dst``
+    contiguous bf16, ``value`` contiguous fp32 of the same size, both on the CPU, where the
+    kernel is available."""
+    return _library() is not None and all(
+        dst.dtype == torch.bfloat16
         and value.dtype == torch.float32
+        and dst.device.type == "cpu"
+        and value.device.type == "cpu"
         and dst.is_contiguous()
         and value.is_contiguous()
         and dst.numel() == value.numel()
-        and _library() is not None
+        for dst, value, _, _ in pieces
     )
 
 
 def bf16_stochastic_many(pieces: list[tuple[Tensor, Tensor, int, int]]) -> None:
     """``dst ← bf16_stochastic(value, key, offset)`` for every ``(dst, value, key, offset)`` of
-    ``pieces`` (each :func:`usable`; ``key = hash32_int(seed)``, ``offset + numel ≤ 2³²``)."""
-    table = (_Piece * len(pieces))()
-    for entry, (dst, value, key, offset) in zip(table, pieces):
-        entry.dst, entry.src = dst.data_ptr(), value.data_ptr()
-        entry.n, entry.offset, entry.key = value.numel(), offset, key
-    _library().sfr_bf16_many(len(pieces), ctypes.addressof(table))
+    ``pieces`` (:func:`usable`; ``key = hash32_int(seed)``, ``offset + numel ≤ 2³²``)."""
+    # the C struct Piece as 5 int64 each: pointers, n, offset, then the key in the low 4 bytes
+    table = torch.tensor(
+        [(d.data_ptr(), v.data_ptr(), v.numel(), off, key) for d, v, key, off in pieces],
+        dtype=torch.int64,
+    )
+    _library().sfr_bf16_many(len(pieces), table.data_ptr())
