@@ -1,9 +1,10 @@
 """A native CPU kernel for stochastic rounding to bf16 of many small tensors in one call.
 
 Why: the factored optimizers round every bf16 factor of a group at each step. In torch ops that
-is one batch of ~15 ops (:func:`~shardflow.optim.precision.bf16_stochastic` over the
-concatenated factors): ~0.35 ms a step on the CPU whatever the size, which on one 768×1024
-matrix was a quarter of FactoredAdam's step (bench/results/factored-cpu-2026-11-23.md, Run 7).
+is one batch of ~15 ops over the concatenated factors (:func:`~shardflow.optim.precision.
+bf16_stochastic`): 9.7–16.6 ms a step for SmolLM2-135M's 355 k factor values on the CPU, against
+2.1–2.2 ms here, ~1.3 of them Python (``python -m bench.kernels``,
+bench/results/kernels-cpu2-2026-11-23.md, Run 3).
 
 The arithmetic is :func:`~shardflow.optim.precision.bf16_stochastic`'s, bit for bit: element
 ``i`` of a piece with key ``k`` and offset ``o`` adds the low 16 bits of ``lowbias32(((i + o)
