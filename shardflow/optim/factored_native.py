@@ -28,7 +28,7 @@ in order: neither depends on the thread count (the blocks of every matrix of a g
 reduction order by fp32 rounding (≈1e-7 relative). Rows go two at a time, so a column group's
 partial sums stay in registers; weights and gradients are prefetched 4 KiB ahead. Measured
 (bench/results/factored-cpu-2026-11-23.md, Run 7): SmolLM2-135M's step 1.28–1.59× (median
-1.36×) fused AdamW on one thread, 1.07× on two (wall).
+1.36×) fused AdamW on one thread, 1.07–1.37× on two (wall).
 
 Only FactoredAdam's plain rule (no AdEMAMix, atan2, Grams; ``scale = 1``), fp32 weights and
 gradients, on contiguous matrices: everything else takes the torch path. Built and loaded by
