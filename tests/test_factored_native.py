@@ -18,6 +18,7 @@ from __future__ import annotations
 import pytest
 import torch
 from dist import run_on_ranks
+from native_fallback import check_off_switch_and_failed_build
 from test_factored_dist import _from_bytes, _sharded, _single, _to_bytes
 
 from shardflow.optim import factored_native
@@ -212,29 +213,15 @@ def test_other_dtypes_and_rules_take_the_torch_path(monkeypatch, cls, dtype, hyp
 
 
 def test_off_switch_and_a_failed_build_fall_back_to_torch(monkeypatch, tmp_path):
-    """``SHARDFLOW_NATIVE=0`` turns the kernel off; a compiler that fails warns once and the
-    torch path runs."""
-    try:
-        factored_native._library.cache_clear()
-        monkeypatch.setenv("SHARDFLOW_NATIVE", "0")
-        assert not factored_native.available()
-        factored_native._library.cache_clear()
-        monkeypatch.setenv("SHARDFLOW_NATIVE", "1")
-        monkeypatch.setenv("SHARDFLOW_CACHE_DIR", str(tmp_path))
-        monkeypatch.setenv("CC", "false")
-        with pytest.warns(RuntimeWarning, match="did not build.*torch path"):
-            assert not factored_native.available()
+    def step():
         w = torch.nn.Parameter(torch.randn(4, 9))
         opt = FactoredAdam([w], lr=1e-2)
         w.grad = torch.randn(4, 9)
         before = w.detach().clone()
         opt.step()
         assert not torch.equal(w.detach(), before)
-        assert not list(tmp_path.iterdir())  # no partial library left behind
-    finally:
-        monkeypatch.undo()
-        factored_native._library.cache_clear()
-    assert factored_native.available()
+
+    check_off_switch_and_failed_build(monkeypatch, tmp_path, factored_native._library, step)
 
 
 CASES = [{"lr": 0.05, "weight_decay": 0.1}, {"lr": 0.05, "orthograd": True}]

@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from native_fallback import check_off_switch_and_failed_build
 
 from shardflow.optim import norm_native
 from shardflow.optim._listops import ListOps
@@ -116,3 +117,13 @@ def test_a_failed_openmp_link_builds_serial(monkeypatch, tmp_path):
     torch.testing.assert_close(
         norm_native.sq_norms([x])[0], x.double().square().sum(), rtol=1e-12, atol=0
     )
+
+
+def test_off_switch_and_a_failed_build_fall_back_to_torch(monkeypatch, tmp_path):
+    grads = [torch.randn(300, 70), torch.randn(9)]
+
+    def norm():  # the base's pass, through torch's ops
+        want = sum(g.double().square().sum() for g in grads)
+        torch.testing.assert_close(_sum_sq(grads, ListOps(foreach=True)), want, rtol=1e-6, atol=0)
+
+    check_off_switch_and_failed_build(monkeypatch, tmp_path, norm_native._library, norm)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from native_fallback import check_off_switch_and_failed_build
 
 from shardflow.optim import factored, rounding_native
 from shardflow.optim.precision import bf16_stochastic, hash32_int, mix_seed
@@ -68,3 +69,15 @@ def test_factored_store_uses_the_kernel_with_the_same_bits(monkeypatch):
     assert calls == [1]
     for got, (dst, _, _, _) in zip(native, items):
         assert torch.equal(got.view(torch.int16), dst.view(torch.int16))
+
+
+def test_off_switch_and_a_failed_build_fall_back_to_torch(monkeypatch, tmp_path):
+    value = torch.rand(1000)
+    dst = torch.empty(1000, dtype=torch.bfloat16)
+
+    def store():  # the factored optimizers' batch, through torch's ops: the same bits
+        factored._store_bf16_many([(dst, value, 5, 3)])
+        want = bf16_stochastic(value, hash32_int(5), 3)
+        assert torch.equal(dst.view(torch.int16), want.view(torch.int16))
+
+    check_off_switch_and_failed_build(monkeypatch, tmp_path, rounding_native._library, store)
