@@ -249,3 +249,22 @@ def test_kernel_on_ranks_gives_the_single_process_result(mode, world):
         for got, expected in zip(got_cases, want):
             for a, b in zip(got, expected):
                 torch.testing.assert_close(a, b.detach(), **STEPS_TOL)
+
+
+def test_non_contiguous_state_takes_the_torch_path(monkeypatch):
+    """The kernel reads the state through raw pointers: a factor loaded as a non-contiguous view
+    (a checkpoint's transposed or strided tensor, say) sends the matrix to the torch path."""
+    w = torch.nn.Parameter(torch.randn(16, 24))
+    opt = FactoredAdam([w], lr=1e-2)
+    w.grad = torch.randn(16, 24)
+    opt.step()
+    st = opt.state[w]
+    st["exp_avg_col"] = torch.stack([st["exp_avg_col"], st["exp_avg_col"]], 1)[:, 0]
+    assert not st["exp_avg_col"].is_contiguous()
+    calls = []
+    kernel = factored_native.adam_many
+    monkeypatch.setattr(
+        factored_native, "adam_many", lambda jobs: calls.extend(jobs) or kernel(jobs)
+    )
+    opt.step()
+    assert calls == []

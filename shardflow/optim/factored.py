@@ -801,7 +801,8 @@ class _Factored(ShardFlowOptimizer):
     def _native(self, group: dict[str, Any], it: Item) -> bool:
         """Whether this matrix takes the native CPU kernel (:mod:`.factored_native`): unless
         ``compiled=True``, for FactoredAdam's plain rule (no AdEMAMix, atan2, Grams) on fp32
-        CPU weights and gradients, contiguous and non-empty, where the kernel is available."""
+        CPU weights and gradients, contiguous and non-empty, with contiguous state, where the
+        kernel is available."""
         return (
             self.native_rule
             and self.compiled is not True
@@ -812,6 +813,7 @@ class _Factored(ShardFlowOptimizer):
             and factored_native.usable(it.local, it.grad)
             and it.state["exp_avg_row"].dtype == torch.bfloat16
             and it.state["exp_avg_sq_row"].dtype == torch.float32
+            and all(it.state[k].is_contiguous() for k in _NATIVE_STATE)
         )
 
     def _native_steps(
@@ -994,6 +996,12 @@ class _Factored(ShardFlowOptimizer):
             group["betas"][0],
             group["ademamix_warmup"],
         )
+
+
+_NATIVE_STATE = (
+    "exp_avg_row", "exp_avg_sq_row", "exp_avg_col", "exp_avg_sq_col", "exp_avg_sign",
+)  # fmt: skip
+"""The state the native kernel reads and writes through raw pointers (contiguous only)."""
 
 
 def _cols(shape: torch.Size) -> int:
