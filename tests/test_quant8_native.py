@@ -30,6 +30,20 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(
+    autouse=True,
+    params=[False, True] if quant8_native.host_avx512() else [False],
+    ids=lambda avx512: "avx512" if avx512 else "avx2",
+)
+def isa(request):
+    """Every test runs on each build of the kernel this host can run: AVX2 (8 lanes, gathers),
+    and AVX-512 (16 lanes, permutes) where torch itself uses AVX-512."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(quant8_native, "_library", quant8_native.library(request.param))
+        assert quant8_native._library().sf8_lanes() == (16 if request.param else 8)
+        yield request.param
+
+
 @pytest.fixture
 def torch_path(monkeypatch):
     """A context in which the torch path runs instead of the native kernel."""
@@ -82,6 +96,25 @@ def test_codes_equal_the_table_quantizer_near_every_midpoint(signed, torch_path)
     assert torch.equal(codes, ref_codes)
     torch.testing.assert_close(absmax, ref_absmax, rtol=0, atol=0, equal_nan=True)
     assert absmax.isnan().sum() == 1
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_quotients_near_every_midpoint_equal_the_torch_path(signed, torch_path):
+    """The probes times block scales that are not powers of 2 (rows of 255 after the scale, the
+    block absmax): the quotients land within an ulp or two of every midpoint, where the AVX-512
+    kernel's ``x · (1/s)`` is too close to call and the quotient ``x / s`` decides. Codes
+    bitwise equal to the torch path's."""
+    q = _probes(signed)
+    q = q[~q.isnan()]
+    q = torch.cat([q, q.new_zeros(-q.numel() % 255)]).view(-1, 255)
+    rows = []
+    for scale in (0.37, 1.7, 3e-4, 12345.6):
+        s = torch.full((q.shape[0], 1), scale)
+        rows.append(torch.cat([s, q * s], 1))
+    x = torch.cat(rows)
+    assert (x[:, 1:].abs() <= x[:, :1]).all()  # the scale is each block's absmax
+    (codes, _), (ref_codes, _) = _both_paths(torch_path, lambda: _quantize(x, signed))
+    assert torch.equal(codes, ref_codes)
 
 
 @pytest.mark.parametrize("signed", [True, False])

@@ -57,9 +57,9 @@ import functools
 import torch
 from torch import Tensor
 
+from shardflow.optim._native import FLAGS, NativeLibrary
 from shardflow.optim._native import I64 as _I64
 from shardflow.optim._native import PTR as _PTR
-from shardflow.optim._native import NativeLibrary
 from shardflow.optim._native import ptr as _ptr
 
 HEAD_BLOCK, TAIL_BLOCK = 256, 64  # as quant8 (not imported: quant8 imports this module)
@@ -78,6 +78,8 @@ _SOURCE = r"""
 typedef struct {           /* one dynamic map */
     float mult[8], off[8], base[8];  /* per band: cell floor(|x|*mult - off); base: code of cell 0 */
     float lo[8], hi[8];    /* per band: the midpoints below cell 0 and above the last, in cells */
+    float edge[32];        /* per binade 2^e (at e & 31, e = -31..0): the band edge inside it, or inf */
+    int32_t band_of[32];   /* per binade: the band at its bottom */
     int32_t sgn;           /* signed map */
     const float* T;        /* 256 midpoints, T[c] between codes c and c+1; T[255] = inf */
     const float* map;      /* 256 code values */
@@ -88,11 +90,160 @@ typedef struct {           /* DolphinFlow's element-wise rule, scalars as fp32 *
     int32_t nesterov, decay_on;
 } Rule;
 
+#ifdef __AVX512F__
+/* ---- AVX-512: 16 lanes; every table look-up is a register permute. (Gathers are slow on
+   Intel cores since the 2023 GDS microcode: the AVX2 kernel's two per parameter cost more
+   than its whole rule there.) ---- */
+#define W 16
+typedef __m512 vf;
+typedef __mmask16 vnan;
+#define VLOAD _mm512_loadu_ps
+#define VSTORE _mm512_storeu_ps
+#define VSET _mm512_set1_ps
+#define VADD _mm512_add_ps
+#define VSUB _mm512_sub_ps
+#define VMUL _mm512_mul_ps
+#define VDIV _mm512_div_ps
+#define VSQRT _mm512_sqrt_ps
+#define VMAX _mm512_max_ps
+#define VABS _mm512_abs_ps
+#define NAN_NONE ((vnan)0)
+#define NAN_OR(acc, a, b) ((vnan)((acc) | _mm512_cmp_ps_mask(a, b, _CMP_UNORD_Q)))
+#define NAN_ANY(acc) ((acc) != 0)
+
+static inline float hmax(vf mx) { return _mm512_reduce_max_ps(mx); }
+
+/* values x (16 lanes) in [-1, 1] or NaN -> NaN to 0, clamped (a block with a NaN or inf absmax) */
+static inline vf sanitize(vf y) {
+    y = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(y, y, _CMP_ORD_Q), y);
+    return _mm512_min_ps(_mm512_max_ps(y, VSET(-1.0f)), VSET(1.0f));
+}
+
+/* a map's band and binade tables, in registers */
+typedef struct {
+    __m512 mult, off, base, lo, hi, edge0, edge1;
+    __m512i band0, band1;
+} Bands;
+
+static inline Bands bands(const Map* M) {
+    Bands t;
+    t.mult = _mm512_castps256_ps512(_mm256_loadu_ps(M->mult)); /* lanes 8-15: never indexed */
+    t.off = _mm512_castps256_ps512(_mm256_loadu_ps(M->off));
+    t.base = _mm512_castps256_ps512(_mm256_loadu_ps(M->base));
+    t.lo = _mm512_castps256_ps512(_mm256_loadu_ps(M->lo));
+    t.hi = _mm512_castps256_ps512(_mm256_loadu_ps(M->hi));
+    t.edge0 = VLOAD(M->edge);
+    t.edge1 = VLOAD(M->edge + 16);
+    t.band0 = _mm512_loadu_si512(M->band_of);
+    t.band1 = _mm512_loadu_si512(M->band_of + 16);
+    return t;
+}
+
+/* the nearest code of 16 normed values y (|y| <= 1 + 2 ulps, no NaN). Where a value is too
+   close to a midpoint to call from y, the exact quotient x / s (y itself if `exact`) is compared
+   with the exact fp32 midpoint. */
+static inline __attribute__((always_inline)) __m512i encode16(
+    __m512 y, __m512 x, __m512 s, const int exact, const Bands* t, const float* T, const int sgn) {
+    __m512 zero = _mm512_setzero_ps();
+    __m512 a = sgn ? VABS(y) : VMAX(y, zero);
+    /* the band: the one at the bottom of the binade, plus one past the binade's edge */
+    __m512i e = _mm512_cvttps_epi32(VMAX(_mm512_getexp_ps(a), VSET(-31.0f)));
+    __m512i band = _mm512_permutex2var_epi32(t->band0, e, t->band1);
+    __mmask16 past = _mm512_cmp_ps_mask(a, _mm512_permutex2var_ps(t->edge0, e, t->edge1), _CMP_GE_OQ);
+    band = _mm512_mask_add_epi32(band, past, band, _mm512_set1_epi32(1));
+#define BAND(f) _mm512_permutexvar_ps(band, t->f)
+    __m512 pr = VSUB(VMUL(a, BAND(mult)), BAND(off));
+    __m512 fl = _mm512_roundscale_ps(pr, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    /* the midpoint to the next code in cell units: fl + 1/2, or the band's edge midpoints */
+    __m512 d = VSUB(pr, _mm512_min_ps(VMAX(VADD(fl, VSET(0.5f)), BAND(lo)), BAND(hi)));
+    /* d > 0 by its sign bit (d = 0 is near), and y < 0 by y's (-0 takes code 126 + 1, as +0) */
+    __mmask16 up = ~_mm512_movepi32_mask(_mm512_castps_si512(d));
+    __mmask16 near = _mm512_cmp_ps_mask(VABS(d), VSET(NEAR), _CMP_LE_OQ);
+    __m512 cand = VADD(fl, BAND(base));
+#undef BAND
+    if (sgn) {
+        __mmask16 neg = _mm512_movepi32_mask(_mm512_castps_si512(y));
+        up ^= neg;
+        cand = _mm512_mask_sub_ps(cand, neg, VSET(253.0f), cand);
+    }
+    __m512i c = _mm512_cvttps_epi32(cand); /* -1: below code 0, saturates to 0 */
+    if (__builtin_expect(near != 0, 0)) { /* too close to call */
+        __m512 ye = exact ? y : VDIV(x, s);
+        __m512i at = _mm512_max_epi32(c, _mm512_setzero_si512());
+        __mmask16 above = _mm512_mask_cmp_ps_mask(
+            near, ye, _mm512_mask_i32gather_ps(zero, near, at, T, 4), _CMP_GT_OQ);
+        up = (up & ~near) | above;
+    }
+    return _mm512_max_epi32(_mm512_mask_add_epi32(c, up, c, _mm512_set1_epi32(1)),
+                            _mm512_setzero_si512());
+}
+
+/* 16 values of a map at 16 codes: eight 32-entry permutes, picked by the codes' top 3 bits */
+static inline vf decode(const uint8_t* codes, const float* map, vf scale) {
+    __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)codes));
+    __mmask16 b5 = _mm512_movepi32_mask(_mm512_slli_epi32(c, 26)); /* bits 5, 6, 7 */
+    __mmask16 b6 = _mm512_movepi32_mask(_mm512_slli_epi32(c, 25));
+    __mmask16 b7 = _mm512_movepi32_mask(_mm512_slli_epi32(c, 24));
+    vf t[8];
+    for (int i = 0; i < 8; i++)
+        t[i] = _mm512_permutex2var_ps(VLOAD(map + 32 * i), c, VLOAD(map + 32 * i + 16));
+    vf lo = _mm512_mask_mov_ps(_mm512_mask_mov_ps(t[0], b5, t[1]), b6, _mm512_mask_mov_ps(t[2], b5, t[3]));
+    vf hi = _mm512_mask_mov_ps(_mm512_mask_mov_ps(t[4], b5, t[5]), b6, _mm512_mask_mov_ps(t[6], b5, t[7]));
+    return VMUL(_mm512_mask_mov_ps(lo, b7, hi), scale);
+}
+
+/* the codes of a block of `size` values with absmax m */
+static inline __attribute__((always_inline)) void encode_block(
+    const float* x, int size, float m, uint8_t* codes, const Map* M, const int sgn) {
+    float s = m > 0.0f ? m : 1.0f;
+    vf vs = VSET(s), r = VSET(1.0f / s);
+    Bands t = bands(M);
+    if (m <= FLT_MAX) { /* x * (1/s) is within 2 ulps of x / s: only near values need x / s */
+        for (int j = 0; j < size; j += W) {
+            vf xj = VLOAD(x + j);
+            __m512i c = encode16(VMUL(xj, r), xj, vs, 0, &t, M->T, sgn);
+            _mm_storeu_si128((__m128i*)(codes + j), _mm512_cvtepi32_epi8(c));
+        }
+    } else { /* NaN -> 0; a NaN absmax divides by 1: clamp to [-1, 1] (the end codes) */
+        for (int j = 0; j < size; j += W) {
+            vf y = sanitize(VDIV(VLOAD(x + j), vs));
+            __m512i c = encode16(y, y, vs, 1, &t, M->T, sgn);
+            _mm_storeu_si128((__m128i*)(codes + j), _mm512_cvtepi32_epi8(c));
+        }
+    }
+}
+
+#else
+/* ---- AVX2: 8 lanes; the map through gathers ---- */
+#define W 8
+typedef __m256 vf;
+typedef __m256 vnan;
+#define VLOAD _mm256_loadu_ps
+#define VSTORE _mm256_storeu_ps
+#define VSET _mm256_set1_ps
+#define VADD _mm256_add_ps
+#define VSUB _mm256_sub_ps
+#define VMUL _mm256_mul_ps
+#define VDIV _mm256_div_ps
+#define VSQRT _mm256_sqrt_ps
+#define VMAX _mm256_max_ps
+#define VABS(v) _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v)
+#define NAN_NONE _mm256_setzero_ps()
+#define NAN_OR(acc, a, b) _mm256_or_ps(acc, _mm256_cmp_ps(a, b, _CMP_UNORD_Q))
+#define NAN_ANY(acc) (_mm256_movemask_ps(acc) != 0)
+
+static inline float hmax(vf mx) {
+    float lanes[8], m = 0.0f;
+    _mm256_storeu_ps(lanes, mx);
+    for (int l = 0; l < 8; l++) m = lanes[l] > m ? lanes[l] : m;
+    return m;
+}
+
 /* the nearest code of 8 normed values (|x| <= 1, no NaN) */
 static inline __attribute__((always_inline)) __m256i encode8(__m256 x, const Map* M, const int sgn) {
     static const float edges[6] = {1e-6f, 1e-5f, 1e-4f, 1e-3f, 1e-2f, 1e-1f};
     __m256 zero = _mm256_setzero_ps();
-    __m256 a = sgn ? _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x) : _mm256_max_ps(x, zero);
+    __m256 a = sgn ? VABS(x) : _mm256_max_ps(x, zero);
     __m256i band = _mm256_setzero_si256();
     for (int e = 0; e < 6; e++)
         band = _mm256_sub_epi32(
@@ -104,7 +255,7 @@ static inline __attribute__((always_inline)) __m256i encode8(__m256 x, const Map
     __m256 thr = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(fl, _mm256_set1_ps(0.5f)), BAND(lo)), BAND(hi));
     __m256 d = _mm256_sub_ps(pr, thr);
     __m256 up = _mm256_cmp_ps(d, zero, _CMP_GT_OQ);
-    __m256 near = _mm256_cmp_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), d), _mm256_set1_ps(NEAR), _CMP_LE_OQ);
+    __m256 near = _mm256_cmp_ps(VABS(d), _mm256_set1_ps(NEAR), _CMP_LE_OQ);
     __m256 cand = _mm256_add_ps(fl, BAND(base));
 #undef BAND
     if (sgn) {
@@ -118,28 +269,9 @@ static inline __attribute__((always_inline)) __m256i encode8(__m256 x, const Map
     return _mm256_sub_epi32(c, _mm256_castps_si256(up));
 }
 
-static inline __m256 decode8(const uint8_t* codes, const float* map, __m256 scale) {
+static inline vf decode(const uint8_t* codes, const float* map, vf scale) {
     __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)codes));
     return _mm256_mul_ps(_mm256_i32gather_ps(map, c, 4), scale);
-}
-
-/* the largest of 8 lanes, or NaN if `nan` has a lane set */
-static inline float hmax8(__m256 mx, __m256 nan) {
-    float lanes[8], m = 0.0f;
-    _mm256_storeu_ps(lanes, mx);
-    for (int l = 0; l < 8; l++) m = lanes[l] > m ? lanes[l] : m;
-    return _mm256_movemask_ps(nan) ? NAN : m;
-}
-
-/* the absmax of `size` (a multiple of 8) values, NaN if any value is */
-static inline float block_absmax(const float* x, int size) {
-    __m256 mx = _mm256_setzero_ps(), nan = _mm256_setzero_ps();
-    for (int j = 0; j < size; j += 8) {
-        __m256 v = _mm256_loadu_ps(x + j);
-        mx = _mm256_max_ps(mx, _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v));
-        nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-    }
-    return hmax8(mx, nan);
 }
 
 /* the codes of a block of `size` values with absmax m */
@@ -161,6 +293,21 @@ static inline __attribute__((always_inline)) void encode_block(
             _mm256_permutevar8x32_epi32(c8, _mm256_setr_epi32(0, 4, 1, 5, 0, 0, 0, 0))));
     }
 }
+#endif
+
+/* ---- both: the loops, in the vector type vf of W lanes ---- */
+
+/* the absmax of `size` (a multiple of W) values, NaN if any value is */
+static inline float block_absmax(const float* x, int size) {
+    vf mx = VSET(0.0f);
+    vnan nan = NAN_NONE;
+    for (int j = 0; j < size; j += W) {
+        vf v = VLOAD(x + j);
+        mx = VMAX(mx, VABS(v));
+        nan = NAN_OR(nan, v, v);
+    }
+    return NAN_ANY(nan) ? NAN : hmax(mx);
+}
 
 /* block k of a row: head blocks of 256, then tail blocks of 64 */
 static inline void block_at(int64_t k, int64_t head_blocks, int64_t* start, int* size) {
@@ -169,13 +316,14 @@ static inline void block_at(int64_t k, int64_t head_blocks, int64_t* start, int*
 }
 
 /* torch.lerp's formula (the weight is one scalar) */
-static inline __m256 lerp8(__m256 self, __m256 end, float weight) {
+static inline vf lerp(vf self, vf end, float weight) {
     if (fabsf(weight) < 0.5f)
-        return _mm256_add_ps(self, _mm256_mul_ps(_mm256_set1_ps(weight), _mm256_sub_ps(end, self)));
-    return _mm256_sub_ps(end, _mm256_mul_ps(_mm256_sub_ps(end, self), _mm256_set1_ps(1.0f - weight)));
+        return VADD(self, VMUL(VSET(weight), VSUB(end, self)));
+    return VSUB(end, VMUL(VSUB(end, self), VSET(1.0f - weight)));
 }
 
-int32_t sf8_version(void) { return 2; }
+int32_t sf8_version(void) { return 3; }
+int32_t sf8_lanes(void) { return W; }
 
 /* weights and gradients are read 4 KiB ahead (a loop this busy keeps too few loads in flight
    to stream a matrix that is not in cache; as factored_native's) */
@@ -185,16 +333,16 @@ void sf8_step_rows(int64_t r0, int64_t r1, float* w, const float* g, int64_t col
                    int64_t code_cols, int64_t head_blocks, int64_t blocks, uint8_t* mc, float* ms,
                    uint8_t* vc, float* vs, const float* fa, const float* fb, int64_t fold_stride,
                    const Rule* R, const Map* mm, const Map* vm) {
-    __m256 beta2 = _mm256_set1_ps(R->beta2), omb2 = _mm256_set1_ps(R->one_minus_beta2);
-    __m256 eps = _mm256_set1_ps(R->eps), decay = _mm256_set1_ps(R->decay);
-    __m256 neg_scale = _mm256_set1_ps(R->neg_scale), c = _mm256_set1_ps(R->c);
+    vf beta2 = VSET(R->beta2), omb2 = VSET(R->one_minus_beta2);
+    vf eps = VSET(R->eps), decay = VSET(R->decay);
+    vf neg_scale = VSET(R->neg_scale), c = VSET(R->c);
     #pragma omp parallel for schedule(static) if ((r1 - r0) * cols >= PARALLEL_ELEMENTS)
     for (int64_t r = r0; r < r1; r++) {
         float mbuf[HEAD], vbuf[HEAD], wpad[TAIL], gpad[TAIL];
         float* wr = w + r * cols;
         const float* gr = g + r * cols;
-        __m256 a = _mm256_set1_ps(fa ? fa[r * fold_stride] : 0.0f);
-        __m256 b = _mm256_set1_ps(fb ? fb[r * fold_stride] : 0.0f);
+        vf a = VSET(fa ? fa[r * fold_stride] : 0.0f);
+        vf b = VSET(fb ? fb[r * fold_stride] : 0.0f);
         for (int64_t k = 0; k < blocks; k++) {
             int64_t start;
             int size;
@@ -211,34 +359,34 @@ void sf8_step_rows(int64_t r0, int64_t r1, float* w, const float* g, int64_t col
                 gb = gpad;
             }
             int64_t at = r * blocks + k;
-            __m256 sm = _mm256_set1_ps(ms[at]), sv = _mm256_set1_ps(vs[at]);
+            vf sm = VSET(ms[at]), sv = VSET(vs[at]);
             uint8_t* cm = mc + r * code_cols + start;
             uint8_t* cv = vc + r * code_cols + start;
-            __m256 mmx = _mm256_setzero_ps(), vmx = mmx, nan = mmx;
-            for (int j = 0; j < size; j += 8) {
+            vf mmx = VSET(0.0f), vmx = mmx;
+            vnan nan = NAN_NONE;
+            for (int j = 0; j < size; j += W) {
                 _mm_prefetch((const char*)(wr + start + j + AHEAD), _MM_HINT_T0);
                 _mm_prefetch((const char*)(gr + start + j + AHEAD), _MM_HINT_T0);
-                __m256 m = decode8(cm + j, mm->map, sm);
-                __m256 v = decode8(cv + j, vm->map, sv);
-                __m256 w0 = _mm256_loadu_ps(wb + j), g0 = _mm256_loadu_ps(gb + j);
-                __m256 gg = fa ? _mm256_sub_ps(_mm256_mul_ps(g0, a), _mm256_mul_ps(b, w0))
-                               : _mm256_mul_ps(g0, c);
-                v = _mm256_add_ps(_mm256_mul_ps(v, beta2), _mm256_mul_ps(_mm256_mul_ps(omb2, gg), gg));
-                m = lerp8(m, gg, R->one_minus_mu);
-                __m256 n_ = R->nesterov ? lerp8(gg, m, R->mu) : m;
-                __m256 denom = _mm256_add_ps(_mm256_sqrt_ps(v), eps);
-                __m256 w1 = R->decay_on ? _mm256_mul_ps(w0, decay) : w0;
-                _mm256_storeu_ps(wb + j, _mm256_add_ps(w1, _mm256_div_ps(_mm256_mul_ps(neg_scale, n_), denom)));
-                _mm256_storeu_ps(mbuf + j, m);
-                _mm256_storeu_ps(vbuf + j, v);
-                mmx = _mm256_max_ps(mmx, _mm256_andnot_ps(_mm256_set1_ps(-0.0f), m));
-                vmx = _mm256_max_ps(vmx, _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v));
-                nan = _mm256_or_ps(nan, _mm256_cmp_ps(m, v, _CMP_UNORD_Q));
+                vf m = decode(cm + j, mm->map, sm);
+                vf v = decode(cv + j, vm->map, sv);
+                vf w0 = VLOAD(wb + j), g0 = VLOAD(gb + j);
+                vf gg = fa ? VSUB(VMUL(g0, a), VMUL(b, w0)) : VMUL(g0, c);
+                v = VADD(VMUL(v, beta2), VMUL(VMUL(omb2, gg), gg));
+                m = lerp(m, gg, R->one_minus_mu);
+                vf n_ = R->nesterov ? lerp(gg, m, R->mu) : m;
+                vf denom = VADD(VSQRT(v), eps);
+                vf w1 = R->decay_on ? VMUL(w0, decay) : w0;
+                VSTORE(wb + j, VADD(w1, VDIV(VMUL(neg_scale, n_), denom)));
+                VSTORE(mbuf + j, m);
+                VSTORE(vbuf + j, v);
+                mmx = VMAX(mmx, VABS(m));
+                vmx = VMAX(vmx, VABS(v));
+                nan = NAN_OR(nan, m, v);
             }
             if (n < size) memcpy(wr + start, wpad, n * sizeof(float));
-            int any_nan = _mm256_movemask_ps(nan);
-            ms[at] = any_nan ? block_absmax(mbuf, size) : hmax8(mmx, nan);
-            vs[at] = any_nan ? block_absmax(vbuf, size) : hmax8(vmx, nan);
+            int any_nan = NAN_ANY(nan);
+            ms[at] = any_nan ? block_absmax(mbuf, size) : hmax(mmx);
+            vs[at] = any_nan ? block_absmax(vbuf, size) : hmax(vmx);
             encode_block(mbuf, size, ms[at], cm, mm, 1);
             encode_block(vbuf, size, vs[at], cv, vm, 0);
         }
@@ -270,10 +418,9 @@ void sf8_dequantize_rows(int64_t r0, int64_t r1, const uint8_t* codes, const flo
             int64_t start;
             int size;
             block_at(k, head_blocks, &start, &size);
-            __m256 s = _mm256_set1_ps(absmax[r * blocks + k]);
-            for (int j = 0; j < size; j += 8)
-                _mm256_storeu_ps(out + r * code_cols + start + j,
-                                 decode8(codes + r * code_cols + start + j, M->map, s));
+            vf s = VSET(absmax[r * blocks + k]);
+            for (int j = 0; j < size; j += W)
+                VSTORE(out + r * code_cols + start + j, decode(codes + r * code_cols + start + j, M->map, s));
         }
 }
 """
@@ -286,6 +433,8 @@ class _Map(ctypes.Structure):
         ("base", ctypes.c_float * 8),
         ("lo", ctypes.c_float * 8),
         ("hi", ctypes.c_float * 8),
+        ("edge", ctypes.c_float * 32),
+        ("band_of", ctypes.c_int32 * 32),
         ("sgn", ctypes.c_int32),
         ("T", ctypes.c_void_p),
         ("map", ctypes.c_void_p),
@@ -323,12 +472,30 @@ _SIGNATURES: dict[str, list[type]] = {
 }
 
 
-_library = NativeLibrary(
-    "quant8",
-    _SOURCE,
-    _SIGNATURES,
-    fallback="DolphinFlow8bit uses the torch path (slower, same codes)",
-)
+AVX512_FLAGS = ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl"]
+"""Added to :data:`~shardflow.optim._native.FLAGS` for the AVX-512 build (the ``__AVX512F__``
+half of the source)."""
+
+
+@functools.cache
+def library(avx512: bool) -> NativeLibrary:
+    """The kernel built for AVX-512 (16 lanes, look-ups by permutes) or AVX2 (8 lanes, gathers)."""
+    return NativeLibrary(
+        "quant8",
+        _SOURCE,
+        _SIGNATURES,
+        fallback="DolphinFlow8bit uses the torch path (slower, same codes)",
+        flags=[*FLAGS, *AVX512_FLAGS] if avx512 else FLAGS,
+    )
+
+
+def host_avx512() -> bool:
+    """Whether torch dispatches its own CPU kernels to AVX-512 here (``torch.backends.cpu``;
+    ``ATEN_CPU_CAPABILITY=avx2`` turns it down, for both)."""
+    return torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
+_library = library(host_avx512())
 """The compiled kernel (``_library()``: the ``ctypes.CDLL`` or None; see :mod:`._native`)."""
 
 
@@ -365,6 +532,19 @@ def band_constants(signed: bool) -> list[tuple[float, float, float, float, float
     return out
 
 
+BAND_EDGES = torch.tensor([1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1]).tolist()
+"""The lower edges of bands 1-6 of a normed magnitude, as fp32 values."""
+
+
+def binade_band(e: int) -> tuple[int, float]:
+    """For magnitudes in ``[2^e, 2^(e+1))`` (``e ≤ 0``; ``e = −31``: all below ``2^−30``): the band
+    at ``2^e`` and the one band edge inside the binade (a band is wider than a binade), or inf.
+    The AVX-512 kernel finds a band from the exponent by this table and one comparison."""
+    bottom, top = 2.0**e, 2.0 ** (e + 1)
+    inside = [edge for edge in BAND_EDGES if bottom < edge < top]
+    return sum(edge <= bottom for edge in BAND_EDGES), (inside[0] if inside else float("inf"))
+
+
 @functools.cache
 def _map(signed: bool) -> tuple[_Map, tuple[Tensor, ...]]:
     """The ``Map`` struct of a dynamic map, and the tensors it points into (kept alive)."""
@@ -375,6 +555,8 @@ def _map(signed: bool) -> tuple[_Map, tuple[Tensor, ...]]:
     m = _Map()
     for i, (mult, off, base, lo, hi) in enumerate(band_constants(signed)):
         m.mult[i], m.off[i], m.base[i], m.lo[i], m.hi[i] = mult, off, base, lo, hi
+    for e in range(-31, 1):
+        m.band_of[e & 31], m.edge[e & 31] = binade_band(e)
     m.sgn = int(signed)
     m.T, m.map = mids.data_ptr(), code.data_ptr()
     return m, (code, mids)
