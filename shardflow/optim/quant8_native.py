@@ -78,7 +78,7 @@ _SOURCE = r"""
 typedef struct {           /* one dynamic map */
     float mult[8], off[8], base[8];  /* per band: cell floor(|x|*mult - off); base: code of cell 0 */
     float lo[8], hi[8];    /* per band: the midpoints below cell 0 and above the last, in cells */
-    float edge[32];        /* per binade 2^e (at e & 31, e = -31..0): the band edge inside it, or inf */
+    float edge[32];        /* per binade 2^e (at e + 31, e = -31..0): the band edge inside it, or inf */
     int32_t band_of[32];   /* per binade: the band at its bottom */
     int32_t sgn;           /* signed map */
     const float* T;        /* 256 midpoints, T[c] between codes c and c+1; T[255] = inf */
@@ -119,19 +119,20 @@ static inline vf sanitize(vf y) {
     return _mm512_min_ps(_mm512_max_ps(y, VSET(-1.0f)), VSET(1.0f));
 }
 
-/* a map's band and binade tables, in registers */
+/* a map's band and binade tables, in registers; positions counted from each band's base code
+   (cell k of band i at base_i + k), so that the truncated position is the code */
 typedef struct {
-    __m512 mult, off, base, lo, hi, edge0, edge1;
+    __m512 mult, off, lo, hi, edge0, edge1;
     __m512i band0, band1;
 } Bands;
 
 static inline Bands bands(const Map* M) {
     Bands t;
-    t.mult = _mm512_castps256_ps512(_mm256_loadu_ps(M->mult)); /* lanes 8-15: never indexed */
-    t.off = _mm512_castps256_ps512(_mm256_loadu_ps(M->off));
-    t.base = _mm512_castps256_ps512(_mm256_loadu_ps(M->base));
-    t.lo = _mm512_castps256_ps512(_mm256_loadu_ps(M->lo));
-    t.hi = _mm512_castps256_ps512(_mm256_loadu_ps(M->hi));
+    __m256 base = _mm256_loadu_ps(M->base); /* lanes 8-15 of the band tables: never indexed */
+    t.mult = _mm512_castps256_ps512(_mm256_loadu_ps(M->mult));
+    t.off = _mm512_castps256_ps512(_mm256_sub_ps(_mm256_loadu_ps(M->off), base));
+    t.lo = _mm512_castps256_ps512(_mm256_add_ps(_mm256_loadu_ps(M->lo), base));
+    t.hi = _mm512_castps256_ps512(_mm256_add_ps(_mm256_loadu_ps(M->hi), base));
     t.edge0 = VLOAD(M->edge);
     t.edge1 = VLOAD(M->edge + 16);
     t.band0 = _mm512_loadu_si512(M->band_of);
@@ -139,43 +140,48 @@ static inline Bands bands(const Map* M) {
     return t;
 }
 
-/* the nearest code of 16 normed values y (|y| <= 1 + 2 ulps, no NaN). Where a value is too
-   close to a midpoint to call from y, the exact quotient x / s (y itself if `exact`) is compared
-   with the exact fp32 midpoint. */
+/* the nearest code of 16 normed values y (|y| <= 1 + 2 ulps, no NaN), as int32 (-1: code 0).
+   Where a value is too close to a midpoint to call from y, the exact quotient x / s (y itself
+   if `exact`) is compared with the exact fp32 midpoint. */
 static inline __attribute__((always_inline)) __m512i encode16(
     __m512 y, __m512 x, __m512 s, const int exact, const Bands* t, const float* T, const int sgn) {
-    __m512 zero = _mm512_setzero_ps();
-    __m512 a = sgn ? VABS(y) : VMAX(y, zero);
-    /* the band: the one at the bottom of the binade, plus one past the binade's edge */
-    __m512i e = _mm512_cvttps_epi32(VMAX(_mm512_getexp_ps(a), VSET(-31.0f)));
-    __m512i band = _mm512_permutex2var_epi32(t->band0, e, t->band1);
+    __m512 a = sgn ? VABS(y) : VMAX(y, _mm512_setzero_ps()); /* +0 for -0 */
+    /* the band: the one at the bottom of a's binade (its biased exponent 96..127 = binade
+       2^-31..2^0, all below 2^-31 at 96), plus one past the binade's band edge */
+    __m512i e = _mm512_max_epi32(_mm512_srli_epi32(_mm512_castps_si512(a), 23), _mm512_set1_epi32(96));
+    __m512i band = _mm512_permutex2var_epi32(t->band0, e, t->band1); /* e's low 5 bits */
     __mmask16 past = _mm512_cmp_ps_mask(a, _mm512_permutex2var_ps(t->edge0, e, t->edge1), _CMP_GE_OQ);
     band = _mm512_mask_add_epi32(band, past, band, _mm512_set1_epi32(1));
 #define BAND(f) _mm512_permutexvar_ps(band, t->f)
-    __m512 pr = VSUB(VMUL(a, BAND(mult)), BAND(off));
-    __m512 fl = _mm512_roundscale_ps(pr, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    /* the midpoint to the next code in cell units: fl + 1/2, or the band's edge midpoints */
-    __m512 d = VSUB(pr, _mm512_min_ps(VMAX(VADD(fl, VSET(0.5f)), BAND(lo)), BAND(hi)));
+    __m512 pr = VSUB(VMUL(a, BAND(mult)), BAND(off)); /* >= base - 1 > 0: truncation floors */
+    __m512i c = _mm512_cvttps_epi32(pr);
+    /* the midpoint to the next code: c + 1/2, or the band's edge midpoints */
+    __m512 d = VSUB(pr, _mm512_min_ps(VMAX(VADD(_mm512_cvtepi32_ps(c), VSET(0.5f)), BAND(lo)), BAND(hi)));
+#undef BAND
     /* d > 0 by its sign bit (d = 0 is near), and y < 0 by y's (-0 takes code 126 + 1, as +0) */
     __mmask16 up = ~_mm512_movepi32_mask(_mm512_castps_si512(d));
     __mmask16 near = _mm512_cmp_ps_mask(VABS(d), VSET(NEAR), _CMP_LE_OQ);
-    __m512 cand = VADD(fl, BAND(base));
-#undef BAND
-    if (sgn) {
+    if (sgn) { /* mirrored: code 253 - c, and up means down */
         __mmask16 neg = _mm512_movepi32_mask(_mm512_castps_si512(y));
         up ^= neg;
-        cand = _mm512_mask_sub_ps(cand, neg, VSET(253.0f), cand);
+        c = _mm512_mask_sub_epi32(c, neg, _mm512_set1_epi32(253), c);
     }
-    __m512i c = _mm512_cvttps_epi32(cand); /* -1: below code 0, saturates to 0 */
     if (__builtin_expect(near != 0, 0)) { /* too close to call */
         __m512 ye = exact ? y : VDIV(x, s);
         __m512i at = _mm512_max_epi32(c, _mm512_setzero_si512());
         __mmask16 above = _mm512_mask_cmp_ps_mask(
-            near, ye, _mm512_mask_i32gather_ps(zero, near, at, T, 4), _CMP_GT_OQ);
+            near, ye, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), near, at, T, 4), _CMP_GT_OQ);
         up = (up & ~near) | above;
     }
-    return _mm512_max_epi32(_mm512_mask_add_epi32(c, up, c, _mm512_set1_epi32(1)),
-                            _mm512_setzero_si512());
+    return _mm512_mask_add_epi32(c, up, c, _mm512_set1_epi32(1));
+}
+
+/* 64 codes from four encode16 results, saturated to 0..255, in order */
+static inline void store64(uint8_t* codes, __m512i c0, __m512i c1, __m512i c2, __m512i c3) {
+    __m512i w = _mm512_packus_epi16(_mm512_packus_epi32(c0, c1), _mm512_packus_epi32(c2, c3));
+    /* each 128-bit lane l holds dwords (c0, c1, c2, c3)[4l..4l+3]: gather each c's four */
+    __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    _mm512_storeu_si512(codes, _mm512_permutexvar_epi32(order, w));
 }
 
 /* 16 values of a map at 16 codes: eight 32-entry permutes, picked by the codes' top 3 bits */
@@ -192,23 +198,28 @@ static inline vf decode(const uint8_t* codes, const float* map, vf scale) {
     return VMUL(_mm512_mask_mov_ps(lo, b7, hi), scale);
 }
 
-/* the codes of a block of `size` values with absmax m */
+/* the codes of a block of `size` (a multiple of 64) values with absmax m */
 static inline __attribute__((always_inline)) void encode_block(
     const float* x, int size, float m, uint8_t* codes, const Map* M, const int sgn) {
     float s = m > 0.0f ? m : 1.0f;
     vf vs = VSET(s), r = VSET(1.0f / s);
     Bands t = bands(M);
+    __m512i c[4];
     if (m <= FLT_MAX) { /* x * (1/s) is within 2 ulps of x / s: only near values need x / s */
-        for (int j = 0; j < size; j += W) {
-            vf xj = VLOAD(x + j);
-            __m512i c = encode16(VMUL(xj, r), xj, vs, 0, &t, M->T, sgn);
-            _mm_storeu_si128((__m128i*)(codes + j), _mm512_cvtepi32_epi8(c));
+        for (int j = 0; j < size; j += 4 * W) {
+            for (int u = 0; u < 4; u++) {
+                vf xj = VLOAD(x + j + u * W);
+                c[u] = encode16(VMUL(xj, r), xj, vs, 0, &t, M->T, sgn);
+            }
+            store64(codes + j, c[0], c[1], c[2], c[3]);
         }
     } else { /* NaN -> 0; a NaN absmax divides by 1: clamp to [-1, 1] (the end codes) */
-        for (int j = 0; j < size; j += W) {
-            vf y = sanitize(VDIV(VLOAD(x + j), vs));
-            __m512i c = encode16(y, y, vs, 1, &t, M->T, sgn);
-            _mm_storeu_si128((__m128i*)(codes + j), _mm512_cvtepi32_epi8(c));
+        for (int j = 0; j < size; j += 4 * W) {
+            for (int u = 0; u < 4; u++) {
+                vf y = sanitize(VDIV(VLOAD(x + j + u * W), vs));
+                c[u] = encode16(y, y, vs, 1, &t, M->T, sgn);
+            }
+            store64(codes + j, c[0], c[1], c[2], c[3]);
         }
     }
 }
@@ -336,6 +347,10 @@ void sf8_step_rows(int64_t r0, int64_t r1, float* w, const float* g, int64_t col
     vf beta2 = VSET(R->beta2), omb2 = VSET(R->one_minus_beta2);
     vf eps = VSET(R->eps), decay = VSET(R->decay);
     vf neg_scale = VSET(R->neg_scale), c = VSET(R->c);
+    /* locals, not loads through R, mm, vm in the loop (a store to a float buffer may alias them) */
+    const float one_minus_mu = R->one_minus_mu, mu = R->mu;
+    const int nesterov = R->nesterov, decay_on = R->decay_on;
+    const float *mmap = mm->map, *vmap = vm->map;
     #pragma omp parallel for schedule(static) if ((r1 - r0) * cols >= PARALLEL_ELEMENTS)
     for (int64_t r = r0; r < r1; r++) {
         float mbuf[HEAD], vbuf[HEAD], wpad[TAIL], gpad[TAIL];
@@ -367,15 +382,15 @@ void sf8_step_rows(int64_t r0, int64_t r1, float* w, const float* g, int64_t col
             for (int j = 0; j < size; j += W) {
                 _mm_prefetch((const char*)(wr + start + j + AHEAD), _MM_HINT_T0);
                 _mm_prefetch((const char*)(gr + start + j + AHEAD), _MM_HINT_T0);
-                vf m = decode(cm + j, mm->map, sm);
-                vf v = decode(cv + j, vm->map, sv);
+                vf m = decode(cm + j, mmap, sm);
+                vf v = decode(cv + j, vmap, sv);
                 vf w0 = VLOAD(wb + j), g0 = VLOAD(gb + j);
                 vf gg = fa ? VSUB(VMUL(g0, a), VMUL(b, w0)) : VMUL(g0, c);
                 v = VADD(VMUL(v, beta2), VMUL(VMUL(omb2, gg), gg));
-                m = lerp(m, gg, R->one_minus_mu);
-                vf n_ = R->nesterov ? lerp(gg, m, R->mu) : m;
+                m = lerp(m, gg, one_minus_mu);
+                vf n_ = nesterov ? lerp(gg, m, mu) : m;
                 vf denom = VADD(VSQRT(v), eps);
-                vf w1 = R->decay_on ? VMUL(w0, decay) : w0;
+                vf w1 = decay_on ? VMUL(w0, decay) : w0;
                 VSTORE(wb + j, VADD(w1, VDIV(VMUL(neg_scale, n_), denom)));
                 VSTORE(mbuf + j, m);
                 VSTORE(vbuf + j, v);
@@ -556,7 +571,7 @@ def _map(signed: bool) -> tuple[_Map, tuple[Tensor, ...]]:
     for i, (mult, off, base, lo, hi) in enumerate(band_constants(signed)):
         m.mult[i], m.off[i], m.base[i], m.lo[i], m.hi[i] = mult, off, base, lo, hi
     for e in range(-31, 1):
-        m.band_of[e & 31], m.edge[e & 31] = binade_band(e)
+        m.band_of[e + 31], m.edge[e + 31] = binade_band(e)
     m.sgn = int(signed)
     m.T, m.map = mids.data_ptr(), code.data_ptr()
     return m, (code, mids)
