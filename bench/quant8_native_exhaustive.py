@@ -3,14 +3,16 @@
 Every fp32 value in [−1, 1] (signed map: 2,130,706,434 values) and in [0, 1] (unsigned map:
 1,065,353,217) is quantized as a normed value (rows of 256 led by a 1.0, so the block absmax is
 1 and each value is divided by 1) by :mod:`shardflow.optim.quant8_native` and encoded by
-``quant8._encode`` (the table path); prints how many codes differ. About 2–3 minutes on one
-core of the shared 2-core CPU. Run from the repository root:
+``quant8._encode`` (the table path); prints how many codes differ. About 1.5–3 minutes per
+build on one core of the shared 2-core CPU, for every build the CPU runs (AVX2, AVX-512, AVX-512
+VBMI) or those named by ``--isa``. Run from the repository root:
 
-    /work/venv/bin/python -m bench.quant8_native_exhaustive
+    /work/venv/bin/python -m bench.quant8_native_exhaustive [--isa avx512]
 """
 
 from __future__ import annotations
 
+import argparse
 import time
 
 import torch
@@ -46,17 +48,27 @@ def differing_codes(signed: bool) -> tuple[int, int]:
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument(
+        "--isa",
+        choices=list(quant8_native.ISA_FLAGS),
+        action="append",
+        help="the kernel build(s) to check (default: every build this CPU runs)",
+    )
+    args = ap.parse_args()
     torch.set_num_threads(1)
-    if not quant8_native.available():
-        raise SystemExit("the native kernel is not available here")
-    for signed in (True, False):
-        started = time.perf_counter()
-        total, bad = differing_codes(signed)
-        print(
-            f"signed={signed}: {total} fp32 values, {bad} codes differ "
-            f"({time.perf_counter() - started:.0f} s)",
-            flush=True,
-        )
+    for isa in args.isa or quant8_native.host_isas():
+        quant8_native._library = quant8_native.library(isa)
+        if not quant8_native.available():
+            raise SystemExit(f"the native kernel ({isa}) is not available here")
+        for signed in (True, False):
+            started = time.perf_counter()
+            total, bad = differing_codes(signed)
+            print(
+                f"{isa}: signed={signed}: {total} fp32 values, {bad} codes differ "
+                f"({time.perf_counter() - started:.0f} s)",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

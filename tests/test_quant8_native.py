@@ -30,17 +30,14 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(
-    autouse=True,
-    params=[False, True] if quant8_native.host_avx512() else [False],
-    ids=lambda avx512: "avx512" if avx512 else "avx2",
-)
+@pytest.fixture(autouse=True, params=quant8_native.host_isas())
 def isa(request):
     """Every test runs on each build of the kernel this host can run: AVX2 (8 lanes, gathers),
-    and AVX-512 (16 lanes, permutes) where torch itself uses AVX-512."""
+    AVX-512 (16 lanes, permutes) where torch itself uses AVX-512, and AVX-512 VBMI (byte
+    permutes decode) where the CPU has it."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(quant8_native, "_library", quant8_native.library(request.param))
-        assert quant8_native._library().sf8_lanes() == (16 if request.param else 8)
+        assert quant8_native._library().sf8_lanes() == (8 if request.param == "avx2" else 16)
         yield request.param
 
 

@@ -53,6 +53,8 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import re
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -80,6 +82,7 @@ typedef struct {           /* one dynamic map */
     float lo[8], hi[8];    /* per band: the midpoints below cell 0 and above the last, in cells */
     float edge[32];        /* per binade 2^e (at e + 31, e = -31..0): the band edge inside it, or inf */
     int32_t band_of[32];   /* per binade: the band at its bottom */
+    uint8_t planes[4][256];/* byte p of code c's value at planes[p][c] (the AVX-512 VBMI decode) */
     int32_t sgn;           /* signed map */
     const float* T;        /* 256 midpoints, T[c] between codes c and c+1; T[255] = inf */
     const float* map;      /* 256 code values */
@@ -184,6 +187,36 @@ static inline void store64(uint8_t* codes, __m512i c0, __m512i c1, __m512i c2, _
     _mm512_storeu_si512(codes, _mm512_permutexvar_epi32(order, w));
 }
 
+#define RUN 64 /* values decoded at once */
+
+#ifdef __AVX512VBMI__
+/* 64 values of a map at 64 codes, into out[0..3]: each byte of the fp32 values by two 128-entry
+   byte permutes (the table's halves, picked by the code's top bit), then interleaved. The
+   codes are first reordered so that the interleave, which works within 128-bit lanes, puts
+   the values back in order: out[j] lane l, value k comes from byte 16l + 4j + k. */
+static inline void decode_run(const uint8_t* codes, const Map* M, vf scale, vf out[RUN / W]) {
+    static const uint8_t order[64] = {
+         0,  1,  2,  3, 16, 17, 18, 19, 32, 33, 34, 35, 48, 49, 50, 51,
+         4,  5,  6,  7, 20, 21, 22, 23, 36, 37, 38, 39, 52, 53, 54, 55,
+         8,  9, 10, 11, 24, 25, 26, 27, 40, 41, 42, 43, 56, 57, 58, 59,
+        12, 13, 14, 15, 28, 29, 30, 31, 44, 45, 46, 47, 60, 61, 62, 63};
+    __m512i c = _mm512_permutexvar_epi8(_mm512_loadu_si512(order), _mm512_loadu_si512(codes));
+    __mmask64 top = _mm512_movepi8_mask(c);
+    __m512i b[4];
+    for (int p = 0; p < 4; p++) {
+        const uint8_t* t = M->planes[p];
+        __m512i lo = _mm512_permutex2var_epi8(_mm512_loadu_si512(t), c, _mm512_loadu_si512(t + 64));
+        __m512i hi = _mm512_permutex2var_epi8(_mm512_loadu_si512(t + 128), c, _mm512_loadu_si512(t + 192));
+        b[p] = _mm512_mask_blend_epi8(top, lo, hi);
+    }
+    __m512i b01lo = _mm512_unpacklo_epi8(b[0], b[1]), b01hi = _mm512_unpackhi_epi8(b[0], b[1]);
+    __m512i b23lo = _mm512_unpacklo_epi8(b[2], b[3]), b23hi = _mm512_unpackhi_epi8(b[2], b[3]);
+    out[0] = VMUL(_mm512_castsi512_ps(_mm512_unpacklo_epi16(b01lo, b23lo)), scale);
+    out[1] = VMUL(_mm512_castsi512_ps(_mm512_unpackhi_epi16(b01lo, b23lo)), scale);
+    out[2] = VMUL(_mm512_castsi512_ps(_mm512_unpacklo_epi16(b01hi, b23hi)), scale);
+    out[3] = VMUL(_mm512_castsi512_ps(_mm512_unpackhi_epi16(b01hi, b23hi)), scale);
+}
+#else
 /* 16 values of a map at 16 codes: eight 32-entry permutes, picked by the codes' top 3 bits */
 static inline vf decode(const uint8_t* codes, const float* map, vf scale) {
     __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)codes));
@@ -197,6 +230,11 @@ static inline vf decode(const uint8_t* codes, const float* map, vf scale) {
     vf hi = _mm512_mask_mov_ps(_mm512_mask_mov_ps(t[4], b5, t[5]), b6, _mm512_mask_mov_ps(t[6], b5, t[7]));
     return VMUL(_mm512_mask_mov_ps(lo, b7, hi), scale);
 }
+
+static inline void decode_run(const uint8_t* codes, const Map* M, vf scale, vf out[RUN / W]) {
+    for (int u = 0; u < RUN / W; u++) out[u] = decode(codes + u * W, M->map, scale);
+}
+#endif
 
 /* the codes of a block of `size` (a multiple of 64) values with absmax m */
 static inline __attribute__((always_inline)) void encode_block(
@@ -285,6 +323,12 @@ static inline vf decode(const uint8_t* codes, const float* map, vf scale) {
     return _mm256_mul_ps(_mm256_i32gather_ps(map, c, 4), scale);
 }
 
+#define RUN 64 /* values decoded at once */
+
+static inline void decode_run(const uint8_t* codes, const Map* M, vf scale, vf out[RUN / W]) {
+    for (int u = 0; u < RUN / W; u++) out[u] = decode(codes + u * W, M->map, scale);
+}
+
 /* the codes of a block of `size` values with absmax m */
 static inline __attribute__((always_inline)) void encode_block(
     const float* x, int size, float m, uint8_t* codes, const Map* M, const int sgn) {
@@ -350,7 +394,6 @@ void sf8_step_rows(int64_t r0, int64_t r1, float* w, const float* g, int64_t col
     /* locals, not loads through R, mm, vm in the loop (a store to a float buffer may alias them) */
     const float one_minus_mu = R->one_minus_mu, mu = R->mu;
     const int nesterov = R->nesterov, decay_on = R->decay_on;
-    const float *mmap = mm->map, *vmap = vm->map;
     #pragma omp parallel for schedule(static) if ((r1 - r0) * cols >= PARALLEL_ELEMENTS)
     for (int64_t r = r0; r < r1; r++) {
         float mbuf[HEAD], vbuf[HEAD], wpad[TAIL], gpad[TAIL];
@@ -379,11 +422,15 @@ void sf8_step_rows(int64_t r0, int64_t r1, float* w, const float* g, int64_t col
             uint8_t* cv = vc + r * code_cols + start;
             vf mmx = VSET(0.0f), vmx = mmx;
             vnan nan = NAN_NONE;
-            for (int j = 0; j < size; j += W) {
+            for (int i = 0; i < size; i += RUN) {
+              vf mrun[RUN / W], vrun[RUN / W];
+              decode_run(cm + i, mm, sm, mrun);
+              decode_run(cv + i, vm, sv, vrun);
+              for (int u = 0; u < RUN / W; u++) {
+                int j = i + u * W;
                 _mm_prefetch((const char*)(wr + start + j + AHEAD), _MM_HINT_T0);
                 _mm_prefetch((const char*)(gr + start + j + AHEAD), _MM_HINT_T0);
-                vf m = decode(cm + j, mmap, sm);
-                vf v = decode(cv + j, vmap, sv);
+                vf m = mrun[u], v = vrun[u];
                 vf w0 = VLOAD(wb + j), g0 = VLOAD(gb + j);
                 vf gg = fa ? VSUB(VMUL(g0, a), VMUL(b, w0)) : VMUL(g0, c);
                 v = VADD(VMUL(v, beta2), VMUL(VMUL(omb2, gg), gg));
@@ -397,6 +444,7 @@ void sf8_step_rows(int64_t r0, int64_t r1, float* w, const float* g, int64_t col
                 mmx = VMAX(mmx, VABS(m));
                 vmx = VMAX(vmx, VABS(v));
                 nan = NAN_OR(nan, m, v);
+              }
             }
             if (n < size) memcpy(wr + start, wpad, n * sizeof(float));
             int any_nan = NAN_ANY(nan);
@@ -433,9 +481,11 @@ void sf8_dequantize_rows(int64_t r0, int64_t r1, const uint8_t* codes, const flo
             int64_t start;
             int size;
             block_at(k, head_blocks, &start, &size);
-            vf s = VSET(absmax[r * blocks + k]);
-            for (int j = 0; j < size; j += W)
-                VSTORE(out + r * code_cols + start + j, decode(codes + r * code_cols + start + j, M->map, s));
+            vf s = VSET(absmax[r * blocks + k]), run[RUN / W];
+            for (int i = 0; i < size; i += RUN) {
+                decode_run(codes + r * code_cols + start + i, M, s, run);
+                for (int u = 0; u < RUN / W; u++) VSTORE(out + r * code_cols + start + i + u * W, run[u]);
+            }
         }
 }
 """
@@ -450,6 +500,7 @@ class _Map(ctypes.Structure):
         ("hi", ctypes.c_float * 8),
         ("edge", ctypes.c_float * 32),
         ("band_of", ctypes.c_int32 * 32),
+        ("planes", ctypes.c_uint8 * 1024),
         ("sgn", ctypes.c_int32),
         ("T", ctypes.c_void_p),
         ("map", ctypes.c_void_p),
@@ -487,30 +538,45 @@ _SIGNATURES: dict[str, list[type]] = {
 }
 
 
-AVX512_FLAGS = ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl"]
-"""Added to :data:`~shardflow.optim._native.FLAGS` for the AVX-512 build (the ``__AVX512F__``
-half of the source)."""
+ISA_FLAGS: dict[str, list[str]] = {
+    "avx2": [],
+    "avx512": ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl"],
+    "avx512vbmi": ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mavx512vbmi"],
+}
+"""The builds of the source, by instruction set, added to :data:`~shardflow.optim._native.FLAGS`:
+AVX2 (8 lanes, the map through gathers), AVX-512 (16 lanes, every look-up a register permute),
+AVX-512 VBMI (the same, values decoded by byte permutes)."""
 
 
 @functools.cache
-def library(avx512: bool) -> NativeLibrary:
-    """The kernel built for AVX-512 (16 lanes, look-ups by permutes) or AVX2 (8 lanes, gathers)."""
+def library(isa: str) -> NativeLibrary:
+    """The kernel built for ``isa`` (a key of :data:`ISA_FLAGS`)."""
     return NativeLibrary(
         "quant8",
         _SOURCE,
         _SIGNATURES,
         fallback="DolphinFlow8bit uses the torch path (slower, same codes)",
-        flags=[*FLAGS, *AVX512_FLAGS] if avx512 else FLAGS,
+        flags=[*FLAGS, *ISA_FLAGS[isa]],
     )
 
 
-def host_avx512() -> bool:
-    """Whether torch dispatches its own CPU kernels to AVX-512 here (``torch.backends.cpu``;
-    ``ATEN_CPU_CAPABILITY=avx2`` turns it down, for both)."""
-    return torch.backends.cpu.get_cpu_capability() == "AVX512"
+def host_isas() -> list[str]:
+    """The builds this CPU runs, best last: AVX-512 where torch dispatches its own CPU kernels
+    to it (``torch.backends.cpu``; ``ATEN_CPU_CAPABILITY=avx2`` turns both down), with VBMI
+    where the CPU has it (``/proc/cpuinfo``)."""
+    isas = ["avx2"]
+    if torch.backends.cpu.get_cpu_capability() == "AVX512":
+        isas.append("avx512")
+        try:
+            flags = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            flags = ""
+        if re.search(r"^flags\s*:.*\bavx512vbmi\b", flags, re.MULTILINE):
+            isas.append("avx512vbmi")
+    return isas
 
 
-_library = library(host_avx512())
+_library = library(host_isas()[-1])
 """The compiled kernel (``_library()``: the ``ctypes.CDLL`` or None; see :mod:`._native`)."""
 
 
@@ -573,6 +639,8 @@ def _map(signed: bool) -> tuple[_Map, tuple[Tensor, ...]]:
     for e in range(-31, 1):
         m.band_of[e + 31], m.edge[e + 31] = binade_band(e)
     m.sgn = int(signed)
+    planes = code.view(torch.uint8).view(256, 4).t().contiguous()  # little-endian bytes
+    ctypes.memmove(m.planes, planes.data_ptr(), 1024)
     m.T, m.map = mids.data_ptr(), code.data_ptr()
     return m, (code, mids)
 
