@@ -15,8 +15,9 @@ or one part: ``memory`` | ``step`` | ``convergence``. Needs bitsandbytes.
   interleaved round-robin so machine load hits both alike; the median of the per-round ratios is
   printed. Two SmolLM2 layers (the hidden matrices, default vector mode), and the same layers plus
   the embedding with name routing. Target: ≤ 1.5×. On an x86-64 CPU with AVX2 the 8-bit step
-  runs the native kernel (``shardflow.optim.quant8_native``); ``SHARDFLOW_NATIVE=0`` measures
-  the torch path instead.
+  runs the native kernel (``shardflow.optim.quant8_native``), in the best build the CPU runs
+  (``--isa avx2|avx512|avx512vbmi`` picks one); ``SHARDFLOW_NATIVE=0`` measures the torch path
+  instead.
 - **convergence**: a byte-level decoder (2 layers, width 192, 3 heads, MLP 768, context 128)
   trained for 200 steps on the running Python's standard library sources, 8-bit and 32-bit from
   the same initialization and batches; validation loss on held-out text. Target: within 1%.
@@ -237,6 +238,13 @@ def bench_convergence(steps: int = 200, seeds: tuple[int, ...] = (0, 1), lr: flo
 # -- entry point --------------------------------------------------------------------------------
 
 
+def _kernel() -> str:
+    """Which build of the native 8-bit kernel runs (or that the torch path does)."""
+    lib = quant8_native._library
+    isa = next((k for k in quant8_native.ISA_FLAGS if quant8_native.library(k) is lib), "?")
+    return isa if quant8_native.available() else "off (torch path)"
+
+
 def _machine() -> list[str]:
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()[:15]
@@ -246,7 +254,7 @@ def _machine() -> list[str]:
         f"python {platform.python_version()}, torch {torch.__version__}, "
         f"bitsandbytes {__import__('bitsandbytes').__version__}, "
         f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()}, "
-        f"native 8-bit kernel {quant8_native.available()}",
+        f"native 8-bit kernel: {_kernel()}",
         "```",
         *lscpu,
         "```",
@@ -260,7 +268,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument(
+        "--isa",
+        choices=list(quant8_native.ISA_FLAGS),
+        help="the native kernel's build (default: the best this CPU runs)",
+    )
     args = parser.parse_args()
+    if args.isa:
+        quant8_native._library = quant8_native.library(args.isa)
     if args.threads:
         torch.set_num_threads(args.threads)
     parts = ["memory", "step", "convergence"] if args.part == "all" else [args.part]
@@ -271,7 +286,7 @@ def main() -> None:
         f"Date: {time.strftime('%Y-%m-%d')}",
         "",
     ]
-    print(f"native 8-bit kernel: {quant8_native.available()}", flush=True)
+    print(f"native 8-bit kernel: {_kernel()}", flush=True)
     for part in parts:
         started = time.perf_counter()
         if part == "memory":

@@ -17,6 +17,10 @@ Two questions, each answered side by side in one process (minimum over ``--reps`
   on a 1000-element tensor (as when a small parameter comes first): with
   ``cpp.dynamic_threads`` (what :mod:`shardflow.optim.compiling` sets) and without it (inductor
   then decides the loop's threading from that first call's size).
+- **DolphinFlow8bit's native step** (:func:`shardflow.optim.quant8_native.step_rows`: dequantize
+  both 8-bit moments, DolphinFlow's element-wise rule, requantize) on the same 49152×576 matrix,
+  in each build this CPU runs (AVX2, AVX-512, AVX-512 VBMI), in the same table: the anchor for
+  it is DolphinFlow's compiled pass (fp32 moments).
 - **FactoredAdam's native kernel** (:func:`shardflow.optim.factored_native.adam_many`) on the
   same 49152×576 matrix against ``torch._fused_adamw_``, as shipped and built without its
   prefetch (the loop then reads a matrix that is not in cache with too few loads in flight).
@@ -37,7 +41,14 @@ from collections.abc import Callable
 import torch
 
 from bench.factored import smollm2_135m_shapes
-from shardflow.optim import factored, factored_native, norm_native, rounding_native
+from shardflow.optim import (
+    factored,
+    factored_native,
+    norm_native,
+    quant8,
+    quant8_native,
+    rounding_native,
+)
 from shardflow.optim._native import FLAGS, NativeLibrary
 from shardflow.optim.dolphinflow import fused_update_each, sq_norms_each
 
@@ -114,6 +125,7 @@ def main() -> None:
             [w], [g], [m], [v], scalars, nesterov=True
         ),
     }
+    fns.update(_quant8(w, g))
     fns.update(_factored(w, g))
     best = _best(fns, args.reps)
     base = best["torch._fused_adamw_"]
@@ -125,6 +137,43 @@ def main() -> None:
     print("\n| stochastic rounding, 211 matrices' factors | min ms |\n|---|---:|")
     for name, sec in best.items():
         print(f"| {name} | {sec * 1e3:.3f} |")
+
+
+def _quant8(w: torch.Tensor, g: torch.Tensor) -> dict[str, Callable[[], object]]:
+    """DolphinFlow8bit's native fused step on ``w`` viewed as 49152×576 (Nesterov, no ⊥Grad),
+    in each build of the kernel this CPU runs."""
+    rows, cols = 49152, 576
+    blocks = quant8.RowBlocks(cols)
+    states = []
+    for signed, x in (
+        (True, torch.randn(rows, cols) * 1e-3),
+        (False, torch.rand(rows, cols) * 1e-6),
+    ):
+        codes, absmax = quant8.empty_state(rows, blocks, w.device)
+        quant8.quantize_(codes, absmax, x, blocks, signed)
+        states.append((codes, absmax))
+    shipped = quant8_native._library
+
+    def run(isa: str) -> None:
+        quant8_native._library = quant8_native.library(isa)
+        quant8_native.step_rows(
+            w.view(rows, cols),
+            g.view(rows, cols),
+            tuple(states),
+            None,
+            (1.0, 0.05, 0.999, 1e-3, 1e-8, 1.0),
+            blocks,
+            nesterov=True,
+            decay_on=False,
+        )
+        quant8_native._library = shipped
+
+    return {
+        f"DolphinFlow8bit native step, {isa} (reads w g, writes w; 2 code bytes)": (
+            lambda isa=isa: run(isa)
+        )
+        for isa in quant8_native.host_isas()
+    }
 
 
 def _factored(w: torch.Tensor, g: torch.Tensor) -> dict[str, Callable[[], object]]:

@@ -4,8 +4,8 @@ Why: in torch ops, requantizing a moment costs ~10 passes over memory and two ta
 per value (``index_select`` over a 65536-entry fp16-bits table, on one thread), and
 ``torch.compile`` does not help (inductor's CPU code loads uint8 and gathers table entries one
 lane at a time: 3-15 ns per value, slower than eager; bench/results/dolphinflow8bit-cpu2-2026-11-23.md).
-This module compiles a small C file (AVX2 intrinsics) with the system C compiler on first use
-and calls it through :mod:`ctypes`; rows are split over torch's OpenMP threads.
+This module compiles a small C file (AVX2 or AVX-512 intrinsics) with the system C compiler on
+first use and calls it through :mod:`ctypes`; rows are split over torch's OpenMP threads.
 
 **Nearest code without a search.** bitsandbytes' dynamic map (``create_dynamic_map``) is, per
 exponent band ``i = 0..6`` (magnitudes ``[10^(i−7), 10^(i−6)]``), ``q = 2^i`` codes (signed
@@ -32,6 +32,24 @@ element-wise rule in the order of DolphinFlow8bit's eager rule (``_eager_rule``:
 operations, one rounding each, no fused multiply-add), keep the new moments in a 1 KiB
 buffer and their absmax in registers, requantize: every value is read and written once, with
 no fp32 copy of a moment in memory.
+
+**Three builds** of the one source (:data:`ISA_FLAGS`, :func:`host_isas`; the loops are written
+once over a vector type of ``W`` lanes):
+
+- ``avx2`` (8 lanes): the band by six comparisons, the map and the rare midpoints by gathers.
+- ``avx512`` (16 lanes; where torch itself dispatches to AVX-512): no gathers but near a
+  midpoint — on Intel cores with the 2023 GDS microcode a gather costs more than the whole
+  rule (measured: AVX2 decode gathers ≈2.9 of ≈5.9 ns per parameter). The band comes from the
+  exponent bits of ``|x|`` (a 32-entry table of the band at the bottom of each binade 2⁻³¹..2⁰
+  and the one band edge inside it, :func:`binade_band`: two register permutes and a compare);
+  the band constants by register permutes; positions counted from each band's base code, so a
+  truncation gives the candidate code; the map's 256 values by eight 32-entry permutes.
+  Values are normed by ``x·(1/s)``, within 2 ulps of ``x/s``, i.e. < 4·10⁻⁵ of a cell: only
+  where that is too close to call (``NEAR``) the quotient ``x/s`` itself is compared with the
+  midpoint, so the codes stay bitwise the torch path's (tested on quotients within ulps of
+  every midpoint for four scales).
+- ``avx512vbmi`` (the same, on CPUs with AVX-512 VBMI): 64 values decoded at once, each byte of
+  their fp32 values by two 128-entry byte permutes (``vpermt2b``) from byte planes of the map.
 
 Measured on the shared 2-core CPU (one thread, 1536×576): quantize ≈1.2 ns per value (torch
 path: 4.5–12; 2.0 with a midpoint gather for every value), dequantize ≈0.6 (1.4–1.7), the
