@@ -17,13 +17,18 @@ and the cell position ``p = (|x|·10^(6−i) − 0.1)·q/0.9 − ½`` (code ``k`
 the midpoint's position ``⌊p⌋ + ½``, or at the band's edges the positions (per band, from the
 exact fp32 midpoints, :func:`band_constants`) of the midpoints to the previous band's last code
 (or 0) and to the next band's first code (or 1). The arithmetic and the midpoints' own
-roundings are off by < 10⁻⁴ of a cell; where ``p`` lies within 10⁻³ of a cell of the midpoint
-(~0.2% of values) the kernel compares ``x`` itself with the exact fp32 midpoint ``T[c]``
+roundings are off by < 7·10⁻⁵ of a cell (midpoints' positions: ≤ 1.5·10⁻⁵, one ulp at 255;
+``p``: ≤ 2.4·10⁻⁵; the AVX-512 builds' ``x·(1/s)``: ≤ 2.6·10⁻⁵; measured: 2–5·10⁻⁵, where a
+narrower window than 5·10⁻⁵ starts to miss); where ``p`` lies within ``NEAR`` = 2·10⁻⁴ of a
+cell of the midpoint (~0.04% of values) the kernel compares ``x`` itself with the exact fp32
+midpoint ``T[c]``
 between the candidate ``c`` and the next code (a 256-entry gather), as the table quantizer
 does. So the codes are bitwise those of :func:`shardflow.optim.quant8._fp16_table`'s (checked
-on every fp32 value in [−1, 1] by ``bench/quant8_native_exhaustive.py``, in the tests on every
-value within ±300 ulps of every midpoint and code, and on random values over nine decades).
-Values are divided by the block's absmax (IEEE division, as the torch path); NaN gives the
+on every fp32 value in [−1, 1] by ``bench/quant8_native_exhaustive.py``, which also checks
+quotients within ±300 ulps of every midpoint and code for 64 random block scales; in the tests
+on every value within ±300 ulps of every midpoint and code, times four scales, and on random
+values over nine decades). Values are divided by the block's absmax (IEEE division, as the
+torch path; the AVX-512 builds multiply by its reciprocal and divide where near); NaN gives the
 code of 0 and a NaN absmax, as there (a NaN absmax divides by 1, as there).
 
 **The fused step** (:func:`step_rows`): per block of 256 (or 64) values of a row, dequantize
@@ -93,7 +98,7 @@ _SOURCE = r"""
 
 #define HEAD 256
 #define TAIL 64
-#define NEAR 1e-3f
+#define NEAR 2e-4f /* in cells: the arithmetic is off by < 7e-5 (module docstring) */
 
 typedef struct {           /* one dynamic map */
     float mult[8], off[8], base[8];  /* per band: cell floor(|x|*mult - off); base: code of cell 0 */
