@@ -10,20 +10,20 @@ first use and calls it through :mod:`ctypes`; rows are split over torch's OpenMP
 **Nearest code without a search.** bitsandbytes' dynamic map (``create_dynamic_map``) is, per
 exponent band ``i = 0..6`` (magnitudes ``[10^(i−7), 10^(i−6)]``), ``q = 2^i`` codes (signed
 map; ``2^(i+1)`` unsigned) at the centres of ``q`` equal cells, mirrored for negative values
-(signed), plus 0 and 1. For a normed value ``x`` the kernel finds the band by six comparisons
-and the cell position ``p = (|x|·10^(6−i) − 0.1)·q/0.9 − ½`` (code ``k`` of the band at
-``p = k``, so the midpoints inside the band at ``k + ½``); the code at or below ``|x|`` is
-``⌊p⌋`` (−1: the code below the band). Whether to go one code up is decided on ``p`` against
-the midpoint's position ``⌊p⌋ + ½``, or at the band's edges the positions (per band, from the
-exact fp32 midpoints, :func:`band_constants`) of the midpoints to the previous band's last code
-(or 0) and to the next band's first code (or 1). The arithmetic and the midpoints' own
-roundings are off by < 7·10⁻⁵ of a cell (midpoints' positions: ≤ 1.5·10⁻⁵, one ulp at 255;
-``p``: ≤ 2.4·10⁻⁵; the AVX-512 builds' ``x·(1/s)``: ≤ 2.6·10⁻⁵; measured: 2–5·10⁻⁵, where a
-narrower window than 5·10⁻⁵ starts to miss); where ``p`` lies within ``NEAR`` = 2·10⁻⁴ of a
-cell of the midpoint (~0.04% of values) the kernel compares ``x`` itself with the exact fp32
-midpoint ``T[c]``
-between the candidate ``c`` and the next code (a 256-entry gather), as the table quantizer
-does. So the codes are bitwise those of :func:`shardflow.optim.quant8._fp16_table`'s (checked
+(signed), plus 0 and 1. For a normed value ``x`` the kernel finds the band (six comparisons;
+the AVX-512 builds: from the exponent bits) and the position ``p = (|x|·10^(6−i) − 0.1)·q/0.9 −
+½ + base_i`` (code ``base_i + k`` of the band at ``p = base_i + k``, so the midpoints inside the
+band at ``+ ½``); the code at or below ``|x|`` is ``p`` truncated (``p > 0``; ``253 −`` it for
+``x < 0``). Whether to go one code up is decided on ``p`` against the midpoint's position
+(the code ``+ ½``), or at the band's edges the positions (per band, from the exact fp32
+midpoints, :func:`band_constants`) of the midpoints to the previous band's last code (or 0)
+and to the next band's first code (or 1). The arithmetic and the midpoints' own roundings are
+off by < 7·10⁻⁵ of a cell (midpoints' positions: ≤ 1.5·10⁻⁵, one fp32 ulp at 255; ``p``:
+≤ 2.4·10⁻⁵; the AVX-512 builds' ``x·(1/s)``: ≤ 2.6·10⁻⁵; measured 2–5·10⁻⁵: a window narrower
+than 5·10⁻⁵ starts to miss); where ``p`` lies within ``NEAR`` = 2·10⁻⁴ of a cell of the
+midpoint (~0.04% of values) the kernel compares ``x`` itself with the exact fp32 midpoint
+``T[c]`` between the candidate ``c`` and the next code (a 256-entry gather), as the table
+quantizer does. So the codes are bitwise those of :func:`shardflow.optim.quant8._fp16_table`'s (checked
 on every fp32 value in [−1, 1] by ``bench/quant8_native_exhaustive.py``, which also checks
 quotients within ±300 ulps of every midpoint and code for 64 random block scales; in the tests
 on every value within ±300 ulps of every midpoint and code, times four scales, and on random
@@ -43,16 +43,16 @@ once over a vector type of ``W`` lanes):
 
 - ``avx2`` (8 lanes): the band by six comparisons, the map and the rare midpoints by gathers.
 - ``avx512`` (16 lanes; where torch itself dispatches to AVX-512): no gathers but near a
-  midpoint — on Intel cores with the 2023 GDS microcode a gather costs more than the whole
-  rule (measured: AVX2 decode gathers ≈2.9 of ≈5.9 ns per parameter). The band comes from the
+  midpoint — on the Ice Lake Xeon measured, the AVX2 build's two decode gathers took ≈2.9 of
+  its ≈5.9 ns per parameter (Intel's 2023 GDS microcode is known to slow gathers on such
+  cores; this VM's kernel reports "Not affected", so the cause is not confirmed). The band comes from the
   exponent bits of ``|x|`` (a 32-entry table of the band at the bottom of each binade 2⁻³¹..2⁰
   and the one band edge inside it, :func:`binade_band`: two register permutes and a compare);
-  the band constants by register permutes; positions counted from each band's base code, so a
-  truncation gives the candidate code; the map's 256 values by eight 32-entry permutes.
-  Values are normed by ``x·(1/s)``, within 2 ulps of ``x/s``, i.e. < 4·10⁻⁵ of a cell: only
+  the band constants by register permutes; the map's 256 values by eight 32-entry permutes.
+  Values are normed by ``x·(1/s)``, within 2 ulps of ``x/s`` (≤ 2.6·10⁻⁵ of a cell): only
   where that is too close to call (``NEAR``) the quotient ``x/s`` itself is compared with the
-  midpoint, so the codes stay bitwise the torch path's (tested on quotients within ulps of
-  every midpoint for four scales).
+  midpoint, so the codes stay bitwise the torch path's (checked on quotients within ±300 ulps
+  of every midpoint and code).
 - ``avx512vbmi`` (the same, on CPUs with AVX-512 VBMI): 64 values decoded at once, each byte of
   their fp32 values by two 128-entry byte permutes (``vpermt2b``) from byte planes of the map.
 
@@ -101,8 +101,10 @@ _SOURCE = r"""
 #define NEAR 2e-4f /* in cells: the arithmetic is off by < 7e-5 (module docstring) */
 
 typedef struct {           /* one dynamic map */
-    float mult[8], off[8], base[8];  /* per band: cell floor(|x|*mult - off); base: code of cell 0 */
-    float lo[8], hi[8];    /* per band: the midpoints below cell 0 and above the last, in cells */
+    float mult[8], off[8]; /* per band: code floor(|x|*mult - off) (positions from the band's
+                              base code, so the position of code c is c) */
+    float lo[8], hi[8];    /* per band: the positions of the midpoints below its first code and
+                              above its last */
     float edge[32];        /* per binade 2^e (at e + 31, e = -31..0): the band edge inside it, or inf */
     int32_t band_of[32];   /* per binade: the band at its bottom */
     uint8_t planes[4][256];/* byte p of code c's value at planes[p][c] (the AVX-512 VBMI decode) */
@@ -117,9 +119,8 @@ typedef struct {           /* DolphinFlow's element-wise rule, scalars as fp32 *
 } Rule;
 
 #ifdef __AVX512F__
-/* ---- AVX-512: 16 lanes; every table look-up is a register permute. (Gathers are slow on
-   Intel cores since the 2023 GDS microcode: the AVX2 kernel's two per parameter cost more
-   than its whole rule there.) ---- */
+/* ---- AVX-512: 16 lanes; every table look-up is a register permute (on the Ice Lake Xeon
+   measured, the AVX2 build's two gathers per parameter cost more than its whole rule) ---- */
 #define W 16
 typedef __m512 vf;
 typedef __mmask16 vnan;
@@ -145,20 +146,18 @@ static inline vf sanitize(vf y) {
     return _mm512_min_ps(_mm512_max_ps(y, VSET(-1.0f)), VSET(1.0f));
 }
 
-/* a map's band and binade tables, in registers; positions counted from each band's base code
-   (cell k of band i at base_i + k), so that the truncated position is the code */
+/* a map's band and binade tables, in registers */
 typedef struct {
     __m512 mult, off, lo, hi, edge0, edge1;
     __m512i band0, band1;
 } Bands;
 
 static inline Bands bands(const Map* M) {
-    Bands t;
-    __m256 base = _mm256_loadu_ps(M->base); /* lanes 8-15 of the band tables: never indexed */
+    Bands t; /* lanes 8-15 of the band tables: never indexed */
     t.mult = _mm512_castps256_ps512(_mm256_loadu_ps(M->mult));
-    t.off = _mm512_castps256_ps512(_mm256_sub_ps(_mm256_loadu_ps(M->off), base));
-    t.lo = _mm512_castps256_ps512(_mm256_add_ps(_mm256_loadu_ps(M->lo), base));
-    t.hi = _mm512_castps256_ps512(_mm256_add_ps(_mm256_loadu_ps(M->hi), base));
+    t.off = _mm512_castps256_ps512(_mm256_loadu_ps(M->off));
+    t.lo = _mm512_castps256_ps512(_mm256_loadu_ps(M->lo));
+    t.hi = _mm512_castps256_ps512(_mm256_loadu_ps(M->hi));
     t.edge0 = VLOAD(M->edge);
     t.edge1 = VLOAD(M->edge + 16);
     t.band0 = _mm512_loadu_si512(M->band_of);
@@ -179,7 +178,7 @@ static inline __attribute__((always_inline)) __m512i encode16(
     __mmask16 past = _mm512_cmp_ps_mask(a, _mm512_permutex2var_ps(t->edge0, e, t->edge1), _CMP_GE_OQ);
     band = _mm512_mask_add_epi32(band, past, band, _mm512_set1_epi32(1));
 #define BAND(f) _mm512_permutexvar_ps(band, t->f)
-    __m512 pr = VSUB(VMUL(a, BAND(mult)), BAND(off)); /* >= base - 1 > 0: truncation floors */
+    __m512 pr = VSUB(VMUL(a, BAND(mult)), BAND(off)); /* > 0: truncation floors */
     __m512i c = _mm512_cvttps_epi32(pr);
     /* the midpoint to the next code: c + 1/2, or the band's edge midpoints */
     __m512 d = VSUB(pr, _mm512_min_ps(VMAX(VADD(_mm512_cvtepi32_ps(c), VSET(0.5f)), BAND(lo)), BAND(hi)));
@@ -321,21 +320,20 @@ static inline __attribute__((always_inline)) __m256i encode8(__m256 x, const Map
         band = _mm256_sub_epi32(
             band, _mm256_castps_si256(_mm256_cmp_ps(a, _mm256_set1_ps(edges[e]), _CMP_GE_OQ)));
 #define BAND(t) _mm256_permutevar8x32_ps(_mm256_loadu_ps(M->t), band)
-    __m256 pr = _mm256_sub_ps(_mm256_mul_ps(a, BAND(mult)), BAND(off));
-    __m256 fl = _mm256_floor_ps(pr);
-    /* the midpoint to the next code in cell units: fl + 1/2, or the band's edge midpoints */
-    __m256 thr = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(fl, _mm256_set1_ps(0.5f)), BAND(lo)), BAND(hi));
+    __m256 pr = _mm256_sub_ps(_mm256_mul_ps(a, BAND(mult)), BAND(off)); /* >= 0: truncation floors */
+    __m256i c = _mm256_cvttps_epi32(pr);
+    /* the midpoint to the next code: c + 1/2, or the band's edge midpoints */
+    __m256 thr = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(_mm256_cvtepi32_ps(c), _mm256_set1_ps(0.5f)), BAND(lo)), BAND(hi));
     __m256 d = _mm256_sub_ps(pr, thr);
     __m256 up = _mm256_cmp_ps(d, zero, _CMP_GT_OQ);
     __m256 near = _mm256_cmp_ps(VABS(d), _mm256_set1_ps(NEAR), _CMP_LE_OQ);
-    __m256 cand = _mm256_add_ps(fl, BAND(base));
 #undef BAND
-    if (sgn) {
+    if (sgn) { /* mirrored: code 253 - c (-1 saturates to 0), and up means down */
         __m256 neg = _mm256_cmp_ps(x, zero, _CMP_LT_OQ);
         up = _mm256_xor_ps(up, neg);
-        cand = _mm256_blendv_ps(cand, _mm256_sub_ps(_mm256_set1_ps(253.0f), cand), neg); /* -1 saturates to 0 */
+        c = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(c),
+            _mm256_castsi256_ps(_mm256_sub_epi32(_mm256_set1_epi32(253), c)), neg));
     }
-    __m256i c = _mm256_cvttps_epi32(cand);
     if (__builtin_expect(!_mm256_testz_ps(near, near), 0)) /* too close to call: the exact midpoint */
         up = _mm256_cmp_ps(x, _mm256_i32gather_ps(M->T, _mm256_max_epi32(c, _mm256_setzero_si256()), 4), _CMP_GT_OQ);
     return _mm256_sub_epi32(c, _mm256_castps_si256(up));
@@ -518,7 +516,6 @@ class _Map(ctypes.Structure):
     _fields_ = [
         ("mult", ctypes.c_float * 8),
         ("off", ctypes.c_float * 8),
-        ("base", ctypes.c_float * 8),
         ("lo", ctypes.c_float * 8),
         ("hi", ctypes.c_float * 8),
         ("edge", ctypes.c_float * 32),
@@ -618,20 +615,21 @@ def thresholds(signed: bool) -> Tensor:
     return torch.cat([mids, torch.tensor([float("inf")])])
 
 
-def band_constants(signed: bool) -> list[tuple[float, float, float, float, float]]:
-    """Per exponent band ``i`` (``q`` codes): ``(mult, off, base, lo, hi)``. The cell position
-    of a magnitude is ``|x|·mult − off`` (``mult = 10^(6−i)·q/0.9``, ``off = 0.1·q/0.9 + ½``):
-    code ``k`` of the band at ``k``, its midpoints at ``k ± ½``; ``base``: the code of cell 0
-    for ``x ≥ 0`` (``base_i + 127 − k`` for ``x < 0``: ``253 − (base + k)``); ``lo``, ``hi``: the
-    positions of the midpoints to the code below the band (previous band's last, or 0) and to
-    the code above it (next band's first, or 1), from :func:`thresholds` in fp64."""
+def band_constants(signed: bool) -> list[tuple[float, float, float, float]]:
+    """Per exponent band ``i`` (``q`` codes from code ``base``): ``(mult, off, lo, hi)``. The
+    position of a magnitude is ``|x|·mult − off`` (``mult = 10^(6−i)·q/0.9``, ``off = 0.1·q/0.9
+    + ½ − base``): code ``base + k`` of the band at ``base + k``, its midpoints at ``± ½``, so
+    the position truncated is the code at or below ``|x|`` (for ``x < 0``: ``253 −`` it);
+    ``lo``, ``hi``: the positions of the midpoints to the code below the band (previous band's
+    last, or 0) and to the code above it (next band's first, or 1), from :func:`thresholds` in
+    fp64. (Positions reach 255.5, where an fp32 ulp is 1.5·10⁻⁵ of a cell.)"""
     mids = thresholds(signed).double()
     out, first = [], 128 if signed else 1
     for i in range(7):
         q = 2 ** (i if signed else i + 1)
-        mult, off = 10.0 ** (6 - i) * q / 0.9, 0.1 * q / 0.9 + 0.5
+        mult, off = 10.0 ** (6 - i) * q / 0.9, 0.1 * q / 0.9 + 0.5 - first
         lo, hi = (float(mids[c]) * mult - off for c in (first - 1, first + q - 1))
-        out.append((mult, off, float(first), lo, hi))
+        out.append((mult, off, lo, hi))
         first += q
     return out
 
@@ -657,8 +655,8 @@ def _map(signed: bool) -> tuple[_Map, tuple[Tensor, ...]]:
     code = dynamic_map(signed).contiguous()
     mids = thresholds(signed).contiguous()
     m = _Map()
-    for i, (mult, off, base, lo, hi) in enumerate(band_constants(signed)):
-        m.mult[i], m.off[i], m.base[i], m.lo[i], m.hi[i] = mult, off, base, lo, hi
+    for i, (mult, off, lo, hi) in enumerate(band_constants(signed)):
+        m.mult[i], m.off[i], m.lo[i], m.hi[i] = mult, off, lo, hi
     for e in range(-31, 1):
         m.band_of[e + 31], m.edge[e + 31] = binade_band(e)
     m.sgn = int(signed)
