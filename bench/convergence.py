@@ -133,7 +133,9 @@ def main() -> int:
         stem = f"convergence-{label}-{args.tag}-{datetime.date.today().isoformat()}"
         results = ROOT / "bench" / "results"
         results.mkdir(parents=True, exist_ok=True)
-        shutil.copy(out / "compare.png", results / f"{stem}.png")
+        plotted = (out / "compare.png").exists()  # not without matplotlib (the plot extra)
+        if plotted:
+            shutil.copy(out / "compare.png", results / f"{stem}.png")
     (results / f"{stem}.json").write_text(json.dumps(summaries, indent=2))
     text = [
         f"# Convergence on the embedded corpus ({datetime.date.today().isoformat()})",
@@ -156,7 +158,7 @@ def main() -> int:
         "",
         summary_table(summaries),
         "",
-        f"![loss curves]({stem}.png)",
+        f"![loss curves]({stem}.png)" if plotted else "(no plot: matplotlib is not installed)",
         "",
     ]
     (results / f"{stem}.md").write_text("\n".join(text))

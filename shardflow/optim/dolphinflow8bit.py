@@ -9,7 +9,7 @@ DolphinFlow's update on the fp32 values, and requantizes the result:
 
 - **the fused route** (element-wise and vector routes with ``adaptive_lr`` and no trust region:
   DolphinFlow's ``_fused_update``). On the CPU, where the native kernel is available
-  (:mod:`~shardflow.optim.quant8_native`: x86-64 with AVX2 and a C compiler) and the weights,
+  (:mod:`~shardflow.optim.quant8_native`: x86-64 with AVX2 or AVX-512 and a C compiler) and the weights,
   gradients and ⊥Grad coefficients are contiguous fp32, each parameter is one native loop over
   its blocks, whatever ``compiled`` says: dequantize both moments, DolphinFlow's element-wise
   rule (the eager rule's operations in its order), requantize, every value read and written
@@ -39,13 +39,14 @@ route): a group's parameters are updated in chunks, so the peak does not grow wi
 Each chunk is one call of DolphinFlow's update, with its own batched reductions; chunks are cut
 from global sizes in parameter order, so every rank cuts the same chunks.
 
-**Speed** (``python -m bench.dolphinflow8bit step``, 2 SmolLM2 layers, shared 2-core CPU,
-bench/results/dolphinflow8bit-cpu2-2026-11-23.md, run 5): with the native kernel the 8-bit
-step takes 0.93× the 32-bit one eager on one thread and 0.81–0.88× on two (the torch path:
-2.1–3.1×), so the default CPU configuration meets the issue's ≤ 1.5×; compiled against
-DolphinFlow compiled it takes 3.0–4.1× (one thread) and 2.0–2.5× (two; the torch path:
-7–13×): DolphinFlow's compiled pass is one generated loop of ≈1 ns per parameter, the native
-8-bit loop ≈5 ns (four table gathers, three divisions and a square root per parameter).
+**Speed** (``python -m bench.dolphinflow8bit step``, 2 SmolLM2 layers against DolphinFlow
+32-bit with the same ``compiled``, median per-round ratios). On a 2-core Ice Lake Xeon with the
+kernel's AVX-512 VBMI build: 0.45–0.61× eager, 1.26–1.39× compiled on one thread and 1.19–1.44× on
+two (bench/results/dolphinflow8bit-icelake2-2026-12-06.md; the AVX2 build there: 2.2–3.1×
+compiled); on a 2-core AMD Zen3 (AVX2 only): 0.57–0.73× eager, 1.8–2.5× compiled
+(bench/results/dolphinflow8bit-cpu2-2026-11-23.md, runs 7–8). The torch path: 2.1–3.1× eager,
+7–13× compiled. The issue's ≤ 1.5×: met eager on both CPUs measured; compiled on the AVX-512
+one, not on the AVX2-only one.
 """
 
 from __future__ import annotations

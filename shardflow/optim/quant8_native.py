@@ -56,12 +56,12 @@ once over a vector type of ``W`` lanes):
 - ``avx512vbmi`` (the same, on CPUs with AVX-512 VBMI): 64 values decoded at once, each byte of
   their fp32 values by two 128-entry byte permutes (``vpermt2b``) from byte planes of the map.
 
-Measured on the shared 2-core CPU (one thread, 1536×576): quantize ≈1.2 ns per value (torch
-path: 4.5–12; 2.0 with a midpoint gather for every value), dequantize ≈0.6 (1.4–1.7), the
-whole fused step ≈3.6 ns per parameter (4.8 before the cell-position decision and the absmax
-taken in the update pass; DolphinFlow's compiled element-wise pass: ≈1.0). Where the 3.6 go:
-requantizing both moments ≈1.9 (the code arithmetic ≈1.4 of it), dequantizing, the rule and
-memory ≈1.7.
+Measured, one thread: on a 2-core AMD EPYC (Zen3, AVX2; 1536×576) quantize ≈1.2 ns per value
+(torch path: 4.5–12), dequantize ≈0.6 (1.4–1.7), the fused step ≈3.6 ns per parameter
+(DolphinFlow's compiled element-wise pass: ≈1.0; bench/results/dolphinflow8bit-cpu2-2026-11-23.md,
+run 7); on a 2-core Ice Lake Xeon (49152×576, ``python -m bench.kernels``) the fused step takes
+4.3 (avx2), 1.76 (avx512) and 1.48 (avx512vbmi) ns per parameter against 1.13 for DolphinFlow's
+compiled pass (bench/results/dolphinflow8bit-icelake2-2026-12-06.md).
 
 Used when :func:`available`: an x86-64 CPU with AVX2 (``torch.backends.cpu``), a C compiler
 (``$CC``, else ``cc``), and ``SHARDFLOW_NATIVE`` not set to ``0``. The library is built once per
