@@ -2,7 +2,8 @@
 
 Shared by the hand-written kernels (:mod:`~shardflow.optim.quant8_native`,
 :mod:`~shardflow.optim.factored_native`). A :class:`NativeLibrary` holds one C source (AVX2
-intrinsics) and the ctypes signatures of its functions. On first use it is compiled with the
+intrinsics, built with :data:`FLAGS`; a kernel may add flags, as quant8_native's AVX-512 builds
+do) and the ctypes signatures of its functions. On first use it is compiled with the
 system C compiler (``$CC``, else ``cc``) into ``$SHARDFLOW_CACHE_DIR`` (default
 ``~/.cache/shardflow``), once per source and flags, under a temporary name then renamed, so
 concurrent processes never load a partial file; then loaded through :mod:`ctypes`.
