@@ -240,9 +240,7 @@ def bench_convergence(steps: int = 200, seeds: tuple[int, ...] = (0, 1), lr: flo
 
 def _kernel() -> str:
     """Which build of the native 8-bit kernel runs (or that the torch path does)."""
-    lib = quant8_native._library
-    isa = next((k for k in quant8_native.ISA_FLAGS if quant8_native.library(k) is lib), "?")
-    return isa if quant8_native.available() else "off (torch path)"
+    return quant8_native.active_isa() or "off (torch path)"
 
 
 def _machine() -> list[str]:

@@ -7,6 +7,8 @@ patched off), on the same inputs.
 from __future__ import annotations
 
 import copy
+import os
+import shutil
 
 import pytest
 import torch
@@ -258,3 +260,30 @@ def test_off_switch_and_a_failed_build_fall_back_to_torch(monkeypatch, tmp_path)
         assert opt.state[model[0].weight]["exp_avg"].dtype == torch.uint8
 
     check_off_switch_and_failed_build(monkeypatch, tmp_path, quant8_native._library, step)
+
+
+@pytest.mark.skipif(
+    "avx512vbmi" not in quant8_native.host_isas(), reason="needs a CPU with AVX-512 VBMI"
+)
+@pytest.mark.parametrize("isa", ["avx2"], indirect=True)  # once: the test picks the builds
+def test_a_build_the_compiler_refuses_falls_back_to_the_next(isa, monkeypatch, tmp_path):
+    """Where the compiler does not know AVX-512 VBMI, the host's kernel is the AVX-512 build;
+    where it knows no AVX-512, the AVX2 build (not the torch path); and it quantizes as the
+    torch path does."""
+    real = shutil.which(os.environ.get("CC", "cc"))
+    x = torch.randn(4, 300, generator=torch.Generator().manual_seed(2))
+    for refused, expected in (("-mavx512vbmi", "avx512"), ("-mavx512f", "avx2")):
+        cc = tmp_path / f"cc{refused}"
+        cc.write_text(
+            f'#!/bin/sh\nfor a in "$@"; do [ "$a" = "{refused}" ] && exit 1; done\n'
+            f'exec {real} "$@"\n'
+        )
+        cc.chmod(0o755)
+        monkeypatch.setenv("CC", str(cc))
+        monkeypatch.setenv("SHARDFLOW_CACHE_DIR", str(tmp_path / refused))
+        monkeypatch.setattr(quant8_native, "_library", quant8_native.host_library())
+        assert quant8_native.active_isa() == expected
+        codes, absmax = _quantize(x, signed=True)
+        monkeypatch.setattr(quant8_native, "available", lambda: False)
+        assert torch.equal(codes, _quantize(x, signed=True)[0])
+        monkeypatch.undo()

@@ -31,6 +31,7 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -84,7 +85,9 @@ class NativeLibrary:
     where unavailable); ``cache_clear()`` forgets the result (tests switch the environment).
 
     ``name`` names the cached file; ``signatures`` maps each exported function to its ctypes
-    argument types (all return ``void``); ``fallback`` ends the warning a failed build gives.
+    argument types (all return ``void``); ``fallback`` ends the warning a failed build gives;
+    ``alternatives``: flags to build with, in order, where ``flags`` do not build (a compiler
+    that does not know an instruction set, say).
     """
 
     def __init__(
@@ -95,10 +98,14 @@ class NativeLibrary:
         *,
         fallback: str,
         flags: list[str] | None = None,
+        alternatives: Sequence[list[str]] = (),
     ) -> None:
         self.name, self.source, self.signatures = name, source, signatures
         self.fallback = fallback
         self.base_flags = FLAGS if flags is None else flags
+        self.alternatives = list(alternatives)
+        self.built_flags: list[str] | None = None
+        """The flags of the build loaded (after the first call)."""
         self.flags = [*self.base_flags, *openmp_flags()]
         self._loaded: list[ctypes.CDLL | None] = []
 
@@ -137,15 +144,24 @@ class NativeLibrary:
         return target
 
     def _build_any(self) -> Path:
-        """:meth:`build`; if an OpenMP build fails (no ``libgomp.so`` for the linker, say),
-        a serial one."""
-        try:
-            return self.build()
-        except subprocess.CalledProcessError:
-            serial = [*self.base_flags, *SERIAL]
-            if self.flags == serial:
-                raise
-            return self.build(serial)
+        """:meth:`build` with the first flags that build: the base flags, then each of
+        :attr:`alternatives`, each linked to OpenMP first, then serial (no ``libgomp.so`` for
+        the linker, say)."""
+        tries = []
+        for base in (self.base_flags, *self.alternatives):
+            for flags in ([*base, *openmp_flags()], [*base, *SERIAL]):
+                if flags not in tries:
+                    tries.append(flags)
+        for flags in tries[:-1]:
+            try:
+                path = self.build(flags)
+            except subprocess.CalledProcessError:
+                continue
+            self.built_flags = flags
+            return path
+        path = self.build(tries[-1])
+        self.built_flags = tries[-1]
+        return path
 
     def _load(self) -> ctypes.CDLL | None:
         if not supported():

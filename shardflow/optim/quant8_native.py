@@ -66,8 +66,10 @@ compiled pass (bench/results/dolphinflow8bit-icelake2-2026-12-06.md).
 Used when :func:`available`: an x86-64 CPU with AVX2 (``torch.backends.cpu``), a C compiler
 (``$CC``, else ``cc``), and ``SHARDFLOW_NATIVE`` not set to ``0``. The library is built once per
 source and flags into ``$SHARDFLOW_CACHE_DIR`` (default ``~/.cache/shardflow``), written under a
-temporary name and renamed, so concurrent processes never load a partial file. Otherwise (or if
-the build fails: one warning) the torch path runs, with the same codes. The building, caching,
+temporary name and renamed, so concurrent processes never load a partial file. Where the
+compiler cannot build the host's best build, the next one that builds is used
+(:func:`host_library`, :func:`active_isa` tells which). Otherwise (or if no build succeeds: one
+warning) the torch path runs, with the same codes. The building, caching,
 loading and the link to torch's OpenMP runtime are :mod:`shardflow.optim._native`'s (shared
 with :mod:`~shardflow.optim.factored_native`).
 """
@@ -596,8 +598,34 @@ def host_isas() -> list[str]:
     return isas
 
 
-_library = library(host_isas()[-1])
+def host_library() -> NativeLibrary:
+    """The kernel in the best build this CPU runs; where the compiler cannot build it (one too
+    old for an instruction set), the next best that builds."""
+    isas = host_isas()[::-1]
+    return NativeLibrary(
+        "quant8",
+        _SOURCE,
+        _SIGNATURES,
+        fallback="DolphinFlow8bit uses the torch path (slower, same codes)",
+        flags=[*FLAGS, *ISA_FLAGS[isas[0]]],
+        alternatives=[[*FLAGS, *ISA_FLAGS[isa]] for isa in isas[1:]],
+    )
+
+
+_library = host_library()
 """The compiled kernel (``_library()``: the ``ctypes.CDLL`` or None; see :mod:`._native`)."""
+
+
+def active_isa() -> str | None:
+    """The build of the kernel in use (a key of :data:`ISA_FLAGS`), or None where the torch path
+    runs."""
+    if not available():
+        return None
+    built = set(_library.built_flags or ())
+    return max(
+        (isa for isa, flags in ISA_FLAGS.items() if built.issuperset(flags)),
+        key=lambda isa: len(ISA_FLAGS[isa]),
+    )
 
 
 def available() -> bool:
