@@ -152,16 +152,15 @@ class NativeLibrary:
             for flags in ([*base, *openmp_flags()], [*base, *SERIAL]):
                 if flags not in tries:
                     tries.append(flags)
-        for flags in tries[:-1]:
+        for flags in tries:
             try:
                 path = self.build(flags)
-            except subprocess.CalledProcessError:
+            except subprocess.CalledProcessError as exc:
+                error = exc
                 continue
             self.built_flags = flags
             return path
-        path = self.build(tries[-1])
-        self.built_flags = tries[-1]
-        return path
+        raise error  # the last build's
 
     def _load(self) -> ctypes.CDLL | None:
         if not supported():

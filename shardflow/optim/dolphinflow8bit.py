@@ -9,8 +9,8 @@ DolphinFlow's update on the fp32 values, and requantizes the result:
 
 - **the fused route** (element-wise and vector routes with ``adaptive_lr`` and no trust region:
   DolphinFlow's ``_fused_update``). On the CPU, where the native kernel is available
-  (:mod:`~shardflow.optim.quant8_native`: x86-64 with AVX2 or AVX-512 and a C compiler) and the weights,
-  gradients and ⊥Grad coefficients are contiguous fp32, each parameter is one native loop over
+  (:mod:`~shardflow.optim.quant8_native`: x86-64 with AVX2 or AVX-512 and a C compiler) and
+  the weights, gradients and ⊥Grad coefficients are contiguous fp32, each parameter is one native loop over
   its blocks, whatever ``compiled`` says: dequantize both moments, DolphinFlow's element-wise
   rule (the eager rule's operations in its order), requantize, every value read and written
   once; rows are split over ``torch.get_num_threads()`` threads. Otherwise it goes slab by slab

@@ -26,8 +26,8 @@ parameter's rows.
 bitsandbytes only takes fp16/bf16/fp32 tensors on one device (never DTensors): callers pass the
 local shard, and fp64 values are quantized through fp32.
 
-**On the CPU** a native kernel (:mod:`~shardflow.optim.quant8_native`: AVX2 or AVX-512, built on first use)
-quantizes and dequantizes when it is available, with bitwise the same codes. Otherwise the same
+**On the CPU** a native kernel (:mod:`~shardflow.optim.quant8_native`: AVX2 or AVX-512, built on
+first use) quantizes and dequantizes when it is available, with bitwise the same codes. Otherwise the same
 rounding (nearest entry of the map; bitsandbytes' own CPU kernel sometimes picks a neighbour)
 is done in torch, over the padded layout viewed as runs of 64 values: the absmax of every run,
 of 4 runs for a head block; every value divided by its block's scale and rounded through an

@@ -570,16 +570,22 @@ AVX2 (8 lanes, the map through gathers), AVX-512 (16 lanes, every look-up a regi
 AVX-512 VBMI (the same, values decoded by byte permutes)."""
 
 
-@functools.cache
-def library(isa: str) -> NativeLibrary:
-    """The kernel built for ``isa`` (a key of :data:`ISA_FLAGS`)."""
+def _kernel(isas: list[str]) -> NativeLibrary:
+    """The kernel built for ``isas[0]``, else for the first of the others that builds."""
     return NativeLibrary(
         "quant8",
         _SOURCE,
         _SIGNATURES,
         fallback="DolphinFlow8bit uses the torch path (slower, same codes)",
-        flags=[*FLAGS, *ISA_FLAGS[isa]],
+        flags=[*FLAGS, *ISA_FLAGS[isas[0]]],
+        alternatives=[[*FLAGS, *ISA_FLAGS[isa]] for isa in isas[1:]],
     )
+
+
+@functools.cache
+def library(isa: str) -> NativeLibrary:
+    """The kernel built for ``isa`` (a key of :data:`ISA_FLAGS`)."""
+    return _kernel([isa])
 
 
 def host_isas() -> list[str]:
@@ -601,15 +607,7 @@ def host_isas() -> list[str]:
 def host_library() -> NativeLibrary:
     """The kernel in the best build this CPU runs; where the compiler cannot build it (one too
     old for an instruction set), the next best that builds."""
-    isas = host_isas()[::-1]
-    return NativeLibrary(
-        "quant8",
-        _SOURCE,
-        _SIGNATURES,
-        fallback="DolphinFlow8bit uses the torch path (slower, same codes)",
-        flags=[*FLAGS, *ISA_FLAGS[isas[0]]],
-        alternatives=[[*FLAGS, *ISA_FLAGS[isa]] for isa in isas[1:]],
-    )
+    return _kernel(host_isas()[::-1])
 
 
 _library = host_library()
