@@ -20,7 +20,8 @@ Two questions, each answered side by side in one process (minimum over ``--reps`
 - **DolphinFlow8bit's native step** (:func:`shardflow.optim.quant8_native.step_rows`: dequantize
   both 8-bit moments, DolphinFlow's element-wise rule, requantize) on the same 49152×576 matrix,
   in each build this CPU runs (AVX2, AVX-512, AVX-512 VBMI), in the same table: the anchor for
-  it is DolphinFlow's compiled pass (fp32 moments).
+  it is DolphinFlow's compiled pass (fp32 moments). Also the AVX2 build with its two decode
+  gathers replaced by ``code × scale`` (wrong values, timing only): what the gathers cost.
 - **FactoredAdam's native kernel** (:func:`shardflow.optim.factored_native.adam_many`) on the
   same 49152×576 matrix against ``torch._fused_adamw_``, as shipped and built without its
   prefetch (the loop then reads a matrix that is not in cache with too few loads in flight).
@@ -153,9 +154,19 @@ def _quant8(w: torch.Tensor, g: torch.Tensor) -> dict[str, Callable[[], object]]
         quant8.quantize_(codes, absmax, x, blocks, signed)
         states.append((codes, absmax))
     shipped = quant8_native._library
+    gather = "_mm256_i32gather_ps(map, c, 4)"
+    assert gather in shipped.source
+    no_gathers = NativeLibrary(
+        "quant8_nogather",
+        shipped.source.replace(gather, "_mm256_cvtepi32_ps(c)"),
+        shipped.signatures,
+        fallback="",
+    )
+    libraries = {isa: quant8_native.library(isa) for isa in quant8_native.host_isas()}
+    libraries["avx2 without its decode gathers (timing only)"] = no_gathers
 
-    def run(isa: str) -> None:
-        quant8_native._library = quant8_native.library(isa)
+    def run(lib: NativeLibrary) -> None:
+        quant8_native._library = lib
         quant8_native.step_rows(
             w.view(rows, cols),
             g.view(rows, cols),
@@ -169,10 +180,10 @@ def _quant8(w: torch.Tensor, g: torch.Tensor) -> dict[str, Callable[[], object]]
         quant8_native._library = shipped
 
     return {
-        f"DolphinFlow8bit native step, {isa} (reads w g, writes w; 2 code bytes)": (
-            lambda isa=isa: run(isa)
+        f"DolphinFlow8bit native step, {name} (reads w g, writes w; 2 code bytes)": (
+            lambda lib=lib: run(lib)
         )
-        for isa in quant8_native.host_isas()
+        for name, lib in libraries.items()
     }
 
 

@@ -43,8 +43,8 @@ once over a vector type of ``W`` lanes):
 
 - ``avx2`` (8 lanes): the band by six comparisons, the map and the rare midpoints by gathers.
 - ``avx512`` (16 lanes; where torch itself dispatches to AVX-512): no gathers but near a
-  midpoint — on the Ice Lake Xeon measured, the AVX2 build's two decode gathers took ≈2.9 of
-  its ≈5.9 ns per parameter (Intel's 2023 GDS microcode is known to slow gathers on such
+  midpoint — on the Ice Lake Xeon measured, the AVX2 build's two decode gathers take ≈1.9 of
+  its ≈4.2 ns per parameter (``python -m bench.kernels``; Intel's 2023 GDS microcode is known to slow gathers on such
   cores; this VM's kernel reports "Not affected", so the cause is not confirmed). The band comes from the
   exponent bits of ``|x|`` (a 32-entry table of the band at the bottom of each binade 2⁻³¹..2⁰
   and the one band edge inside it, :func:`binade_band`: two register permutes and a compare);
