@@ -15,7 +15,7 @@ or one part: ``memory`` | ``step`` | ``convergence``. Needs bitsandbytes.
   interleaved round-robin so machine load hits both alike; the median of the per-round ratios is
   printed. Two SmolLM2 layers (the hidden matrices, default vector mode), and the same layers plus
   the embedding with name routing. Target: ≤ 1.5×. On an x86-64 CPU with AVX2 the 8-bit step
-  runs the native kernel (``shardflow.optim.quant8_native``), in the best build the CPU runs
+  runs the native kernel (``shardflow.ops.native.quant8``), in the best build the CPU runs
   (``--isa avx2|avx512|avx512vbmi`` picks one); ``SHARDFLOW_NATIVE=0`` measures the torch path
   instead.
 - **convergence**: a byte-level decoder (2 layers, width 192, 3 heads, MLP 768, context 128)
@@ -39,7 +39,7 @@ from torch import nn
 
 from bench.common import stdlib_bytes
 from shardflow import DolphinFlow, param_groups
-from shardflow.optim import quant8_native
+from shardflow.ops.native import quant8 as quant8_native
 from shardflow.optim.dolphinflow8bit import DolphinFlow8bit
 
 # -- SmolLM2-135M shapes ------------------------------------------------------------------------

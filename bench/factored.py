@@ -146,7 +146,7 @@ SPEED_CASES = {
 
 
 class _TorchPathAdam(FactoredAdam):
-    """FactoredAdam with the native kernel (:mod:`shardflow.optim.factored_native`) off: the
+    """FactoredAdam with the native kernel (:mod:`shardflow.ops.native.factored`) off: the
     torch (eager) path, as with ``SHARDFLOW_NATIVE=0``."""
 
     native_rule = False

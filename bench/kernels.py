@@ -10,24 +10,24 @@ Two questions, each answered side by side in one process (minimum over ``--reps`
 - **norm pass**: ``‖g‖²`` of the SmolLM2 embedding's gradient (49152×576 fp32) by a BLAS dot
   (the base's :func:`shardflow.optim.base._sq_norms` for what the native kernel does not take),
   by DolphinFlow's compiled :func:`~shardflow.optim.dolphinflow.sq_norms_each` (four streams
-  read at once) and by :mod:`shardflow.optim.norm_native` (the base's pass for contiguous fp32
+  read at once) and by :mod:`shardflow.ops.native.norm` (the base's pass for contiguous fp32
   CPU gradients; four streams, fp64 sums).
 - **update**: DolphinFlow's compiled element-wise pass (:func:`fused_update_each`, Nesterov, no
   ⊥Grad) against ``torch._fused_adamw_`` on the same size, with the compiled graph built first
   on a 1000-element tensor (as when a small parameter comes first): with
-  ``cpp.dynamic_threads`` (what :mod:`shardflow.optim.compiling` sets) and without it (inductor
+  ``cpp.dynamic_threads`` (what :mod:`shardflow.ops.compiling` sets) and without it (inductor
   then decides the loop's threading from that first call's size).
-- **DolphinFlow8bit's native step** (:func:`shardflow.optim.quant8_native.step_rows`: dequantize
+- **DolphinFlow8bit's native step** (:func:`shardflow.ops.native.quant8.step_rows`: dequantize
   both 8-bit moments, DolphinFlow's element-wise rule, requantize) on the same 49152×576 matrix,
   in each build this CPU runs (AVX2, AVX-512, AVX-512 VBMI), in the same table: the anchor for
   it is DolphinFlow's compiled pass (fp32 moments). Also the AVX2 build with its two decode
   gathers replaced by ``code × scale`` (wrong values, timing only): what the gathers cost.
-- **FactoredAdam's native kernel** (:func:`shardflow.optim.factored_native.adam_many`) on the
+- **FactoredAdam's native kernel** (:func:`shardflow.ops.native.factored.adam_many`) on the
   same 49152×576 matrix against ``torch._fused_adamw_``, as shipped and built without its
   prefetch (the loop then reads a matrix that is not in cache with too few loads in flight).
 - **stochastic rounding** of a group's bf16 factors (SmolLM2-135M's 211 matrices: their row and
   column factors, 0.27 M values) in one batch of torch ops and by
-  :mod:`shardflow.optim.rounding_native`.
+  :mod:`shardflow.ops.native.rounding`.
 
 Results are printed as Markdown; keep them under ``bench/results/`` with the command, machine
 and date.
@@ -42,15 +42,13 @@ from collections.abc import Callable
 import torch
 
 from bench.factored import smollm2_135m_shapes
-from shardflow.optim import (
-    factored,
-    factored_native,
-    norm_native,
-    quant8,
-    quant8_native,
-    rounding_native,
-)
-from shardflow.optim._native import FLAGS, NativeLibrary
+from shardflow.ops import quant8
+from shardflow.ops.native import factored as factored_native
+from shardflow.ops.native import norm as norm_native
+from shardflow.ops.native import quant8 as quant8_native
+from shardflow.ops.native import rounding as rounding_native
+from shardflow.optim import factored
+from shardflow.ops.native.build import FLAGS, NativeLibrary
 from shardflow.optim.dolphinflow import fused_update_each, sq_norms_each
 
 N = 49152 * 576

@@ -2,7 +2,7 @@
 
 Every fp32 value in [−1, 1] (signed map: 2,130,706,434 values) and in [0, 1] (unsigned map:
 1,065,353,217) is quantized as a normed value (rows of 256 led by a 1.0, so the block absmax is
-1 and each value is divided by 1) by :mod:`shardflow.optim.quant8_native` and encoded by
+1 and each value is divided by 1) by :mod:`shardflow.ops.native.quant8` and encoded by
 ``quant8._encode`` (the table path); prints how many codes differ. Then the same near every
 midpoint for ``--scales`` random block scales (:func:`differing_quotients`: the case the
 AVX-512 builds' ``x·(1/s)`` must hand to ``x/s``). About 1.5–3 minutes per
@@ -19,7 +19,8 @@ import time
 
 import torch
 
-from shardflow.optim import quant8, quant8_native
+from shardflow.ops import quant8
+from shardflow.ops.native import quant8 as quant8_native
 
 CHUNK = 255 * 2**16
 ONE = 0x3F800000  # the bits of 1.0

@@ -37,7 +37,7 @@ def _parts(steps: int) -> dict[str, float]:
     from bench.step import dolphinflow  # noqa: PLC0415
 
     try:  # where the compiled calls are built (dolphinflow.py before shardflow/optim/compiling.py)
-        from shardflow.optim import compiling as home  # noqa: PLC0415
+        from shardflow.ops import compiling as home  # noqa: PLC0415
     except ImportError:
         from shardflow.optim import dolphinflow as home  # noqa: PLC0415
     build = "compile_once" if hasattr(home, "compile_once") else "_compiled"

@@ -1,4 +1,4 @@
-"""A shared check for the native CPU kernels (:mod:`shardflow.optim._native`): the off switch and
+"""A shared check for the native CPU kernels (:mod:`shardflow.ops.native.build`): the off switch and
 a failed build both leave the kernel unavailable, and the torch path then does the work."""
 
 from __future__ import annotations
@@ -7,8 +7,11 @@ from collections.abc import Callable
 
 import pytest
 
-from shardflow.optim import factored_native, norm_native, quant8_native, rounding_native
-from shardflow.optim._native import NativeLibrary
+from shardflow.ops.native import factored as factored_native
+from shardflow.ops.native import norm as norm_native
+from shardflow.ops.native import quant8 as quant8_native
+from shardflow.ops.native import rounding as rounding_native
+from shardflow.ops.native.build import NativeLibrary
 
 
 def check_off_switch_and_failed_build(

@@ -13,7 +13,8 @@ import torch
 pytest.importorskip("bitsandbytes", reason="DolphinFlow8bit needs bitsandbytes")
 
 from shardflow import DolphinFlow  # noqa: E402
-from shardflow.optim import dolphinflow8bit, quant8  # noqa: E402
+from shardflow.ops import quant8  # noqa: E402
+from shardflow.optim import dolphinflow8bit  # noqa: E402
 from shardflow.optim.dolphinflow8bit import DolphinFlow8bit  # noqa: E402
 
 

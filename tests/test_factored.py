@@ -21,7 +21,7 @@ from shardflow.optim.factored import (
     unpack_signs,
 )
 from shardflow.optim.memory import estimate_state_footprint, state_footprint
-from shardflow.optim.precision import add_stochastic_, random_bits, round_bf16_stochastic
+from shardflow.ops.precision import add_stochastic_, random_bits, round_bf16_stochastic
 
 CLASSES = {"adam": FactoredAdam, "adopt": FactoredAdopt, "prodigy": FactoredProdigy}
 SHAPES = [(6, 5), (4, 3, 2), (7,), (1, 9)]

@@ -1,4 +1,4 @@
-"""The native CPU kernel of FactoredAdam (:mod:`shardflow.optim.factored_native`) against the
+"""The native CPU kernel of FactoredAdam (:mod:`shardflow.ops.native.factored`) against the
 torch path.
 
 Tolerances. The kernel does the torch path's operations in its order, with fused multiply-adds
@@ -21,7 +21,7 @@ from dist import run_on_ranks
 from native_fallback import check_off_switch_and_failed_build
 from test_factored_dist import _from_bytes, _sharded, _single, _to_bytes
 
-from shardflow.optim import factored_native
+from shardflow.ops.native import factored as factored_native
 from shardflow.optim.factored import (
     FactoredAdam,
     FactoredAdopt,

@@ -1,4 +1,4 @@
-"""The native gradient-norm kernel (:mod:`shardflow.optim.norm_native`) and its use by the base.
+"""The native gradient-norm kernel (:mod:`shardflow.ops.native.norm`) and its use by the base.
 
 The kernel sums the squares in fp64 (exact products), so against an fp64 reference it differs
 only by the order of the fp64 additions: ``rtol=1e-12``. Thread counts: bit-identical (pieces
@@ -12,8 +12,8 @@ import pytest
 import torch
 from native_fallback import check_off_switch_and_failed_build
 
-from shardflow.optim import norm_native
-from shardflow.optim._listops import ListOps
+from shardflow.ops.native import norm as norm_native
+from shardflow.ops.listops import ListOps
 from shardflow.optim.base import _sum_sq
 from shardflow.optim.dolphinflow import DolphinFlow
 
@@ -99,7 +99,7 @@ def test_clipping_with_the_kernel_equals_the_torch_path(monkeypatch):
 def test_a_failed_openmp_link_builds_serial(monkeypatch, tmp_path):
     """Where linking against torch's OpenMP runtime fails, the kernel is built without OpenMP
     (its pragmas ignored) and still gives the same sums."""
-    from shardflow.optim import _native  # noqa: PLC0415
+    from shardflow.ops.native import build as _native  # noqa: PLC0415
 
     monkeypatch.setenv("SHARDFLOW_CACHE_DIR", str(tmp_path))
     lib = _native.NativeLibrary(

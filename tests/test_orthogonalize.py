@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from shardflow.optim.orthogonalize import (
+from shardflow.ops.orthogonalize import (
     NS_BAND,
     NS_TOL,
     block_newton_schulz,

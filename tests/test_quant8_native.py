@@ -16,7 +16,8 @@ from native_fallback import check_off_switch_and_failed_build
 
 pytest.importorskip("bitsandbytes", reason="DolphinFlow8bit needs bitsandbytes")
 
-from shardflow.optim import quant8, quant8_native  # noqa: E402
+from shardflow.ops import quant8  # noqa: E402
+from shardflow.ops.native import quant8 as quant8_native  # noqa: E402
 from shardflow.optim.dolphinflow8bit import DolphinFlow8bit  # noqa: E402
 
 pytestmark = pytest.mark.skipif(

@@ -1,5 +1,5 @@
-"""The native stochastic rounding kernel (:mod:`shardflow.optim.rounding_native`) gives the bits
-of :func:`shardflow.optim.precision.bf16_stochastic`, and the factored optimizers use it."""
+"""The native stochastic rounding kernel (:mod:`shardflow.ops.native.rounding`) gives the bits
+of :func:`shardflow.ops.precision.bf16_stochastic`, and the factored optimizers use it."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import pytest
 import torch
 from native_fallback import check_off_switch_and_failed_build
 
-from shardflow.optim import factored, rounding_native
-from shardflow.optim.precision import bf16_stochastic, hash32_int, mix_seed
+from shardflow.ops.native import rounding as rounding_native
+from shardflow.optim import factored
+from shardflow.ops.precision import bf16_stochastic, hash32_int, mix_seed
 
 pytestmark = pytest.mark.skipif(
     rounding_native._library() is None, reason="no native kernel here (needs x86-64 AVX2 and cc)"

@@ -43,7 +43,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from shardflow import DolphinFlow
 from shardflow.distributed.comm import record_collectives
-from shardflow.optim.orthogonalize import newton_schulz
+from shardflow.ops.orthogonalize import newton_schulz
 from shardflow.optim.routing import param_groups
 
 VOCAB, DIM, SEQ, BATCH, STEPS, LR = 37, 24, 8, 8, 20, 1e-2

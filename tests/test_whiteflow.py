@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import shardflow.optim.whiteflow as whiteflow_module
-from shardflow.optim.precision import (
+from shardflow.ops.precision import (
     bf16_stochastic,
     hash32,
     hash32_int,
@@ -18,7 +18,7 @@ from shardflow.optim.precision import (
     random_bits,
     round_bf16_stochastic,
 )
-from shardflow.optim.projection import projection
+from shardflow.ops.projection import projection
 from shardflow.optim.whiteflow import WhiteFlow, beta2_at, second_moment_weight
 
 EPS = 1e-8

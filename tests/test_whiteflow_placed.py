@@ -32,7 +32,7 @@ import torch.distributed as dist
 from dist import run_on_ranks
 
 import shardflow.checkpoint as ck
-import shardflow.optim.projection as projection_module
+import shardflow.ops.projection as projection_module
 from shardflow.optim.whiteflow import WhiteFlow
 
 BATCH, STEPS = 32, 7

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from shardflow.optim.orthogonalize import (
+from shardflow.ops.orthogonalize import (
     block_newton_schulz,
     block_rms_scale,
     newton_schulz_many,

@@ -45,7 +45,7 @@ def ns_cost(m: int, n: int) -> float:
 def tiles(rows: int, cols: int, tile: tuple[int, int]) -> list[tuple[tuple[int, int], ...]]:
     """``((r0, r1), (c0, c1))`` of the ``tile``-shaped pieces covering a ``rows × cols`` matrix.
 
-    Edge tiles are ragged, as :func:`shardflow.optim.orthogonalize.block_view` cuts them.
+    Edge tiles are ragged, as :func:`shardflow.ops.orthogonalize.block_view` cuts them.
     """
     tr, tc = tile
     return [

@@ -50,7 +50,7 @@ from torch.distributed.tensor import DTensor, Shard
 from shardflow.distributed import comm
 from shardflow.distributed.placement import LocalPlacement, NSTile
 from shardflow.distributed.plan import OwnerPlan, Unit, assign, matrix_shape, tile_units, whole_unit
-from shardflow.optim.orthogonalize import newton_schulz_many, rms_scale
+from shardflow.ops.orthogonalize import newton_schulz_many, rms_scale
 
 
 def make_placement(

@@ -53,10 +53,10 @@ import torch
 from torch import Tensor
 
 from shardflow.distributed.placement import LocalPlacement, resolve_placement
-from shardflow.optim import norm_native
-from shardflow.optim._listops import ListOps
+from shardflow.ops.native import norm as norm_native
+from shardflow.ops.listops import ListOps
 from shardflow.optim._validate import check_optional_positive
-from shardflow.optim.compiling import compile_settings
+from shardflow.ops.compiling import compile_settings
 from shardflow.optim.routing import is_hidden_matrix
 
 logger = logging.getLogger("shardflow")

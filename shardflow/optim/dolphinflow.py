@@ -42,7 +42,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from shardflow.optim._listops import ListOps
+from shardflow.ops.listops import ListOps
 from shardflow.optim._validate import (
     check_bool,
     check_choice,
@@ -60,8 +60,8 @@ from shardflow.optim.base import (
     _sum_sq,
     step_counter,
 )
-from shardflow.optim.compiling import compile_once, each
-from shardflow.optim.orthogonalize import (
+from shardflow.ops.compiling import compile_once, each
+from shardflow.ops.orthogonalize import (
     NS_TOL,
     _rows,
     apply_fold_,
@@ -100,7 +100,7 @@ class DolphinFlow(ShardFlowOptimizer):
         gradient_clipping: global gradient-norm bound (None: off).
         trust_region: bound on ``lr·‖u‖ / ‖w‖`` per parameter (None: off).
         ns_min_steps, ns_max_steps: Newton-Schulz iteration bounds (the criterion in between
-            is documented in :mod:`shardflow.optim.orthogonalize`).
+            is documented in :mod:`shardflow.ops.orthogonalize`).
         ns_dtype: Newton-Schulz compute dtype; None: bf16 on CUDA, fp32 elsewhere.
         loss_aware_schedule: lower the lr when the loss stalls (needs ``step(closure)``);
             see :class:`~shardflow.optim.schedule.LossAwareSchedule`.
@@ -361,7 +361,7 @@ class DolphinFlow(ShardFlowOptimizer):
         (``1 − β₂ᵗ = c``, ``W`` the Nesterov weight):
         ``u = (n/W) / (√(v/c) + eps) = s·n / (√v + eps·√c)`` with ``s = √c / W``, so the update
         is ``w ← w·(1 − lr·wd) − lr·s·n / (√v + eps·√c)``; ⊥Grad enters as ``g ← a·g − b·w``
-        (:func:`~shardflow.optim.orthogonalize.orthograd_fold`). Compiled
+        (:func:`~shardflow.ops.orthogonalize.orthograd_fold`). Compiled
         (:func:`fused_update`, one loop reading ``w, g, m, v``) or eager (in-place list ops).
         """
         weights = self._nesterov_weights(group, items, mus)
@@ -403,7 +403,7 @@ class DolphinFlow(ShardFlowOptimizer):
     ) -> None:
         """The fused pass through :func:`fused_update_each`: parameters with and without ⊥Grad
         in separate calls, each call a chunk of parameters
-        (:func:`~shardflow.optim.compiling.each`)."""
+        (:func:`~shardflow.ops.compiling.each`)."""
         rowwise = group["vector_mode"] == "rowwise"
         args: list[tuple[bool, list[Tensor], list[Tensor]]] = []  # (folded, w g m v, a b)
         rows: list[tuple[float, ...]] = []
@@ -651,7 +651,7 @@ def fused_update(
     one tensor, ``(1 − lr·wd, 1 − μ, β₂, lr·√(1 − β₂ᵗ)/W, eps·√(1 − β₂ᵗ), c)``, so new values never
     recompile; ``c`` scales the gradient (the clip factor, when ``g`` is the raw gradient). With
     ``a, b`` (per-row coefficients of ⊥Grad, broadcastable against ``g``, ``c`` already in them;
-    :func:`~shardflow.optim.orthogonalize.orthograd_fold`) the gradient is ``a·g − b·w``
+    :func:`~shardflow.ops.orthogonalize.orthograd_fold`) the gradient is ``a·g − b·w``
     instead (folding ``c`` into the per-row coefficients keeps the generated loop as short as
     fused AdamW's; a loop computing ``c·(a·g − b·w)`` ran slower in a one-off CPU check). Then ``v ← β₂v + (1−β₂)g²``, ``m ← m + (1−μ)(g − m)``, ``n = g + μ(m − g)``
     (Nesterov) or ``m``, ``w ← w·(1 − lr·wd) − s₃·n / (√v + s₄)``.
@@ -708,7 +708,7 @@ def direction_update_each(
 
 
 def orthograd_sums_each(grads: list[Tensor], weights: list[Tensor]) -> list[Tensor]:
-    """Row-wise :func:`~shardflow.optim.orthogonalize.orthograd_sums` of each pair (the flat
+    """Row-wise :func:`~shardflow.ops.orthogonalize.orthograd_sums` of each pair (the flat
     sums are their column sums)."""
     return [orthograd_sums(g, w, rowwise=True) for g, w in zip(grads, weights)]
 
@@ -737,7 +737,7 @@ def _streams_well(g: Tensor) -> bool:
 
 def _row_sums(grads: list[Tensor], weights: list[Tensor], compiled: bool) -> list[Tensor]:
     """Row-wise ⊥Grad sums of each pair; ``compiled``: through
-    :func:`~shardflow.optim.compiling.each`, except empty shards (a 0-row tensor would be a graph
+    :func:`~shardflow.ops.compiling.each`, except empty shards (a 0-row tensor would be a graph
     of its own)."""
     weights = [w.detach() for w in weights]
     if not compiled:
@@ -768,7 +768,7 @@ def _make_scratch(items: list[Item], ops: ListOps) -> None:
 def _folds(
     sums: list[Tensor], restore_norm: bool, scales: list[float], compiled: bool
 ) -> list[tuple[Tensor, Tensor]]:
-    """:func:`~shardflow.optim.orthogonalize.orthograd_fold` of each parameter's sums times its
+    """:func:`~shardflow.ops.orthogonalize.orthograd_fold` of each parameter's sums times its
     ``scale`` (the clip factor still to apply to a raw gradient: ``c·g⊥ = (c·a)·g − (c·b)·w``),
     computed on all rows at once: one compiled kernel (:func:`scaled_fold`) when ``compiled``
     and the scales agree, else a dozen small kernels per group, not per parameter."""
@@ -791,7 +791,7 @@ def _folds(
 
 
 def scaled_fold(sums: Tensor, c: Tensor, *, restore_norm: bool) -> tuple[Tensor, Tensor]:
-    """:func:`~shardflow.optim.orthogonalize.orthograd_fold` with both coefficients times the
+    """:func:`~shardflow.ops.orthogonalize.orthograd_fold` with both coefficients times the
     0-d ``c``: a function of its arguments, for ``torch.compile`` (one loop over the rows)."""
     a, b = orthograd_fold(sums, restore_norm=restore_norm)
     return a * c, b * c

@@ -4,12 +4,12 @@ The update rule is :class:`~shardflow.optim.dolphinflow.DolphinFlow`'s, unchange
 ⊥Grad, Newton-Schulz, dynamic momentum, trust region, every option). Only the storage of the two
 moments differs: between steps, ``exp_avg`` (momentum, bitsandbytes' *signed* dynamic map) and
 ``exp_avg_sq`` (second moment, *unsigned* map) are uint8 codes with one fp32 scale per block, in
-the row-aligned blocks of :mod:`shardflow.optim.quant8`. Each step dequantizes them, runs
+the row-aligned blocks of :mod:`shardflow.ops.quant8`. Each step dequantizes them, runs
 DolphinFlow's update on the fp32 values, and requantizes the result:
 
 - **the fused route** (element-wise and vector routes with ``adaptive_lr`` and no trust region:
   DolphinFlow's ``_fused_update``). On the CPU, where the native kernel is available
-  (:mod:`~shardflow.optim.quant8_native`: x86-64 with AVX2 or AVX-512 and a C compiler) and
+  (:mod:`~shardflow.ops.native.quant8`: x86-64 with AVX2 or AVX-512 and a C compiler) and
   the weights, gradients and ⊥Grad coefficients are contiguous fp32, each parameter is one native loop over
   its blocks, whatever ``compiled`` says: dequantize both moments, DolphinFlow's element-wise
   rule (the eager rule's operations in its order), requantize, every value read and written
@@ -58,11 +58,11 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from shardflow.optim import quant8
-from shardflow.optim._listops import ListOps
+from shardflow.ops import quant8
+from shardflow.ops.listops import ListOps
 from shardflow.optim._validate import check_int_at_least
 from shardflow.optim.base import Item, Layout, _compute_dtype
-from shardflow.optim.compiling import each
+from shardflow.ops.compiling import each
 from shardflow.optim.dolphinflow import DolphinFlow, fused_update_each
 
 MOMENTS: dict[str, bool] = {"exp_avg": True, "exp_avg_sq": False}

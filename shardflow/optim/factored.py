@@ -55,10 +55,10 @@ written and read back 3 times) against fused AdamW's one, plus ~0.3 ms of Python
 guards per call.
 
 **Native CPU kernel** (FactoredAdam, fp32 weights and gradients on the CPU, no AdEMAMix, atan2
-or Grams; the default there unless ``compiled=True``): :mod:`~shardflow.optim.factored_native`
+or Grams; the default there unless ``compiled=True``): :mod:`~shardflow.ops.native.factored`
 does a matrix's step in one row loop (reconstruct, rule, weight update, sign packing, new row
 sums, column partial sums per fixed block of rows), built with the system C compiler on first
-use (:mod:`~shardflow.optim._native`; ``SHARDFLOW_NATIVE=0`` switches it off, a failed build
+use (:mod:`~shardflow.ops.native.build`; ``SHARDFLOW_NATIVE=0`` switches it off, a failed build
 warns once and the torch path runs). It follows the torch path's arithmetic (weights to 1-2 fp32
 ulps, signs bit-identical; tests/test_factored_native.py), independent of the thread count.
 Measured on one CPU thread (bench/results/factored-cpu-2026-11-23.md, Runs 5-6, shared
@@ -80,12 +80,12 @@ compiled) path.
   "Scaling Exponents Across Parameterizations and Optimizers", arXiv 2407.05872, with the 4/π
   scale adv_optm uses): scale invariant, no ``eps``, bounded by 2 (built-in clipping).
 - ``orthograd`` — ⊥Grad (Prieto et al. 2025, arXiv 2501.04697), flattened, norm restored, before
-  anything else: :func:`~shardflow.optim.orthogonalize.orthograd_`, its sums reduced in one batch.
+  anything else: :func:`~shardflow.ops.orthogonalize.orthograd_`, its sums reduced in one batch.
 - ``grams`` — Grams (Cao et al. 2024, arXiv 2412.17107): ``u ← sign(g)·|u|``: the magnitude of the
   adaptive update, the direction of the current gradient. The signed first moment is still kept:
   the paper's rule updates ``m`` as Adam does.
 - ``stochastic_rounding`` (on by default) — bf16 parameters receive their update through
-  :func:`shardflow.optim.precision.add_stochastic_`, seeded by (parameter index, step) and the
+  :func:`shardflow.ops.precision.add_stochastic_`, seeded by (parameter index, step) and the
   element's global index, so it is independent of the world size. No effect on fp32 parameters.
 """
 
@@ -99,8 +99,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from shardflow.optim import factored_native, rounding_native
-from shardflow.optim._listops import ListOps
+from shardflow.ops.native import factored as factored_native
+from shardflow.ops.native import rounding as rounding_native
+from shardflow.ops.listops import ListOps
 from shardflow.optim._validate import (
     _fail,
     check_bool,
@@ -110,8 +111,8 @@ from shardflow.optim._validate import (
     check_unit_interval,
 )
 from shardflow.optim.base import Item, Layout, ShardFlowOptimizer, step_counter
-from shardflow.optim.orthogonalize import orthograd_, orthograd_sums
-from shardflow.optim.precision import (
+from shardflow.ops.orthogonalize import orthograd_, orthograd_sums
+from shardflow.ops.precision import (
     add_stochastic_,
     bf16_stochastic,
     hash32_int,
@@ -481,7 +482,7 @@ def fused_factored_update(
     every element's reconstruction). ``scalars`` (float64, one tensor so that a call
     makes one) holds ``(grad_scale, lr, weight_decay)``, then ``(key, offset)`` of the weights'
     stochastic rounding and of the first moment's row factors
-    (:func:`~shardflow.optim.precision.bf16_stochastic`; integers below 2³², exact in float64),
+    (:func:`~shardflow.ops.precision.bf16_stochastic`; integers below 2³², exact in float64),
     then the step's :class:`StepScalars` values as :func:`split_scalars` splits them from
     ``static``; ``table`` is :func:`sign_table`. Returns the column partial
     sums of each moment (``|m|``, ``v``, ``|m₂|``) as ``(B, 8)`` tensors.
@@ -614,7 +615,7 @@ class _Factored(ShardFlowOptimizer):
     }
 
     native_rule: ClassVar[bool] = False
-    """Whether the rule is the one :mod:`~shardflow.optim.factored_native`'s kernel implements
+    """Whether the rule is the one :mod:`~shardflow.ops.native.factored`'s kernel implements
     (FactoredAdam's; Prodigy's ``d`` scaling and Adopt's rule are not in it)."""
 
     rule: Any = None

@@ -16,7 +16,7 @@ as ``(out, rest)``) with gradient ``G`` (after global clipping), step ``t``:
    - ``"projected"`` (APOLLO-style, Zhu et al., arXiv 2412.05270): with the seeded projection
      ``P`` (``n × r``, entries ``N(0, 1/r)``, ``r = min(rank, n)``, regenerated every
      ``proj_update_freq`` steps from ``(seed, n, r, refresh index)``, see
-     :mod:`shardflow.optim.projection`): ``R = g·P``, ``V_R ← β₂ₜ·V_R + (1−β₂ₜ)·R²`` (stored,
+     :mod:`shardflow.ops.projection`): ``R = g·P``, ``V_R ← β₂ₜ·V_R + (1−β₂ₜ)·R²`` (stored,
      ``rows × r``, bf16), ``M_R = M̂·P`` (recomputed, not stored: it is the projected momentum
      under the *current* ``P``, so a refresh needs no reset), ``R̃ = M_R / (√(V_R/cₜ) + eps)``,
      and ``sᵢ = √(n/r) · ‖R̃ᵢ‖ / ‖M_R,ᵢ‖``. ``√(n/r)`` turns the norm of an ``r``-wide normalized
@@ -60,7 +60,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from shardflow.optim._listops import ListOps
+from shardflow.ops.listops import ListOps
 from shardflow.optim._validate import (
     check_bool,
     check_choice,
@@ -68,10 +68,10 @@ from shardflow.optim._validate import (
     check_unit_interval,
 )
 from shardflow.optim.base import Item, Layout, ShardFlowOptimizer, _compute_dtype, step_counter
-from shardflow.optim.compiling import each
-from shardflow.optim.orthogonalize import orthograd_fold, orthograd_sums
-from shardflow.optim.precision import bf16_stochastic, hash32_int, mix_seed
-from shardflow.optim.projection import ProjectionCache
+from shardflow.ops.compiling import each
+from shardflow.ops.orthogonalize import orthograd_fold, orthograd_sums
+from shardflow.ops.precision import bf16_stochastic, hash32_int, mix_seed
+from shardflow.ops.projection import ProjectionCache
 from shardflow.optim.routing import is_hidden_matrix
 
 SECOND_MOMENTS = ("projected", "dense")
@@ -299,7 +299,7 @@ class WhiteFlow(ShardFlowOptimizer):
         shards, and scales ``sᵢ`` before the second.
 
         Eager: the same functions, called on the lists. Compiled: through ``torch.compile``, a
-        chunk of parameters per call (:func:`~shardflow.optim.compiling.each`), except empty
+        chunk of parameters per call (:func:`~shardflow.ops.compiling.each`), except empty
         shards and the rare parameter that needs contiguous copies (eager).
         """
         compiled = self._compiled if self._compiled is not None else items[0].grad.is_cuda
@@ -396,7 +396,7 @@ class WhiteFlow(ShardFlowOptimizer):
 
     def _rounding_keys(self, group: dict[str, Any], it: Item, t: int, v_width: int) -> Tensor:
         """``[key_m, offset_m, key_v, offset_v]`` for :func:`bf16_stochastic`: the counter-based
-        stream of :mod:`shardflow.optim.precision`, seeded by (seed, param index, step, state),
+        stream of :mod:`shardflow.ops.precision`, seeded by (seed, param index, step, state),
         at the global flat index of this shard's first element (so 1, 2 or 4 ranks agree)."""
         rows = self.placement.row_range(it.param)
         row0 = rows[0] if rows else 0
@@ -473,7 +473,7 @@ def _call(
 ) -> list[Any]:
     """``fn`` (a function of lists) on ``args(job)`` of every job; its results in job order.
 
-    Compiled: the ``fast`` jobs through :func:`~shardflow.optim.compiling.each` (chunked
+    Compiled: the ``fast`` jobs through :func:`~shardflow.ops.compiling.each` (chunked
     ``torch.compile`` calls), the others eagerly; otherwise one eager call for all.
     """
     out: list[Any] = [None] * len(jobs)
@@ -508,7 +508,7 @@ def whiteflow_scales_(
     holds ``[c, 1−β₁, 1/(1−β₁ᵗ), β₂ₜ, 1−β₂ₜ, 1/cₜ, eps, 1−η·λ, η]`` in the compute dtype (``c``
     the clip factor) and ``keys`` the stochastic-rounding keys (:meth:`WhiteFlow._rounding_keys`)
     or None to round to nearest. Returns ``(rows, 4)``: ``[c·a, b, s, ‖uᵢ‖²]``, where ``c·g⊥ =
-    (c·a)·g − b·w`` is ⊥Grad of the clipped gradient (:func:`~shardflow.optim.orthogonalize.
+    (c·a)·g − b·w`` is ⊥Grad of the clipped gradient (:func:`~shardflow.ops.orthogonalize.
     orthograd_fold`), ``s`` the channel scale and ``‖uᵢ‖ = s·‖M̂ᵢ‖`` the row's update norm.
 
     Every quantity is per row, so a compiled version can finish a row while it is in cache.

@@ -1,7 +1,7 @@
 """Native CPU kernels: build a small C source on first use, load it, split rows over threads.
 
-Shared by the hand-written kernels (:mod:`~shardflow.optim.quant8_native`,
-:mod:`~shardflow.optim.factored_native`). A :class:`NativeLibrary` holds one C source (AVX2
+Shared by the hand-written kernels (:mod:`~shardflow.ops.native.quant8`,
+:mod:`~shardflow.ops.native.factored`). A :class:`NativeLibrary` holds one C source (AVX2
 intrinsics, built with :data:`FLAGS`; a kernel may add flags, as quant8_native's AVX-512 builds
 do) and the ctypes signatures of its functions. On first use it is compiled with the
 system C compiler (``$CC``, else ``cc``) into ``$SHARDFLOW_CACHE_DIR`` (default

@@ -11,7 +11,7 @@ The kernel cuts every tensor into pieces of :data:`PIECE` values, sums the squar
 fp64 (a product of two fp32 values is exact in fp64) over four streams (the piece's four
 quarters, read side by side, two accumulators each), shares the pieces of all tensors among
 torch's OpenMP threads, and adds each tensor's piece sums in order: the result does not depend
-on the thread count. Built by :mod:`shardflow.optim._native` (AVX2; ``SHARDFLOW_NATIVE=0``
+on the thread count. Built by :mod:`shardflow.ops.native.build` (AVX2; ``SHARDFLOW_NATIVE=0``
 switches it off, and :func:`available` is then False: callers use torch's ops).
 """
 
@@ -22,7 +22,7 @@ import ctypes
 import torch
 from torch import Tensor
 
-from shardflow.optim._native import FLAGS, I64, PTR, NativeLibrary
+from shardflow.ops.native.build import FLAGS, I64, PTR, NativeLibrary
 
 PIECE = 1 << 18
 """Values per piece: the unit of work of one thread, and of the fixed summation order."""

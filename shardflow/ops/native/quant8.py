@@ -23,7 +23,7 @@ off by < 7·10⁻⁵ of a cell (midpoints' positions: ≤ 1.5·10⁻⁵, one fp3
 than 5·10⁻⁵ starts to miss); where ``p`` lies within ``NEAR`` = 2·10⁻⁴ of a cell of the
 midpoint (~0.04% of values) the kernel compares ``x`` itself with the exact fp32 midpoint
 ``T[c]`` between the candidate ``c`` and the next code (a 256-entry gather), as the table
-quantizer does. So the codes are bitwise those of :func:`shardflow.optim.quant8._fp16_table`'s (checked
+quantizer does. So the codes are bitwise those of :func:`shardflow.ops.quant8._fp16_table`'s (checked
 on every fp32 value in [−1, 1] by ``bench/quant8_native_exhaustive.py``, which also checks
 quotients within ±300 ulps of every midpoint and code for 64 random block scales; in the tests
 on every value within ±300 ulps of every midpoint and code, times four scales, and on random
@@ -70,8 +70,8 @@ temporary name and renamed, so concurrent processes never load a partial file. W
 compiler cannot build the host's best build, the next one that builds is used
 (:func:`host_library`, :func:`active_isa` tells which). Otherwise (or if no build succeeds: one
 warning) the torch path runs, with the same codes. The building, caching,
-loading and the link to torch's OpenMP runtime are :mod:`shardflow.optim._native`'s (shared
-with :mod:`~shardflow.optim.factored_native`).
+loading and the link to torch's OpenMP runtime are :mod:`shardflow.ops.native.build`'s (shared
+with :mod:`~shardflow.ops.native.factored`).
 """
 
 from __future__ import annotations
@@ -84,10 +84,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from shardflow.optim._native import FLAGS, NativeLibrary
-from shardflow.optim._native import I64 as _I64
-from shardflow.optim._native import PTR as _PTR
-from shardflow.optim._native import ptr as _ptr
+from shardflow.ops.native.build import FLAGS, NativeLibrary
+from shardflow.ops.native.build import I64 as _I64
+from shardflow.ops.native.build import PTR as _PTR
+from shardflow.ops.native.build import ptr as _ptr
 
 HEAD_BLOCK, TAIL_BLOCK = 256, 64  # as quant8 (not imported: quant8 imports this module)
 
@@ -565,7 +565,7 @@ ISA_FLAGS: dict[str, list[str]] = {
     "avx512": ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl"],
     "avx512vbmi": ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mavx512vbmi"],
 }
-"""The builds of the source, by instruction set, added to :data:`~shardflow.optim._native.FLAGS`:
+"""The builds of the source, by instruction set, added to :data:`~shardflow.ops.native.build.FLAGS`:
 AVX2 (8 lanes, the map through gathers), AVX-512 (16 lanes, every look-up a register permute),
 AVX-512 VBMI (the same, values decoded by byte permutes)."""
 
@@ -634,7 +634,7 @@ def available() -> bool:
 def thresholds(signed: bool) -> Tensor:
     """``(256,)`` fp32: ``T[c]``, the midpoint between codes ``c`` and ``c + 1`` of the dynamic
     map (computed in fp64, rounded to fp32 as the fp16-bits table's); ``T[255] = inf``."""
-    from shardflow.optim.quant8 import dynamic_map  # noqa: PLC0415 (quant8 imports this module)
+    from shardflow.ops.quant8 import dynamic_map  # noqa: PLC0415 (quant8 imports this module)
 
     code = dynamic_map(signed).double()
     mids = ((code[1:] + code[:-1]) / 2).float()
@@ -676,7 +676,7 @@ def binade_band(e: int) -> tuple[int, float]:
 @functools.cache
 def _map(signed: bool) -> tuple[_Map, tuple[Tensor, ...]]:
     """The ``Map`` struct of a dynamic map, and the tensors it points into (kept alive)."""
-    from shardflow.optim.quant8 import dynamic_map  # noqa: PLC0415
+    from shardflow.ops.quant8 import dynamic_map  # noqa: PLC0415
 
     code = dynamic_map(signed).contiguous()
     mids = thresholds(signed).contiguous()

@@ -26,7 +26,7 @@ parameter's rows.
 bitsandbytes only takes fp16/bf16/fp32 tensors on one device (never DTensors): callers pass the
 local shard, and fp64 values are quantized through fp32.
 
-**On the CPU** a native kernel (:mod:`~shardflow.optim.quant8_native`: AVX2 or AVX-512, built on
+**On the CPU** a native kernel (:mod:`~shardflow.ops.native.quant8`: AVX2 or AVX-512, built on
 first use) quantizes and dequantizes when it is available, with bitwise the same codes. Otherwise the same
 rounding (nearest entry of the map; bitsandbytes' own CPU kernel sometimes picks a neighbour)
 is done in torch, over the padded layout viewed as runs of 64 values: the absmax of every run,
@@ -53,7 +53,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
     raise ImportError("DolphinFlow8bit needs bitsandbytes: pip install 'shardflow[bnb]'") from exc
 
-from shardflow.optim import quant8_native as native  # noqa: E402
+from shardflow.ops.native import quant8 as native  # noqa: E402
 
 HEAD_BLOCK = 256
 """Block size along a row's head (bitsandbytes' optimizer block size)."""

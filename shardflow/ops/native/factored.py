@@ -32,7 +32,7 @@ partial sums stay in registers; weights and gradients are prefetched 4 KiB ahead
 
 Only FactoredAdam's plain rule (no AdEMAMix, atan2, Grams; ``scale = 1``), fp32 weights and
 gradients, on contiguous matrices: everything else takes the torch path. Built and loaded by
-:mod:`shardflow.optim._native` (AVX2 + FMA, ``SHARDFLOW_NATIVE=0`` switches it off).
+:mod:`shardflow.ops.native.build` (AVX2 + FMA, ``SHARDFLOW_NATIVE=0`` switches it off).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from shardflow.optim._native import FLAGS, I64, PTR, NativeLibrary
+from shardflow.ops.native.build import FLAGS, I64, PTR, NativeLibrary
 
 _SOURCE = r"""
 #include <immintrin.h>

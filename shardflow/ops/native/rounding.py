@@ -1,16 +1,16 @@
 """A native CPU kernel for stochastic rounding to bf16 of many small tensors in one call.
 
 Why: the factored optimizers round every bf16 factor of a group at each step. In torch ops that
-is one batch of ~15 ops over the concatenated factors (:func:`~shardflow.optim.precision.
+is one batch of ~15 ops over the concatenated factors (:func:`~shardflow.ops.precision.
 bf16_stochastic`): 9.7–16.6 ms a step for SmolLM2-135M's 355 k factor values on the CPU, against
 2.1–2.2 ms here, ~1.3 of them Python (``python -m bench.kernels``,
 bench/results/kernels-cpu2-2026-11-23.md, Run 3).
 
-The arithmetic is :func:`~shardflow.optim.precision.bf16_stochastic`'s, bit for bit: element
+The arithmetic is :func:`~shardflow.ops.precision.bf16_stochastic`'s, bit for bit: element
 ``i`` of a piece with key ``k`` and offset ``o`` adds the low 16 bits of ``lowbias32(((i + o)
 mod 2³²) ^ k)`` to the fp32 bit pattern and keeps the upper 16 bits; a result that is NaN becomes
 ``0xFFFF``, the NaN torch's vectorized CPU conversion to bf16 writes. Built by
-:mod:`shardflow.optim._native` (``SHARDFLOW_NATIVE=0`` switches it off: callers use torch).
+:mod:`shardflow.ops.native.build` (``SHARDFLOW_NATIVE=0`` switches it off: callers use torch).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from shardflow.optim._native import I64, PTR, NativeLibrary
+from shardflow.ops.native.build import I64, PTR, NativeLibrary
 
 _SOURCE = r"""
 #include <stdint.h>
