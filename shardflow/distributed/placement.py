@@ -123,16 +123,54 @@ class LocalPlacement:
         return "single process: every parameter local"
 
 
+def plan_inputs(
+    param_groups: list[dict], ns_tile: NSTile | None = None
+) -> tuple[list[Tensor], list[str], list[tuple[int, int] | None]]:
+    """The parameters of ``param_groups`` in order, their names and their Newton-Schulz tiles:
+    what an owner plan is built from (:func:`shardflow.distributed.plan.replicated_plan`,
+    :func:`~shardflow.distributed.plan.sharded_plan`). A parameter without a ``param_names``
+    entry is named ``"group G param I"``; ``ns_tile=None``: nothing is orthogonalized."""
+    params, names, tiles = [], [], []
+    for gi, g in enumerate(param_groups):
+        gnames = g.get("param_names") or [None] * len(g["params"])
+        for p, name in zip(g["params"], gnames):
+            params.append(p)
+            names.append(name or f"group {gi} param {len(params) - 1}")
+            tiles.append(ns_tile(p, g, name) if ns_tile is not None else None)
+    return params, names, tiles
+
+
 def resolve_placement(
-    param_groups: list[dict], process_group, ns_tile: NSTile | None = None
+    param_groups: list[dict],
+    process_group,
+    ns_tile: NSTile | None = None,
+    *,
+    grads_reduced: bool = False,
 ) -> LocalPlacement:
     """Pick the placement for these parameters and ``process_group`` (once, at construction).
 
     ``None``: one process. A ProcessGroup or 1-D DeviceMesh: plain parameters → DDP-aware,
     DTensors sharded on dim 0 → FSDP2-aware (:func:`shardflow.distributed.sharded.make_placement`).
+
+    ``grads_reduced=True`` says the gradients are already averaged over ``process_group``'s ranks
+    (a DDP-wrapped model), so the DDP-aware placement sends none itself. It is refused where it
+    means nothing: with ``process_group=None`` (one process), and with FSDP2 parameters (FSDP2
+    always reduce-scatters the gradients to their shards; the placement never reduces them).
     """
+    if not isinstance(grads_reduced, bool):
+        raise ValueError(
+            f"grads_reduced={grads_reduced!r} is invalid: pass True (a DDP-wrapped model: the "
+            "gradients are already averaged over the ranks) or False."
+        )
     if process_group is None:
+        if grads_reduced:
+            raise ValueError(
+                "grads_reduced=True was given with process_group=None: it says a DDP wrapper has "
+                "already averaged the gradients over process_group's ranks, and one process has "
+                "nothing to average. Pass the process group DDP uses (e.g. "
+                "torch.distributed.group.WORLD), or leave grads_reduced=False."
+            )
         return LocalPlacement()
     from shardflow.distributed import sharded  # noqa: PLC0415 - heavy import only when needed
 
-    return sharded.make_placement(param_groups, process_group, ns_tile)
+    return sharded.make_placement(param_groups, process_group, ns_tile, grads_reduced=grads_reduced)

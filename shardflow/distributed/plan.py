@@ -178,6 +178,24 @@ class OwnerPlan:
         return "\n".join(lines)
 
 
+def replicated_plan(
+    shapes: Sequence[Sequence[int]], tiles: Sequence[tuple[int, int] | None], world_size: int
+) -> OwnerPlan:
+    """The DDP-aware plan: one unit per parameter, costing its tiles' Newton-Schulz work
+    (``tiles[i]``: parameter i's Newton-Schulz tile, None when it is not orthogonalized)."""
+    units = [whole_unit(i, s, t) for i, (s, t) in enumerate(zip(shapes, tiles))]
+    return OwnerPlan(world_size, units)
+
+
+def sharded_plan(
+    shapes: Sequence[Sequence[int]], tiles: Sequence[tuple[int, int] | None], world_size: int
+) -> OwnerPlan:
+    """The FSDP2-aware plan: one unit per Newton-Schulz tile of each orthogonalized parameter
+    (parameters with ``tiles[i] = None`` have no unit: their state lives on every rank's rows)."""
+    units = [u for i, (s, t) in enumerate(zip(shapes, tiles)) if t for u in tile_units(i, s, t)]
+    return OwnerPlan(world_size, units)
+
+
 def imbalance(loads: Sequence[float]) -> float:
     """``max / mean`` of ``loads`` (1.0 when they are all zero)."""
     mean = sum(loads) / len(loads) if loads else 0.0

@@ -14,7 +14,7 @@ placeholders (same state keys everywhere). Per step:
 - gradients: with ``grads_reduced=False`` (the default, correct with or without a DDP wrapper)
   one all-to-all per gradient dtype sends each owner its parameters' gradients from every rank
   and the owner averages them — a reduce-scatter: ``P·(W−1)/W`` elements out per rank, half of an
-  all-reduce. With a DDP-wrapped model set ``optimizer.placement.grads_reduced = True`` (the
+  all-reduce. With a DDP-wrapped model pass ``grads_reduced=True`` to the optimizer (the
   gradients are already averaged everywhere) and this traffic disappears;
 - one all-reduce of one scalar (global gradient norm: clipping and the NaN/inf skip);
 - one all-gather of the updated parameters, byte-packed so that every dtype travels in the same
@@ -48,30 +48,36 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
 from shardflow.distributed import comm
-from shardflow.distributed.placement import LocalPlacement, NSTile
-from shardflow.distributed.plan import OwnerPlan, Unit, assign, matrix_shape, tile_units, whole_unit
+from shardflow.distributed.placement import LocalPlacement, NSTile, plan_inputs
+from shardflow.distributed.plan import (
+    Unit,
+    assign,
+    matrix_shape,
+    replicated_plan,
+    sharded_plan,
+    tile_units,
+)
 from shardflow.ops.orthogonalize import newton_schulz_many, rms_scale
 
 
 def make_placement(
-    param_groups: list[dict], process_group: Any, ns_tile: NSTile | None = None
+    param_groups: list[dict],
+    process_group: Any,
+    ns_tile: NSTile | None = None,
+    *,
+    grads_reduced: bool = False,
 ) -> LocalPlacement:
     """The placement for these param groups over ``process_group`` (see the module docstring).
 
     ``ns_tile(param, group, name)`` says how a parameter is orthogonalized: ``None`` (not), or the
     shape of its Newton-Schulz tiles (the whole ``(out, rest)`` matrix, or ``(b, b)`` blocks).
+    ``grads_reduced``: the gradients are already averaged (DDP-wrapped model; DDP-aware only).
     Raises the same ``ValueError`` on every rank for unsupported input (one ``all_gather_object``
     of every rank's parameter signature and local findings), never leaving a rank waiting.
     """
     group, mesh = _resolve_group(process_group)
     world = dist.get_world_size(group)
-    params, names, tiles = [], [], []
-    for gi, g in enumerate(param_groups):
-        gnames = g.get("param_names") or [None] * len(g["params"])
-        for p, name in zip(g["params"], gnames):
-            params.append(p)
-            names.append(name or f"group {gi} param {len(params) - 1}")
-            tiles.append(ns_tile(p, g, name) if ns_tile is not None else None)
+    params, names, tiles = plan_inputs(param_groups, ns_tile)
     problem = _local_problem(params, names, group, mesh)
     signature = [_signature(p) for p in params]
     local_rows = [_local_rows(p) for p in params]
@@ -79,9 +85,16 @@ def make_placement(
     _raise_if_any(gathered, names)
     rows = [[gathered[r][2][i] for r in range(world)] for i in range(len(params))]
     if params and isinstance(params[0], DTensor):
+        if grads_reduced:  # the same on every rank: the ranks' parameter types agree (above)
+            raise ValueError(
+                "grads_reduced=True was given with FSDP2 (DTensor) parameters, where it means "
+                "nothing: fully_shard always reduce-scatters the gradients to their shards and "
+                "the optimizer never reduces them again. Leave grads_reduced=False (it is only "
+                "for plain parameters of a DDP-wrapped model)."
+            )
         _check_row_counts(params, names, rows)
         return ShardedPlacement(params, names, tiles, rows, group, params[0].device_mesh)
-    return ReplicatedPlacement(params, names, tiles, group)
+    return ReplicatedPlacement(params, names, tiles, group, grads_reduced=grads_reduced)
 
 
 # -- checks ---------------------------------------------------------------------------------
@@ -223,16 +236,17 @@ class ReplicatedPlacement(LocalPlacement):
         names: list[str],
         tiles: list[tuple[int, int] | None],
         group,
+        *,
+        grads_reduced: bool = False,
     ) -> None:
         self.group = group
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self.params = params
         self.names = names
-        self.grads_reduced = False
+        self.grads_reduced = grads_reduced
         """True when the gradients are already averaged over the ranks (a DDP-wrapped model)."""
-        units = [whole_unit(i, p.shape, t) for i, (p, t) in enumerate(zip(params, tiles))]
-        self.plan = OwnerPlan(self.world_size, units)
+        self.plan = replicated_plan([p.shape for p in params], tiles, self.world_size)
         self.owner = self.plan.owners
         self._index = {id(p): i for i, p in enumerate(params)}
         self._owned_by = [
@@ -384,10 +398,7 @@ class ShardedPlacement(LocalPlacement):
         """``rows[i][r]``: how many rows of parameter i rank r holds (in rank order)."""
         self.offsets = [[sum(c[:r]) for r in range(len(c) + 1)] for c in rows]
         self._index = {id(p): i for i, p in enumerate(params)}
-        units = [
-            u for i, (p, t) in enumerate(zip(params, tiles)) if t for u in tile_units(i, p.shape, t)
-        ]
-        self.plan = OwnerPlan(self.world_size, units)
+        self.plan = sharded_plan([p.shape for p in params], tiles, self.world_size)
         self._device = params[0].device if params else torch.device("cpu")
         self._fallback: dict[tuple, list[int]] = {}
 
