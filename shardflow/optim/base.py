@@ -92,6 +92,10 @@ class ShardFlowOptimizer(torch.optim.Optimizer):
     scratch_grads: ClassVar[bool] = True
     """False: ``_update_group`` gets the raw gradients and ``Item.grad_scale`` (module doc)."""
 
+    last_grad_norm: float | None = None
+    """The global gradient norm of the last step, before clipping (from the step's one reduction;
+    NaN/inf when that step was skipped; None before the first step)."""
+
     state_layout: ClassVar[dict[str, Layout]] = {}
     """For every state key the subclass creates, how it reshards (checkpoints read this)."""
 
@@ -221,9 +225,9 @@ class ShardFlowOptimizer(torch.optim.Optimizer):
     def _grad_scale(self, collected: list[Collected], ops: ListOps) -> float | None:
         """One reduction: the global gradient norm. None when it is not finite (skip the step)."""
         total = float(self.placement.sum_over_model(self._local_sq_norm(collected, ops)))
+        self.last_grad_norm = norm = math.sqrt(total)
         if not math.isfinite(total):
             return None
-        norm = math.sqrt(total)
         scale = (
             1.0
             if self.gradient_clipping is None
