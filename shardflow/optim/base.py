@@ -105,6 +105,7 @@ class ShardFlowOptimizer(torch.optim.Optimizer):
         defaults: dict[str, Any],
         *,
         process_group: Any = None,
+        grads_reduced: bool = False,
         foreach: bool | None = None,
         gradient_clipping: float | None = None,
     ) -> None:
@@ -121,7 +122,7 @@ class ShardFlowOptimizer(torch.optim.Optimizer):
         self._constructed = False
         super().__init__(params, defaults)
         self.placement: LocalPlacement = resolve_placement(
-            self.param_groups, process_group, self._ns_tile
+            self.param_groups, process_group, self._ns_tile, grads_reduced=grads_reduced
         )
         for group in self.param_groups:
             self._init_group_state(group)
