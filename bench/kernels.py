@@ -47,8 +47,8 @@ from shardflow.ops.native import factored as factored_native
 from shardflow.ops.native import norm as norm_native
 from shardflow.ops.native import quant8 as quant8_native
 from shardflow.ops.native import rounding as rounding_native
-from shardflow.optim import factored
 from shardflow.ops.native.build import FLAGS, NativeLibrary
+from shardflow.optim import factored
 from shardflow.optim.dolphinflow import fused_update_each, sq_norms_each
 
 N = 49152 * 576
@@ -154,11 +154,8 @@ def _quant8(w: torch.Tensor, g: torch.Tensor) -> dict[str, Callable[[], object]]
     shipped = quant8_native._library
     gather = "_mm256_i32gather_ps(map, c, 4)"
     assert gather in shipped.source
-    no_gathers = NativeLibrary(
-        "quant8_nogather",
-        shipped.source.replace(gather, "_mm256_cvtepi32_ps(c)"),
-        shipped.signatures,
-        fallback="",
+    no_gathers = shipped.variant(
+        "quant8_nogather", replace=(gather, "_mm256_cvtepi32_ps(c)"), flags=FLAGS
     )
     libraries = {isa: quant8_native.library(isa) for isa in quant8_native.host_isas()}
     libraries["avx2 without its decode gathers (timing only)"] = no_gathers
@@ -199,13 +196,7 @@ def _factored(w: torch.Tensor, g: torch.Tensor) -> dict[str, Callable[[], object
     shipped = factored_native._library
     prefetch = "_mm_prefetch((const char*)(x + AHEAD), _MM_HINT_T0);"
     assert prefetch in shipped.source
-    plain = NativeLibrary(
-        "factored_noprefetch",
-        shipped.source.replace(prefetch, ""),
-        shipped.signatures,
-        fallback="",
-        flags=[*FLAGS, "-mfma"],
-    )
+    plain = shipped.variant("factored_noprefetch", replace=(prefetch, ""))
 
     def run(lib: NativeLibrary) -> None:
         factored_native._library = lib

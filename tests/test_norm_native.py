@@ -12,8 +12,8 @@ import pytest
 import torch
 from native_fallback import check_off_switch_and_failed_build
 
-from shardflow.ops.native import norm as norm_native
 from shardflow.ops.listops import ListOps
+from shardflow.ops.native import norm as norm_native
 from shardflow.optim.base import _sum_sq
 from shardflow.optim.dolphinflow import DolphinFlow
 
@@ -99,18 +99,13 @@ def test_clipping_with_the_kernel_equals_the_torch_path(monkeypatch):
 def test_a_failed_openmp_link_builds_serial(monkeypatch, tmp_path):
     """Where linking against torch's OpenMP runtime fails, the kernel is built without OpenMP
     (its pragmas ignored) and still gives the same sums."""
-    from shardflow.ops.native import build as _native  # noqa: PLC0415
+    from shardflow.ops.native import build  # noqa: PLC0415
 
     monkeypatch.setenv("SHARDFLOW_CACHE_DIR", str(tmp_path))
-    lib = _native.NativeLibrary(
-        "norm_test",
-        norm_native._SOURCE,
-        norm_native._library.signatures,
-        fallback="",
-        flags=[*_native.FLAGS, "-mfma"],
-    )
-    lib.flags = [*lib.base_flags, "-fopenmp", "-lno_such_openmp_runtime"]
+    monkeypatch.setattr(build, "openmp_flags", lambda: ["-fopenmp", "-lno_such_openmp_runtime"])
+    lib = norm_native._library.variant("norm_test")
     path = lib._build_any()
+    assert lib.built_flags == [*lib.base_flags, *build.SERIAL]
     assert path.exists() and list(tmp_path.glob("norm_test_*.so")) == [path]
     monkeypatch.setattr(norm_native, "_library", lib)
     x = torch.randn(1 << 20)

@@ -1,12 +1,38 @@
-"""Native CPU kernels: build a small C source on first use, load it, split rows over threads.
+"""The one builder of the native CPU kernels: compile a C file on first use, check it, load it.
 
-Shared by the hand-written kernels (:mod:`~shardflow.ops.native.quant8`,
-:mod:`~shardflow.ops.native.factored`). A :class:`NativeLibrary` holds one C source (AVX2
-intrinsics, built with :data:`FLAGS`; a kernel may add flags, as quant8_native's AVX-512 builds
-do) and the ctypes signatures of its functions. On first use it is compiled with the
-system C compiler (``$CC``, else ``cc``) into ``$SHARDFLOW_CACHE_DIR`` (default
-``~/.cache/shardflow``), once per source and flags, under a temporary name then renamed, so
-concurrent processes never load a partial file; then loaded through :mod:`ctypes`.
+**What lives where.** The C sources are real files in ``csrc/`` (``csrc/quant8.c``,
+``csrc/factored.c``, ``csrc/norm.c``, ``csrc/rounding.c``), shipped as package data. Each kernel
+module beside this one (:mod:`~shardflow.ops.native.quant8`, :mod:`~shardflow.ops.native.factored`,
+:mod:`~shardflow.ops.native.norm`, :mod:`~shardflow.ops.native.rounding`) holds only a
+:class:`NativeLibrary` naming its C file, the ctypes signatures and structures of the functions
+it calls, and its Python entry points. A constant both sides need lives in Python and reaches the
+C file as a macro on the command line (``defines``: norm's ``PIECE``, quant8's ``HEAD`` and
+``TAIL``; every build gets :data:`PARALLEL_ELEMENTS`); the C file refuses to build without it.
+
+**Building.** On first use a library is compiled with the system C compiler (``$CC``, else
+``cc``) with :data:`FLAGS` (AVX2; a kernel may add flags, as quant8's AVX-512 builds do, and
+list ``alternatives`` for a compiler that refuses them) into the cache directory, once per
+source text, defines, flags and compiler (the file name's key is their sha256). The compiler
+writes into a fresh private temporary directory inside the cache, and the library is renamed
+into place (atomic), so processes building the same library at once (pytest-xdist workers, gloo
+ranks) never see a partial file: each loads a whole one, its own or another's.
+
+**The cache and its safety rules.** The cache is ``$SHARDFLOW_CACHE_DIR``, else
+``$XDG_CACHE_HOME/shardflow``, else ``~/.cache/shardflow`` (:func:`cache_dir`). A library found
+there is loaded into the process, so no other local user may be able to put one there:
+
+- the directory is created with mode 0700, and before each use it must be a directory owned by
+  this user and not writable by group or others (:func:`unsafe_reason`). Otherwise a warning
+  names the directory and the fix (``chmod go-w``, or a ``SHARDFLOW_CACHE_DIR`` of one's own),
+  and this process builds into a fresh private directory from :func:`tempfile.mkdtemp` instead,
+  removed at exit (:func:`private_cache_dir`). Symbolic links are resolved once, before the
+  check, and the resolved path is used; the directories above it are trusted (as ``~`` is).
+- each build records the sha256 of the library it wrote: in this process (``_BUILT``) and in a
+  sidecar ``<library>.sha256`` beside it, written under a temporary name and renamed. Before every
+  ``dlopen`` the library must be a file of this user's, not writable by group or others, whose
+  sha256 is the one recorded in this process or in its sidecar (:func:`verified`). A library
+  that fails (bytes changed after its build, a file of someone else's, no sidecar: a cache from
+  before these rules) is rebuilt, never loaded.
 
 **Threads.** The kernels split their loops with OpenMP pragmas and are linked against the
 OpenMP runtime torch itself loaded (``torch/lib/libgomp.so.1``; the loader finds it already in
@@ -23,19 +49,24 @@ torch path that runs instead) and the library reads as unavailable.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+CSRC = Path(__file__).parent / "csrc"
+"""The kernels' C files (package data)."""
 
 FLAGS = ["-O3", "-mavx2", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC"]
 """Compiler flags: no contraction into fused multiply-adds unless the source asks for one."""
@@ -44,16 +75,109 @@ I64, PTR = ctypes.c_int64, ctypes.c_void_p
 
 PARALLEL_ELEMENTS = 2**16
 """Below this many values a loop runs on the calling thread (waking the pool costs a few µs):
-the C sources get it as ``PARALLEL_ELEMENTS``, for their ``omp parallel for if(...)``."""
+every build gets it as the macro ``PARALLEL_ELEMENTS``, for the ``omp parallel for if(...)``."""
 
 
 def cache_dir() -> Path:
+    """Where the libraries are cached, as configured (:func:`private_cache_dir`: where they are)."""
     default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "shardflow"
     return Path(os.environ.get("SHARDFLOW_CACHE_DIR", default))
 
 
 def compiler() -> str:
     return os.environ.get("CC", "cc")
+
+
+def _unsafe(st: os.stat_result) -> str | None:
+    if st.st_uid != os.geteuid():
+        return f"is owned by uid {st.st_uid}, not by this user (uid {os.geteuid()})"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
+def unsafe_reason(path: Path) -> str | None:
+    """Why the directory ``path`` must not hold libraries this process loads (not a directory,
+    owned by another user, writable by group or others), or None where it may."""
+    st = path.stat()
+    if not stat.S_ISDIR(st.st_mode):
+        return "is not a directory"
+    return _unsafe(st)
+
+
+_FALLBACK: dict[Path, Path] = {}
+"""Per configured cache refused: the private directory this process builds into instead."""
+
+
+def private_cache_dir() -> Path:
+    """The cache directory, created with mode 0700 where missing, if :func:`unsafe_reason`
+    finds nothing against it (symbolic links resolved); else, with one warning naming it and
+    the fix, a fresh private directory of this process's (``tempfile.mkdtemp``, removed at exit)."""
+    configured = cache_dir()
+    if configured in _FALLBACK:
+        return _FALLBACK[configured]
+    try:
+        configured.mkdir(mode=0o700, parents=True, exist_ok=True)
+        resolved = configured.resolve(strict=True)
+        problem = unsafe_reason(resolved)
+    except OSError as exc:
+        problem = f"cannot be created or read ({exc})"
+    if problem is None:
+        return resolved
+    fallback = Path(tempfile.mkdtemp(prefix="shardflow-native-"))
+    atexit.register(shutil.rmtree, fallback, ignore_errors=True)
+    _FALLBACK[configured] = fallback
+    warnings.warn(
+        f"the native kernels' cache directory {configured} {problem}, so a library in it could "
+        f"be someone else's: not used; this process builds its kernels in {fallback} (removed at "
+        f"exit). Fix: `chmod go-w {configured}` if it is yours, or set SHARDFLOW_CACHE_DIR to a "
+        "directory of your own (created with mode 0700 where missing).",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    return fallback
+
+
+_BUILT: dict[Path, str] = {}
+"""The sha256 of each library this process built, by path."""
+
+
+def sidecar(library: Path) -> Path:
+    """The file beside ``library`` that records its sha256 (hex, one line)."""
+    return library.with_name(library.name + ".sha256")
+
+
+def _own_file_sha256(path: Path) -> str | None:
+    """The sha256 of ``path`` if it is a regular file of this user's that group and others
+    cannot write, else None (also where it is missing)."""
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode) or _unsafe(st) is not None:
+                return None
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError:
+        return None
+
+
+def recorded_sha256(library: Path) -> set[str]:
+    """The sha256 values recorded for ``library`` at its build: this process's, and its
+    sidecar's (where it is a file of this user's)."""
+    recorded = {_BUILT[library]} if library in _BUILT else set()
+    try:
+        side = sidecar(library)
+        if _own_file_sha256(side) is not None:
+            recorded.add(side.read_text().strip())
+    except OSError:
+        pass
+    return recorded
+
+
+def verified(library: Path) -> bool:
+    """Whether ``library`` may be loaded: a file of this user's, not writable by group or
+    others, whose sha256 is one :func:`recorded_sha256` at its build."""
+    digest = _own_file_sha256(library)
+    return digest is not None and digest in recorded_sha256(library)
 
 
 SERIAL = ["-Wno-unknown-pragmas"]
@@ -81,33 +205,74 @@ def supported() -> bool:
 
 
 class NativeLibrary:
-    """One C source built and loaded on first call (``lib()``: the ``ctypes.CDLL``, or None
-    where unavailable); ``cache_clear()`` forgets the result (tests switch the environment).
+    """One C file of ``csrc/`` built and loaded on first call (``lib()``: the ``ctypes.CDLL``, or
+    None where unavailable); ``cache_clear()`` forgets the result (tests switch the environment).
 
-    ``name`` names the cached file; ``signatures`` maps each exported function to its ctypes
-    argument types (all return ``void``); ``fallback`` ends the warning a failed build gives;
-    ``alternatives``: flags to build with, in order, where ``flags`` do not build (a compiler
-    that does not know an instruction set, say).
+    ``name`` names the cached file; ``file``: the C file's name in ``csrc/`` (e.g.
+    ``"quant8.c"``); ``signatures`` maps each exported function to its ctypes argument types
+    (all return ``void``); ``fallback`` ends the warning a failed build gives; ``flags``: the
+    compiler flags (default :data:`FLAGS`), ``alternatives``: flags to build with, in order,
+    where ``flags`` do not build (a compiler that does not know an instruction set, say);
+    ``defines``: macros passed as ``-DNAME=value`` (besides :data:`PARALLEL_ELEMENTS`), the
+    Python constants the C file uses.
     """
 
     def __init__(
         self,
         name: str,
-        source: str,
+        file: str,
         signatures: dict[str, list[type]],
         *,
         fallback: str,
         flags: list[str] | None = None,
         alternatives: Sequence[list[str]] = (),
+        defines: Mapping[str, int | str] | None = None,
     ) -> None:
-        self.name, self.source, self.signatures = name, source, signatures
+        self.name, self.file, self.signatures = name, file, signatures
         self.fallback = fallback
         self.base_flags = FLAGS if flags is None else flags
         self.alternatives = list(alternatives)
+        self.defines = dict(defines or {})
         self.built_flags: list[str] | None = None
         """The flags of the build loaded (after the first call)."""
+        self.path: Path | None = None
+        """The library loaded (after the first call)."""
         self.flags = [*self.base_flags, *openmp_flags()]
+        self._text: str | None = None  # a variant's source (else the file's)
         self._loaded: list[ctypes.CDLL | None] = []
+
+    @property
+    def source_path(self) -> Path:
+        """The C file."""
+        return CSRC / self.file
+
+    @property
+    def source(self) -> str:
+        """The C source text built (the file's, or a :meth:`variant`'s)."""
+        return self.source_path.read_text() if self._text is None else self._text
+
+    def variant(
+        self, name: str, *, replace: tuple[str, str] | None = None, flags: list[str] | None = None
+    ) -> NativeLibrary:
+        """This library under another ``name`` (cached apart), its source with ``replace = (old,
+        new)`` applied (``old`` must occur) and, given ``flags``, built with those alone: a
+        bench's ablation, or a test's private copy. Signatures and defines stay."""
+        lib = NativeLibrary(
+            name,
+            self.file,
+            self.signatures,
+            fallback=self.fallback,
+            flags=self.base_flags if flags is None else flags,
+            alternatives=self.alternatives if flags is None else (),
+            defines=self.defines,
+        )
+        if replace is not None:
+            old, new = replace
+            text = self.source
+            if old not in text:
+                raise ValueError(f"{self.file} has no {old!r}: nothing to replace")
+            lib._text = text.replace(old, new)
+        return lib
 
     def __call__(self) -> ctypes.CDLL | None:
         if not self._loaded:
@@ -121,26 +286,39 @@ class NativeLibrary:
         """Whether the kernel can run here (built on first call)."""
         return self() is not None
 
+    def define_flags(self) -> list[str]:
+        """The ``-D`` flags of every build."""
+        defines = {"PARALLEL_ELEMENTS": PARALLEL_ELEMENTS, **self.defines}
+        return [f"-D{key}={value}" for key, value in defines.items()]
+
     def build(self, flags: list[str] | None = None) -> Path:
-        """The compiled library's path, built first if this source and these flags (default
-        :attr:`flags`) never were."""
+        """The compiled library's path (in :func:`private_cache_dir`), built first if this
+        source, these defines and these flags (default :attr:`flags`) never were, or if the file
+        there is not :func:`verified`."""
         flags = self.flags if flags is None else flags
-        text = f"#define PARALLEL_ELEMENTS {PARALLEL_ELEMENTS}\n{self.source}"
-        key = hashlib.sha256((text + " ".join(flags)).encode()).hexdigest()[:16]
-        target = cache_dir() / f"{self.name}_{key}.so"
-        if target.exists():
+        text, defines = self.source, self.define_flags()
+        key = hashlib.sha256("\0".join([text, *defines, *flags, compiler()]).encode())
+        target = private_cache_dir() / f"{self.name}_{key.hexdigest()[:16]}.so"
+        if verified(target):
             return target
-        target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            source, lib = Path(tmp) / f"{self.name}.c", Path(tmp) / f"{self.name}.so"
+            source, lib = Path(tmp) / self.file, Path(tmp) / f"{self.name}.so"
             source.write_text(text)
             subprocess.run(
-                [compiler(), *flags, "-o", str(lib), str(source)],
+                [compiler(), *flags, *defines, "-o", str(lib), str(source)],
                 check=True,
                 capture_output=True,
                 text=True,
             )
-            os.replace(lib, target)  # atomic: other processes see no file or the whole file
+            with open(lib, "rb") as f:
+                digest = hashlib.file_digest(f, "sha256").hexdigest()
+            record = Path(tmp) / "sha256"
+            record.write_text(digest + "\n")
+            _BUILT[target] = digest
+            # atomic: other processes see no file or the whole file (its record follows; one
+            # that reads between the two renames rebuilds, or loads this very build)
+            os.replace(lib, target)
+            os.replace(record, sidecar(target))
         return target
 
     def _build_any(self) -> Path:
@@ -166,7 +344,10 @@ class NativeLibrary:
         if not supported():
             return None
         try:
-            lib = ctypes.CDLL(str(self._build_any()))
+            path = self._build_any()
+            if not verified(path):  # checked again right before dlopen
+                raise OSError(f"{path} changed after its build (sha256); not loaded")
+            lib = ctypes.CDLL(str(path))
         except (OSError, subprocess.CalledProcessError) as exc:
             detail = getattr(exc, "stderr", "") or exc
             warnings.warn(
@@ -175,6 +356,7 @@ class NativeLibrary:
                 stacklevel=4,
             )
             return None
+        self.path = path
         for fn_name, argtypes in self.signatures.items():
             fn = getattr(lib, fn_name)
             fn.argtypes, fn.restype = argtypes, None

@@ -9,8 +9,9 @@ bench/results/kernels-cpu2-2026-11-23.md, Run 3).
 The arithmetic is :func:`~shardflow.ops.precision.bf16_stochastic`'s, bit for bit: element
 ``i`` of a piece with key ``k`` and offset ``o`` adds the low 16 bits of ``lowbias32(((i + o)
 mod 2³²) ^ k)`` to the fp32 bit pattern and keeps the upper 16 bits; a result that is NaN becomes
-``0xFFFF``, the NaN torch's vectorized CPU conversion to bf16 writes. Built by
-:mod:`shardflow.ops.native.build` (``SHARDFLOW_NATIVE=0`` switches it off: callers use torch).
+``0xFFFF``, the NaN torch's vectorized CPU conversion to bf16 writes. The kernel is the C file
+``csrc/rounding.c``, built by :mod:`shardflow.ops.native.build` (``SHARDFLOW_NATIVE=0``
+switches it off: callers use torch).
 """
 
 from __future__ import annotations
@@ -20,50 +21,13 @@ from torch import Tensor
 
 from shardflow.ops.native.build import I64, PTR, NativeLibrary
 
-_SOURCE = r"""
-#include <stdint.h>
-#include <string.h>
-
-typedef struct {
-    uint16_t* dst;     /* bf16 bits */
-    const float* src;
-    int64_t n, offset;
-    uint32_t key;
-} Piece;
-
-static inline uint32_t lowbias32(uint32_t x) {
-    x ^= x >> 16;
-    x *= 0x7FEB352Du;
-    x ^= x >> 15;
-    x *= 0x846CA68Bu;
-    return x ^ (x >> 16);
-}
-
-int32_t sfr_version(void) { return 1; }
-
-void sfr_bf16_many(int64_t n, const Piece* pieces) {
-    for (int64_t k = 0; k < n; k++) {
-        const Piece* p = &pieces[k];
-        for (int64_t i = 0; i < p->n; i++) {
-            uint32_t bits;
-            memcpy(&bits, &p->src[i], sizeof bits);
-            uint32_t noise = lowbias32((uint32_t)(i + p->offset) ^ p->key) & 0xFFFFu;
-            uint32_t r = (bits + noise) & 0xFFFF0000u;
-            int nan = (r & 0x7F800000u) == 0x7F800000u && (r & 0x007F0000u) != 0;
-            p->dst[i] = nan ? 0xFFFFu : (uint16_t)(r >> 16);
-        }
-    }
-}
-"""
-
-
 _library = NativeLibrary(
     "rounding",
-    _SOURCE,
+    "rounding.c",
     {"sfr_bf16_many": [I64, PTR]},
     fallback="stochastic rounding uses torch's ops (slower, the same bits)",
 )
-"""The compiled kernel (``_library()``: the ``ctypes.CDLL`` or None; see :mod:`._native`)."""
+"""The compiled kernel (``_library()``: the ``ctypes.CDLL`` or None; see :mod:`.build`)."""
 
 
 def usable(pieces: list[tuple[Tensor, Tensor, int, int]]) -> bool:
