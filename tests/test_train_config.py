@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import subprocess
+import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -22,10 +25,11 @@ from shardflow.train.config import (
 )
 from shardflow.train.data import ByteTokenizer, load_corpus, sample_batch
 from shardflow.train.groups import route_params
-from shardflow.train.loop import lr_factor, preflight
+from shardflow.train.loop import lr_factor, lr_schedule, preflight
 from shardflow.train.model import build_decoder
+from shardflow.train.optimizers import build_run_optimizer, state_bytes_per_param
 from shardflow.train.placement import ProcessInfo
-from shardflow.train.plan import dry_run, owner_plan
+from shardflow.train.plan import dry_run
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((ROOT / "configs").glob("*.toml"))
@@ -212,6 +216,129 @@ def test_lr_schedule():
     assert 0.1 < lr_factor(55, 100, 10, 0.1) < 1.0
 
 
+def schedule_cfg(steps: int, warmup: int) -> Config:
+    cfg = Config()
+    cfg.train.steps, cfg.schedule.warmup_steps, cfg.schedule.min_lr_ratio = steps, warmup, 0.1
+    return cfg
+
+
+def lrs_of(optimizer, scheduler, steps) -> list[list[float]]:
+    """The lr of every group at each of ``steps`` steps, stepping as the loop does."""
+    out = []
+    for _ in steps:
+        out.append([g["lr"] for g in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    return out
+
+
+def test_lr_schedule_is_a_lambda_lr_and_resumes_from_the_step():
+    """The loop's schedule is a LambdaLR of the step (warm-up then cosine) over each group's own
+    lr; built again at a resumed step, over groups whose lr the checkpoint overwrote, it goes on
+    with exactly the uninterrupted sequence."""
+    cfg = schedule_cfg(steps=10, warmup=3)
+    params = [torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))]
+    opt = torch.optim.SGD([{"params": params[:1], "lr": 0.1}, {"params": params[1:], "lr": 0.02}])
+    scheduler = lr_schedule(opt, cfg, [0.1, 0.02])
+    assert isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR)
+    full = lrs_of(opt, scheduler, range(1, 11))
+    expected = [[b * lr_factor(s, 10, 3, 0.1) for b in (0.1, 0.02)] for s in range(1, 11)]
+    assert sum(full, []) == pytest.approx(sum(expected, []), rel=1e-12)
+    # resumed after step 4: the groups hold whatever the checkpoint had (here: the last lr and
+    # a stale initial_lr); the schedule is recomputed from the step and the configured lrs
+    again = torch.optim.SGD([{"params": params[:1], "lr": 0.1}, {"params": params[1:], "lr": 0.02}])
+    for g in again.param_groups:
+        g["lr"], g["initial_lr"] = 0.0123, 7.0
+    resumed = lrs_of(again, lr_schedule(again, cfg, [0.1, 0.02], start=4), range(5, 11))
+    assert resumed == full[4:]
+
+
+def test_warmup_longer_than_the_run_warns_once():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    with pytest.warns(
+        UserWarning, match=r"schedule\.warmup_steps=20 is longer than the run"
+    ) as got:
+        lr_schedule(opt, schedule_cfg(steps=8, warmup=20), [0.1])
+    assert len(got) == 1 and "40% of optim.lr" in str(got[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lr_schedule(opt, schedule_cfg(steps=8, warmup=8), [0.1])
+        lr_schedule(opt, schedule_cfg(steps=8, warmup=20), [0.1], warn=False)  # other ranks
+
+
+# ------------------------------------------------------------------------------ optimizers
+
+
+def routed_tiny_model():
+    return route_params(tiny_model().named_parameters(), [])
+
+
+def optim_cfg(name: str, grad_clip: float, **hyper):
+    cfg = Config().optim
+    cfg.name, cfg.grad_clip, cfg.hyper = name, grad_clip, hyper
+    return cfg
+
+
+@pytest.mark.parametrize("name", ["dolphinflow", "whiteflow", "factored_adam"])
+def test_grad_clip_is_the_shardflow_optimizers_gradient_clipping(name):
+    """optim.grad_clip reaches the optimizer (0 = off, not the optimizer's own default of 1.0)."""
+    assert build_run_optimizer(optim_cfg(name, 0.5), routed_tiny_model()).gradient_clipping == 0.5
+    assert build_run_optimizer(optim_cfg(name, 0), routed_tiny_model()).gradient_clipping is None
+    with pytest.raises(
+        ConfigError, match=r"optim\.hyper\.gradient_clipping=2\.0 is set.*grad_clip"
+    ):
+        build_run_optimizer(optim_cfg(name, 1.0, gradient_clipping=2.0), routed_tiny_model())
+
+
+def test_adamw_gets_no_gradient_clipping_argument():
+    opt = build_run_optimizer(optim_cfg("adamw", 0.5), routed_tiny_model())
+    assert type(opt) is torch.optim.AdamW and "gradient_clipping" not in opt.defaults
+
+
+def test_state_bytes_per_param_is_the_built_optimizers_own_figure():
+    """ShardFlow optimizers measure their state (a method, called on the built optimizer);
+    torch's AdamW has no such method: the table's 8 bytes."""
+    groups = routed_tiny_model()
+    plain = build_run_optimizer(optim_cfg("dolphinflow", 1.0, adaptive_lr=False), groups)
+    assert state_bytes_per_param("dolphinflow", plain) == 4.0  # the table says 8
+    factored = build_run_optimizer(optim_cfg("factored_adam", 1.0), groups)
+    assert state_bytes_per_param("factored_adam", factored) == factored.state_bytes_per_param()
+    adamw = build_run_optimizer(optim_cfg("adamw", 1.0), groups)
+    assert state_bytes_per_param("adamw", adamw) == 8.0
+
+
+BNB_FREE = """
+import sys
+import shardflow, shardflow.train
+from shardflow.train.cli import main_train
+assert "bitsandbytes" not in sys.modules, "import shardflow"
+assert main_train(sys.argv[1:]) == 0
+print("bitsandbytes loaded" if "bitsandbytes" in sys.modules else "bitsandbytes not loaded")
+"""
+
+
+def test_adamw_run_and_dry_run_do_not_import_bitsandbytes(tmp_path):
+    """import shardflow / shardflow.train, a plain adamw run through the runtime's builder and its
+    dry run leave bitsandbytes unimported (DolphinFlow8bit's registry entry imports it lazily)."""
+    args = [
+        str(ROOT / "configs" / "quickstart.toml"),
+        *("--run.nproc", "1", "--placement.kind", "none", "--optim.name", "adamw"),
+        *("--run.out_dir", str(tmp_path), "--train.steps", "1", "--train.eval_every", "0"),
+        *("--checkpoint.every", "0", "--checkpoint.save_model", "false", "--log.plot", "false"),
+        *("--data.max_bytes", "100000"),
+    ]
+    for extra in ([], ["--dry-run"]):
+        result = subprocess.run(
+            [sys.executable, "-c", BNB_FREE, *args, *extra],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=ROOT,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stdout.strip().endswith("bitsandbytes not loaded"), result.stdout[-2000:]
+
+
 # ----------------------------------------------------------------------------------- data
 
 
@@ -328,8 +455,19 @@ def test_llama3_8b_dry_run():
     cfg = load_config(ROOT / "configs" / "llama3-8b-fsdp8.toml")
     text = dry_run(cfg)
     assert re.search(r"8\.0\d\dB params", text)
-    assert "8 rank(s)" in text and "rank 7" in text
-    assert "memory per rank" in text and "Newton-Schulz owner ranks" in text
+    assert "8 rank(s)" in text and re.search(r"\n\s+7\s+28 ", text)  # rank 7: 28 NS units
+    assert "memory per rank" in text and "owner plan over 8 ranks (FSDP2-aware" in text
+    assert "max/mean: NS load 1.000" in text
+
+
+def test_dry_run_prints_the_optimizers_measured_state_bytes(tmp_path):
+    """The figure printed is the built optimizer's state_bytes_per_param(), not the table's."""
+    base = [str(ROOT / "configs" / "quickstart.toml"), "--run.nproc", "1", "--placement.kind"]
+    text = dry_run(load_config(base[0], [*base[1:], "none", "--optim.hyper.adaptive_lr", "false"]))
+    assert "4 B/param of dolphinflow state" in text
+    assert "owner plan: none (placement none runs one process)" in text
+    text = dry_run(load_config(base[0], [*base[1:], "none", "--optim.name", "adamw"]))
+    assert "8 B/param of adamw state" in text
 
 
 def test_smollm2_offload_dry_run_from_shipped_shapes():
@@ -345,14 +483,6 @@ def test_smollm2_offload_dry_run_from_shipped_shapes():
     assert device and host, text
     assert float(device.group(1)) == pytest.approx(0.50, abs=0.01)  # 134.5M x 4 B
     assert float(host.group(2)) == pytest.approx(1.00, abs=0.01)  # DolphinFlow: 8 B/param
-
-
-def test_owner_plan_is_balanced():
-    owners = owner_plan([(64, 64)] * 8 + [(128, 128)] * 2, 2)
-    costs = [0, 0]
-    for (m, n), o in zip([(64, 64)] * 8 + [(128, 128)] * 2, owners):
-        costs[o] += m * n * min(m, n)
-    assert costs[0] == costs[1]
 
 
 REF_START, REF_END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"

@@ -80,7 +80,8 @@ def resume(directory: Path, *, model: nn.Module, optimizer: Any) -> dict[str, An
     """Load the newest complete checkpoint in ``directory``; its ``extra``, or None if none.
 
     The param groups' hyperparameters come back from the checkpoint (as with
-    ``Optimizer.load_state_dict``); the loop sets each step's lr from the schedule anyway.
+    ``Optimizer.load_state_dict``); the loop's schedule then recomputes the lr from the step it
+    resumes at (:func:`shardflow.train.loop.lr_schedule`), so no scheduler state is saved.
     """
     found = latest(directory)
     if found is None:

@@ -115,7 +115,9 @@ class OptimConfig:
     weight_decay: float = 0.0
     """Decoupled weight decay."""
     grad_clip: float = 1.0
-    """Clip the global gradient norm to this value (0 = no clipping)."""
+    """Clip the global gradient norm to this value (0 = no clipping). ShardFlow optimizers get it
+    as gradient_clipping (they clip, and report the norm, from their one reduction); torch's
+    AdamW is clipped by the training loop (clip_grad_norm_)."""
     hyper: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments for the optimizer's constructor ([optim.hyper] table; on the
     command line --optim.hyper.KEY VALUE)."""
@@ -127,7 +129,8 @@ class OptimConfig:
 @dataclass(kw_only=True, slots=True)
 class ScheduleConfig:
     warmup_steps: int = 10
-    """Linear warm-up from 0 to the peak lr over this many steps."""
+    """Linear warm-up from 0 to the peak lr over this many steps (a torch LambdaLR of the step,
+    recomputed from the step on resume; a warning when it is longer than train.steps)."""
     min_lr_ratio: float = 0.1
     """Cosine decay ends at peak lr times this ratio on the last step."""
 

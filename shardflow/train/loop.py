@@ -12,6 +12,7 @@ import math
 import os
 import signal
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 
 from shardflow.train import ckpt
 from shardflow.train.config import Config, ConfigError, check_values
@@ -31,6 +33,8 @@ from shardflow.train.offload import OffloadOptimizer, master_copy
 from shardflow.train.optimizers import (
     build_run_optimizer,
     check_optimizer_name,
+    clips_itself,
+    state_bytes_per_param,
 )
 from shardflow.train.placement import (
     ProcessInfo,
@@ -95,11 +99,14 @@ def build_model_and_optimizer(
         return model, optimizer, groups
     model = _placed_model(cfg, device, mesh)
     groups = route_params(inner_model(model).named_parameters(), cfg.optim.groups)
-    optimizer = build_run_optimizer(cfg.optim, groups, mesh)
-    placement = getattr(optimizer, "placement", None)
-    if is_ddp(model) and hasattr(placement, "grads_reduced"):
-        placement.grads_reduced = True  # DDP has averaged them: no second gradient exchange
+    # DDP has averaged the gradients: the optimizer need not send them to their owners again
+    optimizer = build_run_optimizer(cfg.optim, groups, mesh, grads_reduced=is_ddp(model))
     return model, optimizer, groups
+
+
+def held_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The ``torch.optim.Optimizer`` that updates the weights (offload: the host-side one)."""
+    return optimizer.optimizer if isinstance(optimizer, OffloadOptimizer) else optimizer
 
 
 def preflight(cfg: Config, proc: ProcessInfo) -> Prepared:
@@ -137,6 +144,36 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def lr_schedule(
+    optimizer: Any, cfg: Config, base_lrs: list[float], start: int = 0, warn: bool = True
+) -> LambdaLR:
+    """The run's learning rate as a ``LambdaLR``: :func:`lr_factor` of the step, times each
+    group's ``base_lrs`` entry (its configured lr), ready for step ``start + 1``.
+
+    The lr is a function of the step alone, so a resumed run recomputes it from the step it
+    resumes at (the checkpoint's lr values are overwritten): the same sequence as an
+    uninterrupted run. ``scheduler.step()`` after each optimizer step moves it on. With
+    ``warn``, one warning when the warm-up is longer than the run (the peak is never reached).
+    """
+    total, warmup = cfg.train.steps, cfg.schedule.warmup_steps
+    if warn and warmup > total:
+        warnings.warn(
+            f"schedule.warmup_steps={warmup} is longer than the run (train.steps={total}): the "
+            f"learning rate rises to {total / warmup:.0%} of optim.lr at the last step, never "
+            "reaching its peak nor decaying; lower schedule.warmup_steps.",
+            UserWarning,
+            stacklevel=2,
+        )
+    held = held_optimizer(optimizer)
+    for group, base in zip(held.param_groups, base_lrs):
+        group["initial_lr"] = base
+    ratio = cfg.schedule.min_lr_ratio
+    # LambdaLR's epoch counts the steps done; the lr it sets is for the next one
+    return LambdaLR(
+        held, lambda done: lr_factor(done + 1, total, warmup, ratio), last_epoch=start - 1
+    )
+
+
 def _mean_over_ranks(value: torch.Tensor) -> float:
     value = value.detach().float().reshape(1).clone()
     if dist.is_initialized():
@@ -171,7 +208,11 @@ def evaluate(model: nn.Module, cfg: Config, corpus: Corpus, proc: ProcessInfo, d
 
 
 def _train_step(model, optimizer, cfg: Config, corpus: Corpus, step: int, proc, device) -> tuple:
-    """One optimizer step over ``grad_accum`` micro-batches; returns (loss, grad norm)."""
+    """One optimizer step over ``grad_accum`` micro-batches; returns (loss, grad norm).
+
+    An optimizer that clips itself (ShardFlow: ``gradient_clipping`` = ``optim.grad_clip``) also
+    gives the norm (``last_grad_norm``, from its one reduction); others (torch's AdamW) are
+    clipped here with ``clip_grad_norm_``."""
     accum = cfg.train.grad_accum
     total = torch.zeros((), device=device)
     for micro in range(accum):
@@ -189,11 +230,17 @@ def _train_step(model, optimizer, cfg: Config, corpus: Corpus, step: int, proc, 
             loss = token_loss(model, x.to(device), y.to(device))
             (loss / accum).backward()
         total += loss.detach()
-    max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    held = held_optimizer(optimizer)
+    own_norm = clips_itself(cfg.optim.name) and hasattr(held, "last_grad_norm")
+    if not own_norm:
+        clip = cfg.optim.grad_clip > 0 and not clips_itself(cfg.optim.name)
+        max_norm = cfg.optim.grad_clip if clip else float("inf")
+        norm = _to_float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
     optimizer.step()
+    if own_norm:
+        norm = float(held.last_grad_norm)
     optimizer.zero_grad(set_to_none=True)
-    return _mean_over_ranks(total / accum), _to_float(norm)
+    return _mean_over_ranks(total / accum), norm
 
 
 def _describe(
@@ -233,6 +280,7 @@ def train(cfg: Config, prep: Prepared, proc: ProcessInfo) -> dict[str, Any]:
     found = ckpt.resume(ck_dir, model=model, optimizer=optimizer) if cfg.checkpoint.resume else None
     if found is not None:
         start, tokens_seen = int(found["step"]), int(found.get("tokens", 0))
+    scheduler = lr_schedule(optimizer, cfg, base_lrs, start, warn=proc.is_main)
     if proc.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
@@ -256,18 +304,14 @@ def train(cfg: Config, prep: Prepared, proc: ProcessInfo) -> dict[str, Any]:
     for step in range(start + 1, cfg.train.steps + 1):
         if step == kill_at and proc.is_main:
             os.kill(os.getpid(), signal.SIGKILL)
-        factor = lr_factor(
-            step, cfg.train.steps, cfg.schedule.warmup_steps, cfg.schedule.min_lr_ratio
-        )
-        for group, base in zip(optimizer.param_groups, base_lrs):
-            group["lr"] = base * factor
+        lr = scheduler.get_last_lr()[0]
         tick = time.perf_counter()
         loss, grad_norm = _train_step(model, optimizer, cfg, prep.corpus, step, proc, device)
+        scheduler.step()
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss became {loss} at step {step}; lower optim.lr.")
         seconds = time.perf_counter() - tick
         tokens_seen += tokens_per_step
-        lr = base_lrs[0] * factor
         if step % cfg.log.every == 0 or step == cfg.train.steps:
             log.write(
                 {
@@ -299,11 +343,19 @@ def train(cfg: Config, prep: Prepared, proc: ProcessInfo) -> dict[str, Any]:
     if cfg.checkpoint.save_model:
         hf_path = cfg.model.path if cfg.model.kind == "hf" else ""
         ckpt.export_model(inner_model(model), cfg.model, out / "final", hf_path)
-    return finish(cfg, out, proc)
+    held = held_optimizer(optimizer)
+    state_b = state_bytes_per_param(cfg.optim.name, held)
+    return finish(cfg, out, proc, {"state_bytes_per_param": state_b})
 
 
-def finish(cfg: Config, out: Path, proc: ProcessInfo) -> dict[str, Any]:
-    """Summarise the metrics and draw the loss curve (rank 0)."""
+def finish(
+    cfg: Config, out: Path, proc: ProcessInfo, facts: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Summarise the metrics and draw the loss curve (rank 0).
+
+    ``summary.json`` also records the placement kind, the world size and ``facts`` (the run
+    adds the optimizer's state bytes per parameter: rank 0's measured figure for ShardFlow
+    optimizers, the table's for others)."""
     if not proc.is_main:
         return {}
     rows = read_metrics(out / "metrics.jsonl")
@@ -315,6 +367,9 @@ def finish(cfg: Config, out: Path, proc: ProcessInfo) -> dict[str, Any]:
         "optimizer": cfg.optim.name,
         "lr": cfg.optim.lr,
         "steps": cfg.train.steps,
+        "placement": cfg.placement.kind,
+        "world_size": proc.world,
+        **(facts or {}),
         "first_loss": train[0] if train else None,
         "final_loss": sum(tail) / len(tail) if tail else None,
         "first_val_loss": val[0] if val else None,

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import functools
-import importlib
 import inspect
-import pkgutil
 from typing import Any
 
 import torch
@@ -26,19 +24,12 @@ ORTHOGONALIZING = {"dolphinflow", "dolphinflow8bit", "whiteflow"}
 """Optimizers that orthogonalize 2-D updates (their matrices get Newton-Schulz owner ranks)."""
 
 
-def _load_optimizer_modules() -> None:
-    """Import every shardflow.optim module so each optimizer registers its name."""
-    import shardflow.optim as package
-
-    for info in pkgutil.iter_modules(package.__path__):
-        importlib.import_module(f"shardflow.optim.{info.name}")
-
-
 def known_optimizers() -> list[str]:
-    """Names the registry accepts after every optimizer module is imported."""
+    """Names the registry accepts: ``shardflow.optim`` registers every built-in optimizer when
+    imported (DolphinFlow8bit by a factory that imports it, and bitsandbytes, on first use)."""
+    import shardflow.optim  # noqa: F401 - registers the built-in optimizers
     from shardflow.optim.registry import optimizer_names
 
-    _load_optimizer_modules()
     return optimizer_names()
 
 
@@ -106,23 +97,49 @@ def default_option(name: str, key: str) -> Any:
     return None if param is None or param.default is inspect.Parameter.empty else param.default
 
 
-def state_bytes_per_param(name: str) -> float:
-    """Bytes of optimizer state per parameter: the optimizer's own figure, else the table."""
-    own = getattr(optimizer_class(name), "state_bytes_per_param", None)
-    if isinstance(own, int | float):
-        return float(own)
+def clips_itself(name: str) -> bool:
+    """Whether optimizer ``name`` clips the global gradient norm itself (its constructor takes
+    ``gradient_clipping``: every ShardFlow optimizer); otherwise the training loop clips."""
+    return accepts_option(name, "gradient_clipping")
+
+
+def state_bytes_per_param(name: str, optimizer: Any = None) -> float:
+    """Bytes of optimizer state per parameter: ``optimizer.state_bytes_per_param()`` where the
+    built optimizer has that method (ShardFlow optimizers measure their state), else the table."""
+    own = getattr(optimizer, "state_bytes_per_param", None)
+    if callable(own):
+        return float(own())
     return STATE_BYTES_PER_PARAM.get(name.lower(), 8.0)
 
 
 def build_run_optimizer(
-    cfg: OptimConfig, groups: list[RoutedGroup], process_group: Any = None
+    cfg: OptimConfig,
+    groups: list[RoutedGroup],
+    process_group: Any = None,
+    *,
+    grads_reduced: bool = False,
 ) -> torch.optim.Optimizer:
-    """The configured optimizer over ``groups``; ``process_group`` only where it is accepted."""
+    """The configured optimizer over ``groups``.
+
+    ``optim.grad_clip`` becomes ``gradient_clipping`` where the optimizer takes it (0: None, off);
+    ``process_group`` goes only where it is accepted, and with it ``grads_reduced`` (True for a
+    DDP-wrapped model: the gradients are already averaged).
+    """
     from shardflow.optim.registry import build_optimizer
 
     hyper = {"lr": cfg.lr, "weight_decay": cfg.weight_decay, **cfg.hyper}
+    if clips_itself(cfg.name):
+        if "gradient_clipping" in cfg.hyper:
+            raise ConfigError(
+                f"optim.hyper.gradient_clipping={cfg.hyper['gradient_clipping']!r} is set, but "
+                f"optim.grad_clip={cfg.grad_clip!r} is what {cfg.name} gets as gradient_clipping; "
+                "remove optim.hyper.gradient_clipping and set optim.grad_clip (0 = no clipping)."
+            )
+        hyper["gradient_clipping"] = cfg.grad_clip if cfg.grad_clip > 0 else None
     if process_group is not None and accepts_process_group(cfg.name):
         hyper["process_group"] = process_group
+        if grads_reduced and accepts_option(cfg.name, "grads_reduced"):
+            hyper["grads_reduced"] = True
     param_groups = [g.as_param_group() for g in groups]
     try:
         return build_optimizer(cfg.name, param_groups, **hyper)

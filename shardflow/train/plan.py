@@ -1,49 +1,36 @@
 """Dry run: the plan of a run without allocating it (model on the meta device).
 
-Prints the param groups and their optimizer routing, the Newton-Schulz owner ranks of the
-orthogonalized matrices, and an estimate of memory per rank (weights, gradients, optimizer
-state; activations are not included).
+Prints the param groups and their optimizer routing, the owner plan the optimizer will use
+(built by :mod:`shardflow.distributed.plan` from each parameter's Newton-Schulz tile, as the
+optimizer decides it: the same function, the same inputs, so the same owners), and an estimate
+of memory per rank (weights, gradients, optimizer state; activations are not included).
+
+The optimizer is built for real, in one process, over the meta model's param groups: state is
+made on the meta device (no memory), so its bytes per parameter are measured, not assumed.
 """
 
 from __future__ import annotations
 
-import heapq
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from shardflow.distributed.placement import plan_inputs
+from shardflow.distributed.plan import OwnerPlan, replicated_plan, sharded_plan
 from shardflow.train.config import Config, check_values
 from shardflow.train.groups import RoutedGroup, route_params
 from shardflow.train.optimizers import (
     ORTHOGONALIZING,
     accepts_process_group,
+    build_run_optimizer,
     check_optimizer_name,
     default_option,
     state_bytes_per_param,
 )
 
 GIB = 1024**3
-
-
-def balance(costs: list[float], ranks: int) -> list[int]:
-    """Owner rank per item: longest-processing-time first (largest cost to the idlest rank)."""
-    heap = [(0.0, r) for r in range(ranks)]
-    owners = [0] * len(costs)
-    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
-        load, rank = heapq.heappop(heap)
-        owners[i] = rank
-        heapq.heappush(heap, (load + costs[i], rank))
-    return owners
-
-
-def owner_plan(shapes: list[tuple[int, int]], ranks: int) -> list[int]:
-    """Newton-Schulz owner rank per matrix, balanced over cost m·n·min(m, n)."""
-    return balance([m * n * min(m, n) for m, n in shapes], ranks)
-
-
-NS_MODES = ("matrix", "full", "block")
-"""ortho_mode values that run Newton-Schulz on whole matrices or tiles (owner ranks needed)."""
 
 
 def _ortho_mode(cfg: Config, group: RoutedGroup) -> str | None:
@@ -53,6 +40,33 @@ def _ortho_mode(cfg: Config, group: RoutedGroup) -> str | None:
     if "ortho_mode" in group.options:
         return group.options["ortho_mode"]
     return cfg.optim.hyper.get("ortho_mode", default_option(cfg.optim.name, "ortho_mode"))
+
+
+def plan_optimizer(cfg: Config, groups: list[RoutedGroup]) -> torch.optim.Optimizer:
+    """The run's optimizer over ``groups`` (meta parameters), built as the run builds it but in
+    one process. Placement offload: over float32 copies, as the run's host-side master."""
+    if cfg.placement.kind == "offload":
+        groups = [
+            RoutedGroup(g.index, g.pattern, g.options, g.names, [p.float() for p in g.params])
+            for g in groups
+        ]
+    return build_run_optimizer(cfg.optim, groups)
+
+
+def owner_plan(cfg: Config, optimizer: Any) -> tuple[OwnerPlan, str] | None:
+    """The owner plan the run's optimizer builds over ``cfg.run.nproc`` ranks, and what its units
+    are (``"params"``: DDP-aware, ``"NS units"``: FSDP2-aware); None when the run has none (one
+    process, or an optimizer that does not shard). The same inputs as the optimizer's placement
+    (:func:`~shardflow.distributed.placement.plan_inputs` with the optimizer's ``_ns_tile``), the
+    same functions, hence the same owners."""
+    kind = cfg.placement.kind
+    if kind not in ("ddp", "fsdp") or not accepts_process_group(cfg.optim.name):
+        return None
+    params, _, tiles = plan_inputs(optimizer.param_groups, getattr(optimizer, "_ns_tile", None))
+    shapes = [p.shape for p in params]
+    if kind == "ddp":
+        return replicated_plan(shapes, tiles, cfg.run.nproc), "params"
+    return sharded_plan(shapes, tiles, cfg.run.nproc), "NS units"
 
 
 def _shard_bytes(param: torch.Tensor, ranks: int) -> int:
@@ -65,28 +79,27 @@ def _fmt(nbytes: float) -> str:
     return f"{nbytes / GIB:8.2f} GiB"
 
 
-def _memory(cfg: Config, groups: list[RoutedGroup]) -> list[str]:
+def _memory(
+    cfg: Config, groups: list[RoutedGroup], state_b: float, plan: tuple[OwnerPlan, str] | None
+) -> list[str]:
     ranks = cfg.run.nproc
     kind = cfg.placement.kind
-    state_b = state_bytes_per_param(cfg.optim.name)
-    sharded_state = accepts_process_group(cfg.optim.name)
     params = [p for g in groups for p in g.params]
+    if kind == "offload":
+        return _offload_memory(cfg, params, state_b)
+    # ddp with a sharding optimizer: a parameter's state lives on its owner only
+    owners = plan[0].owners if plan is not None and kind == "ddp" else None
     weights = [0.0] * ranks
     state = [0.0] * ranks
-    owners = balance([p.numel() for p in params], ranks)  # ddp: whole params per owner
-    for p, owner in zip(params, owners):
+    for i, p in enumerate(params):
         for r in range(ranks):
             if kind == "fsdp":
                 weights[r] += _shard_bytes(p, ranks)
                 state[r] += _shard_bytes(p, ranks) / p.element_size() * state_b
             else:
                 weights[r] += p.numel() * p.element_size()
-                if kind == "ddp" and sharded_state:
-                    state[r] += p.numel() * state_b if owner == r else 0
-                else:
+                if owners is None or owners[i] == r:
                     state[r] += p.numel() * state_b
-    if kind == "offload":
-        return _offload_memory(cfg, weights[0], sum(p.numel() for p in params), state_b)
     lines = [
         f"memory per rank (estimate; {state_b:g} B/param of {cfg.optim.name} state; "
         "activations not included):",
@@ -100,8 +113,10 @@ def _memory(cfg: Config, groups: list[RoutedGroup]) -> list[str]:
     return lines
 
 
-def _offload_memory(cfg: Config, weights: float, numel: int, state_b: float) -> list[str]:
+def _offload_memory(cfg: Config, params: list[torch.Tensor], state_b: float) -> list[str]:
     """Device: weights and gradients. Host: float32 master weights, gradient buffers, state."""
+    numel = sum(p.numel() for p in params)
+    weights = sum(p.numel() * p.element_size() for p in params)
     host_state = numel * state_b
     return [
         f"memory (estimate; placement offload: the optimizer runs on the host; {state_b:g} B/param "
@@ -113,19 +128,30 @@ def _offload_memory(cfg: Config, weights: float, numel: int, state_b: float) -> 
     ]
 
 
-def _owner_lines(cfg: Config, matrices: list[tuple[str, torch.Tensor]], owners: list[int]):
-    ranks = cfg.run.nproc
-    if not matrices:
-        return ["Newton-Schulz owners: none (no group uses ortho_mode matrix or block)"]
-    lines = [f"Newton-Schulz owner ranks ({len(matrices)} matrices, LPT over m*n*min(m,n)):"]
-    for r in range(ranks):
-        mine = [(n, p) for (n, p), o in zip(matrices, owners) if o == r]
-        cost = sum(math.prod(p.shape) * min(p.shape) for _, p in mine)
-        example = ", ".join(n for n, _ in mine[:2]) + (" ..." if len(mine) > 2 else "")
-        lines.append(
-            f"  rank {r}: {len(mine):4d} matrices, {cost / 1e12:8.3f} TFLOP-units e.g. {example}"
+def _owner_lines(cfg: Config, plan: tuple[OwnerPlan, str] | None, names: dict[int, str]):
+    if plan is None:
+        why = (
+            f"{cfg.optim.name} keeps every parameter's state on every rank"
+            if cfg.placement.kind in ("ddp", "fsdp")
+            else f"placement {cfg.placement.kind} runs one process"
         )
-    return lines
+        return [f"owner plan: none ({why})"]
+    built, unit = plan
+    if not built.units:
+        return [
+            "owner plan: none (no parameter is orthogonalized as a whole matrix or in tiles: "
+            "every rank updates its own rows)"
+        ]
+    what = (
+        "DDP-aware: each parameter's state and update on one rank"
+        if unit == "params"
+        else "FSDP2-aware: each Newton-Schulz matrix or tile orthogonalized on one rank"
+    )
+    return [
+        f"owner plan over {cfg.run.nproc} ranks ({what}; LPT over m*n*min(m,n), "
+        "shardflow.distributed.plan):",
+        *("  " + line for line in built.describe(unit, names).splitlines()),
+    ]
 
 
 def dry_run(cfg: Config) -> str:
@@ -149,7 +175,6 @@ def dry_run(cfg: Config) -> str:
     data = ", ".join(cfg.data.paths) or "embedded corpus (Python standard library)"
     lines.append(f"data: {data}" + (f"  [not found here: {missing}]" if missing else ""))
     lines.append("param groups (first matching pattern wins):")
-    matrices = []
     for g in groups:
         mode = _ortho_mode(cfg, g)
         numel = sum(p.numel() for p in g.params)
@@ -159,9 +184,9 @@ def dry_run(cfg: Config) -> str:
             f"{numel / 1e6:.1f}M params -> {cfg.optim.name}, {route}"
         )
         lines.append(f"      e.g. {', '.join(g.names[:3])}{' ...' if len(g.names) > 3 else ''}")
-        if mode in NS_MODES:
-            matrices += [(n, p) for n, p in zip(g.names, g.params) if p.dim() == 2]
-    owners = owner_plan([tuple(p.shape) for _, p in matrices], cfg.run.nproc)
-    lines += _owner_lines(cfg, matrices, owners)
-    lines += _memory(cfg, groups)
+    optimizer = plan_optimizer(cfg, groups)
+    plan = owner_plan(cfg, optimizer)
+    names = dict(enumerate(n for g in groups for n in g.names))
+    lines += _owner_lines(cfg, plan, names)
+    lines += _memory(cfg, groups, state_bytes_per_param(cfg.optim.name, optimizer), plan)
     return "\n".join(lines)
