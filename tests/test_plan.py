@@ -1,10 +1,14 @@
-"""The owner plan: deterministic, complete, balanced (LPT), tiles as units, printable."""
+"""The owner plan: deterministic, complete, balanced (LPT), tiles as units, printable; the dry run
+prints the plan the optimizer uses."""
 
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
+import torch
+from dist import run_on_ranks
 
 from shardflow.distributed.plan import (
     OwnerPlan,
@@ -15,6 +19,11 @@ from shardflow.distributed.plan import (
     tiles,
     whole_unit,
 )
+from shardflow.train.config import load_config
+from shardflow.train.groups import route_params
+from shardflow.train.loop import build_model, build_model_and_optimizer
+from shardflow.train.placement import process_group_for
+from shardflow.train.plan import dry_run, owner_plan, plan_optimizer
 
 
 def llama3_8b_hidden_shapes() -> list[tuple[int, int]]:
@@ -89,3 +98,55 @@ def test_llama3_8b_matrix_plan_meets_the_imbalance_targets(world, target):
     shapes = llama3_8b_hidden_shapes()
     plan = OwnerPlan(world, [whole_unit(i, s, s) for i, s in enumerate(shapes)])
     assert plan.ns_imbalance() <= target
+
+
+# -- the dry run prints the plan the optimizer uses ------------------------------------------
+
+PLAN_CASES = [
+    ("ddp", {"ortho_mode": "matrix"}),
+    ("ddp", {"ortho_mode": "vector"}),  # no Newton-Schulz: every unit ties on cost, by elements
+    ("fsdp", {"ortho_mode": "matrix"}),
+    ("fsdp", {"ortho_mode": "block", "block_size": 48}),  # ragged 48/16 tiles: many equal costs
+]
+
+
+def plan_config(kind: str, hyper: dict):
+    """A small 2-rank run config (the quickstart's groups: embeddings, head and norms
+    element-wise, the rest as ``hyper`` says)."""
+    args = ["--run.nproc", "2", "--run.device", "cpu", "--placement.kind", kind]
+    args += ["--model.dim", "64", "--model.n_layers", "2", "--model.n_heads", "4"]
+    args += ["--model.n_kv_heads", "2", "--model.ffn_dim", "128"]
+    for key, value in hyper.items():
+        args += [f"--optim.hyper.{key}", str(value)]
+    return load_config(Path(__file__).parent.parent / "configs" / "quickstart.toml", args)
+
+
+def _real_plans(rank, world):
+    """On each rank: the owners and the printed plan of the run's real optimizer."""
+    out = []
+    for kind, hyper in PLAN_CASES:
+        cfg = plan_config(kind, hyper)
+        mesh = process_group_for(cfg, torch.device("cpu"))
+        _, opt, groups = build_model_and_optimizer(cfg, torch.device("cpu"), mesh)
+        plan = opt.placement.plan
+        names = dict(enumerate(n for g in groups for n in g.names))
+        unit = "params" if kind == "ddp" else "NS units"
+        out.append((list(plan.owners), [u.cost for u in plan.units], plan.describe(unit, names)))
+    return out
+
+
+def test_dry_run_prints_the_owner_plan_the_optimizer_uses():
+    """For DDP and FSDP2 runs, in matrix, block and element-wise modes: the owners the dry run
+    computes (and the table it prints) are the real optimizer's, on 2 gloo ranks. Every case
+    has ties (units of equal cost), so the tie-breaks must be the library's too."""
+    r0, r1 = run_on_ranks(_real_plans, 2, timeout=180)
+    assert [o for o, _, _ in r0] == [o for o, _, _ in r1], "the ranks' plans must agree"
+    for (kind, hyper), (owners, costs, table) in zip(PLAN_CASES, r0):
+        assert len(set(costs)) < len(costs), (kind, hyper, "no tie in this case")
+        cfg = plan_config(kind, hyper)
+        groups = route_params(build_model(cfg, "meta").named_parameters(), cfg.optim.groups)
+        plan, _ = owner_plan(cfg, plan_optimizer(cfg, groups))
+        assert plan.owners == owners, (kind, hyper)
+        assert [u.cost for u in plan.units] == costs
+        printed = "\n".join("  " + line for line in table.splitlines())
+        assert printed in dry_run(cfg), (kind, hyper)
