@@ -30,9 +30,11 @@ there is loaded into the process, so no other local user may be able to put one 
 - each build records the sha256 of the library it wrote: in this process (``_BUILT``) and in a
   sidecar ``<library>.sha256`` beside it, written under a temporary name and renamed. Before every
   ``dlopen`` the library must be a file of this user's, not writable by group or others, whose
-  sha256 is the one recorded in this process or in its sidecar (:func:`verified`). A library
-  that fails (bytes changed after its build, a file of someone else's, no sidecar: a cache from
-  before these rules) is rebuilt, never loaded.
+  sha256 is the one this process recorded when it built it, else the one in its sidecar (another
+  process built it; :func:`verified`). A library that fails (bytes changed after its build, a
+  file of someone else's, no sidecar: a cache from before these rules) is rebuilt, never
+  loaded. (The compilers build the same bytes from the same source and flags, so two processes
+  that build one library at once agree on its sha256.)
 
 **Threads.** The kernels split their loops with OpenMP pragmas and are linked against the
 OpenMP runtime torch itself loaded (``torch/lib/libgomp.so.1``; the loader finds it already in
@@ -160,24 +162,25 @@ def _own_file_sha256(path: Path) -> str | None:
         return None
 
 
-def recorded_sha256(library: Path) -> set[str]:
-    """The sha256 values recorded for ``library`` at its build: this process's, and its
-    sidecar's (where it is a file of this user's)."""
-    recorded = {_BUILT[library]} if library in _BUILT else set()
+def recorded_sha256(library: Path) -> str | None:
+    """The sha256 recorded for ``library`` at its build: this process's where it built it, else
+    its sidecar's (where that is a file of this user's, not writable by group or others)."""
+    if library in _BUILT:
+        return _BUILT[library]
+    side = sidecar(library)
+    if _own_file_sha256(side) is None:
+        return None
     try:
-        side = sidecar(library)
-        if _own_file_sha256(side) is not None:
-            recorded.add(side.read_text().strip())
+        return side.read_text().strip()
     except OSError:
-        pass
-    return recorded
+        return None
 
 
 def verified(library: Path) -> bool:
     """Whether ``library`` may be loaded: a file of this user's, not writable by group or
-    others, whose sha256 is one :func:`recorded_sha256` at its build."""
+    others, whose sha256 is the one :func:`recorded_sha256` at its build."""
     digest = _own_file_sha256(library)
-    return digest is not None and digest in recorded_sha256(library)
+    return digest is not None and digest == recorded_sha256(library)
 
 
 SERIAL = ["-Wno-unknown-pragmas"]
@@ -314,9 +317,11 @@ class NativeLibrary:
                 digest = hashlib.file_digest(f, "sha256").hexdigest()
             record = Path(tmp) / "sha256"
             record.write_text(digest + "\n")
+            os.chmod(lib, 0o700)  # whatever the umask: verified() refuses group/other-writable
+            os.chmod(record, 0o600)
             _BUILT[target] = digest
-            # atomic: other processes see no file or the whole file (its record follows; one
-            # that reads between the two renames rebuilds, or loads this very build)
+            # atomic: other processes see no file or the whole file; its record follows (a
+            # process that looks between the two renames finds no record and builds it too)
             os.replace(lib, target)
             os.replace(record, sidecar(target))
         return target
