@@ -151,11 +151,11 @@ def build(kind: str, rank: int, world: int, layers: int = 2):
 
 def train_sharded(kind, config, rank, world, wire=torch.float32, steps=STEPS, micro=1, layers=2):
     inner, model, pg = build(kind, rank, world, layers)
-    opt = DolphinFlow(groups(inner), lr=LR, process_group=pg, **config)
+    wrapped = kind == "ddp_wrapped"  # DDP averages the gradients: the optimizer sends none
+    opt = DolphinFlow(groups(inner), lr=LR, process_group=pg, grads_reduced=wrapped, **config)
+    assert getattr(opt.placement, "grads_reduced", False) == wrapped
     if kind == "fsdp":
         opt.placement.wire_dtype = wire
-    if kind == "ddp_wrapped":
-        opt.placement.grads_reduced = True
     per = BATCH // world
     logs = []
     for step in range(steps):
@@ -322,6 +322,11 @@ def _bad_input(rank, world):
     only0 = dist.new_group([0])
     attempt("member", lambda: DolphinFlow([nn.Parameter(torch.ones(2))], process_group=only0))
     attempt("type", lambda: DolphinFlow([nn.Parameter(torch.ones(2))], process_group="nccl"))
+    one = [nn.Parameter(torch.ones(2))]
+    attempt("reduced_alone", lambda: DolphinFlow(one, grads_reduced=True))
+    attempt("reduced_fsdp", lambda: DolphinFlow([sharded], process_group=mesh, grads_reduced=True))
+    world_group = dist.group.WORLD
+    attempt("reduced_type", lambda: DolphinFlow(one, process_group=world_group, grads_reduced=1))
     # still usable after the errors: a good construction and one step
     good = [nn.Parameter(torch.ones(3, 2))]
     opt = DolphinFlow(good, process_group=dist.group.WORLD)
@@ -339,6 +344,11 @@ def test_bad_input_raises_the_same_clear_error_on_every_rank():
         "lists": r"different parameter lists \(rank 0 has 1 parameters, rank 1 has 2\).*same order",
         "shapes": r"parameter 0 .* is \(2, 3\) .* on rank 0 and \(2, 4\) .* on rank 1",
         "type": r"process_group='nccl' is invalid: pass a torch.distributed ProcessGroup",
+        "reduced_alone": r"grads_reduced=True was given with process_group=None.*leave "
+        r"grads_reduced=False",
+        "reduced_fsdp": r"grads_reduced=True was given with FSDP2 \(DTensor\) parameters.*"
+        r"Leave grads_reduced=False",
+        "reduced_type": r"grads_reduced=1 is invalid: pass True .* or False",
     }
     for name, pattern in expected.items():
         for errors in (r0, r1):
