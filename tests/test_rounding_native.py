@@ -8,8 +8,8 @@ import torch
 from native_fallback import check_off_switch_and_failed_build
 
 from shardflow.ops.native import rounding as rounding_native
-from shardflow.optim import factored
 from shardflow.ops.precision import bf16_stochastic, hash32_int, mix_seed
+from shardflow.optim import factored
 
 pytestmark = pytest.mark.skipif(
     rounding_native._library() is None, reason="no native kernel here (needs x86-64 AVX2 and cc)"
