@@ -507,9 +507,9 @@ def test_shardflow_dolphinflow8bit_without_bitsandbytes_raises_install_hint(monk
 
     for name in ("bitsandbytes", "bitsandbytes.functional"):
         monkeypatch.setitem(sys.modules, name, None)  # None in sys.modules: ImportError
-    for name in ("dolphinflow8bit", "quant8"):  # imported anew, against the missing package
-        monkeypatch.delitem(sys.modules, f"shardflow.optim.{name}")
-        monkeypatch.delattr(shardflow.optim, name, raising=False)
+    for package, name in (("optim", "dolphinflow8bit"), ("ops", "quant8")):  # imported anew
+        monkeypatch.delitem(sys.modules, f"shardflow.{package}.{name}")
+        monkeypatch.delattr(getattr(shardflow, package), name, raising=False)
     with pytest.raises(ImportError, match=r"pip install 'shardflow\[bnb\]'"):
         shardflow.DolphinFlow8bit(_model().parameters())
     monkeypatch.undo()

@@ -185,7 +185,7 @@ def test_sharded_placements_give_the_single_process_result(mode, world):
 
 
 def _ranks_bf16(rank, world):
-    hyper = {"lr": 0.02, "weight_decay": 0.1}
+    hyper = {"lr": 0.02, "weight_decay": 0.1, "precision": "sr"}
     got = _sharded("fsdp", "adam", hyper, torch.bfloat16, 6, rank, world)
     want = _single("adam", hyper, torch.bfloat16, 6)[0] if rank == 0 else None
     return _to_bytes((got, want))

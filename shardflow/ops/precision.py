@@ -17,6 +17,18 @@ step). The hash is ``lowbias32`` (C. Wellons, "Prospecting for hash functions", 
 in int64 with products kept below 2⁶³ where all 32 bits are needed (:func:`hash32`), and in int32
 with wrapping products where 16 bits of noise are (:func:`hash32_low16`, bit-identical, ~10
 int32 passes instead of ~25 int64 ones).
+
+**Low-precision weights** (the idea of optimi's Kahan summation, Zamirai et al. 2020 "Revisiting
+BFloat16 Training", arXiv 2010.06192; our code). A bf16/fp16 weight is read into an fp32 working
+copy (:func:`working_copy`), the update rule runs on that copy, and :func:`store_weight_` writes
+it back in one of three ways (:data:`PRECISIONS`):
+
+- ``"kahan"`` — round to nearest and keep what rounding lost in a compensation buffer of the
+  weight's dtype (2 B/param for bf16); the next working copy is ``w + c``, so the pair holds the
+  weight to about 16 significant bits and tiny updates accumulate instead of vanishing;
+- ``"sr"`` — stochastic rounding (no state): unbiased, ``E[w] = x``; bf16 by the bit trick above,
+  fp16 by choosing between the two fp16 neighbours of ``x`` with the same counter-based bits;
+- ``"nearest"`` — round to nearest: an update below half a unit in the last place is lost.
 """
 
 from __future__ import annotations
@@ -131,3 +143,67 @@ def add_stochastic_(
         return param.add_(update.to(param.dtype), alpha=alpha)
     exact = param.to(torch.float32).add_(update.to(torch.float32), alpha=alpha)
     return param.copy_(round_bf16_stochastic(exact, seed, offset))
+
+
+PRECISIONS = ("kahan", "sr", "nearest")
+"""How an update reaches a low-precision weight (see the module docstring)."""
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+"""Weight dtypes that get an fp32 working copy and a :data:`PRECISIONS` write-back."""
+
+
+def is_low_precision(t: Tensor) -> bool:
+    return t.dtype in LOW_PRECISION
+
+
+def working_copy(w: Tensor, compensation: Tensor | None = None) -> Tensor:
+    """A new fp32 tensor holding the value of the low-precision weight ``w`` (``w + c`` with a
+    Kahan compensation buffer ``c``)."""
+    x = w.to(torch.float32, copy=True)
+    if compensation is not None:
+        x.add_(compensation)
+    return x
+
+
+def store_weight_(
+    w: Tensor,
+    x: Tensor,
+    precision: str,
+    *,
+    compensation: Tensor | None = None,
+    seed: int = 0,
+    offset: int = 0,
+) -> None:
+    """Write the fp32 ``x`` into the low-precision weight ``w`` in place (``x`` is scratch).
+
+    ``precision`` is one of :data:`PRECISIONS`; ``"kahan"`` needs ``compensation`` (same dtype
+    and shape as ``w``, updated in place); ``"sr"`` draws its bits from ``(seed, offset + i)``,
+    ``offset`` being the global flat index of ``w``'s first element (so a row shard rounds as
+    the whole tensor would).
+    """
+    if precision == "kahan":
+        w.copy_(x)
+        compensation.copy_(x.sub_(w))  # exact in fp32: x and round(x) are neighbours
+    elif precision == "sr":
+        w.copy_(round_stochastic(x, w.dtype, seed, offset))
+    else:
+        w.copy_(x)
+
+
+def round_stochastic(x: Tensor, dtype: torch.dtype, seed: int, offset: int = 0) -> Tensor:
+    """``x`` (fp32) rounded stochastically to ``dtype`` (bf16 or fp16), unbiased, deterministic
+    in ``(seed, offset)`` (``offset``: the global flat index of ``x``'s first element)."""
+    if dtype == torch.bfloat16:
+        return round_bf16_stochastic(x, seed, offset)
+    if dtype != torch.float16:
+        raise ValueError(f"round_stochastic: dtype={dtype} is not bf16 or fp16.")
+    x = x.to(torch.float32)
+    near = x.to(torch.float16)
+    base = near.to(torch.float32)
+    toward = torch.where(base < x, torch.inf, -torch.inf).to(torch.float16)
+    other = torch.nextafter(near, toward)
+    gap = (other.to(torch.float32) - base).abs()
+    p_other = torch.where(gap > 0, (x - base).abs() / gap, 0.0)
+    bits = random_bits(x.numel(), seed, offset, x.device).reshape(x.shape)
+    u = (bits >> 8).to(torch.float32) * 2.0**-24  # 24 uniform bits in [0, 1)
+    return torch.where(u < p_other, other, near)

@@ -31,6 +31,20 @@ DTensors with the parameter's placement and ``Item.state`` holds their local ten
 updates state **in place** (``state["m"].mul_(...)``); a key it assigns anew is written back
 (and re-wrapped) after ``_update_group``.
 
+**Low-precision weights** (every optimizer, every placement): a bf16/fp16 parameter reaches the
+rule as an fp32 working copy in ``Item.local`` (its value plus its Kahan compensation), and the
+base writes the copy back after ``_update_group`` as the group's ``precision`` says —
+``"kahan"`` (the default for low-precision weights: a compensation buffer ``state["kahan"]`` of
+the weight's dtype, sharded like the weight), ``"sr"`` (stochastic rounding, no state) or
+``"nearest"`` (:mod:`shardflow.ops.precision`). A rule whose own pass writes low-precision weights
+in one of these ways says so in ``_stores_weight`` and gets the weight itself.
+
+**Fully decoupled weight decay** (``decouple_lr=True``, optimi's definition): the decay per step
+is ``weight_decay·lr/max_lr`` instead of ``weight_decay·lr`` — ``max_lr`` is the group's lr at
+construction (or set it per group) — so ``weight_decay`` reads as the decay per step at peak lr,
+whatever the lr's scale. A rule reads the coefficient it multiplies by ``lr`` from
+:meth:`ShardFlowOptimizer.decay`.
+
 The base does the rest, the same way for every optimizer: it resolves the placement from
 ``process_group`` once, checks gradients for NaN/inf (a non-finite gradient skips the whole
 step, weights and state untouched, counts it in :attr:`nonfinite_steps` and warns once), applies
@@ -53,10 +67,11 @@ import torch
 from torch import Tensor
 
 from shardflow.distributed.placement import LocalPlacement, resolve_placement
-from shardflow.ops.native import norm as norm_native
-from shardflow.ops.listops import ListOps
-from shardflow.optim._validate import check_optional_positive
+from shardflow.ops import precision as lowp
 from shardflow.ops.compiling import compile_settings
+from shardflow.ops.listops import ListOps
+from shardflow.ops.native import norm as norm_native
+from shardflow.optim._validate import check_bool, check_choice, check_optional_positive
 from shardflow.optim.routing import is_hidden_matrix
 
 logger = logging.getLogger("shardflow")
@@ -86,6 +101,19 @@ class Item:
     """The clip factor still to apply to ``grad`` (1.0 when ``grad`` is a scratch copy)."""
 
 
+SHARED_ARGS_DOC = """
+        process_group: ProcessGroup or 1-D DeviceMesh to shard over; None: one process.
+        grads_reduced: with a process_group and a DDP-wrapped model, True says DDP has already
+            averaged the gradients (the optimizer then sends none itself).
+        precision: how updates reach bf16/fp16 weights: ``"kahan"`` (the default for them:
+            a compensation buffer of the weight's dtype, +2 B/param for bf16), ``"sr"``
+            (stochastic rounding, no state) or ``"nearest"`` (round to nearest: updates below
+            half a unit in the last place are lost). No effect on fp32 weights.
+        decouple_lr: fully decoupled weight decay: decay ``weight_decay·lr/max_lr`` per step
+            (``max_lr``: the group's lr at construction) instead of ``weight_decay·lr``."""
+"""The keyword arguments every ShardFlow optimizer takes, for the subclasses' docstrings."""
+
+
 class ShardFlowOptimizer(torch.optim.Optimizer):
     """Base class of every ShardFlow optimizer (see the module docstring for the contract)."""
 
@@ -96,8 +124,13 @@ class ShardFlowOptimizer(torch.optim.Optimizer):
     """The global gradient norm of the last step, before clipping (from the step's one reduction;
     NaN/inf when that step was skipped; None before the first step)."""
 
-    state_layout: ClassVar[dict[str, Layout]] = {}
-    """For every state key the subclass creates, how it reshards (checkpoints read this)."""
+    state_layout: ClassVar[dict[str, Layout]] = {"kahan": "rows"}
+    """For every state key the subclass creates, how it reshards (checkpoints read this). The
+    base's own keys (``kahan``) are merged into every subclass's declaration."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.state_layout = {**ShardFlowOptimizer.state_layout, **cls.state_layout}
 
     def __init__(
         self,
@@ -108,8 +141,12 @@ class ShardFlowOptimizer(torch.optim.Optimizer):
         grads_reduced: bool = False,
         foreach: bool | None = None,
         gradient_clipping: float | None = None,
+        precision: str | None = None,
+        decouple_lr: bool = False,
     ) -> None:
         check_optional_positive("gradient_clipping", gradient_clipping)
+        defaults = {**defaults, "precision": precision, "decouple_lr": decouple_lr}
+        self._warned_precision = False
         if foreach is not None and not isinstance(foreach, bool):
             raise ValueError(
                 f"foreach={foreach!r} is invalid: pass True, False or None (automatic)."
@@ -118,6 +155,7 @@ class ShardFlowOptimizer(torch.optim.Optimizer):
         self.gradient_clipping = gradient_clipping
         self.process_group = process_group
         self.nonfinite_steps = 0
+        self.grads_reduced = grads_reduced
         """How many steps were skipped because a gradient held NaN or inf."""
         self._constructed = False
         super().__init__(params, defaults)
@@ -127,6 +165,21 @@ class ShardFlowOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             self._init_group_state(group)
         self._constructed = True
+        self._warn_precision_without_effect()
+
+    def _warn_precision_without_effect(self) -> None:
+        """One warning when ``precision`` is set but no parameter is bf16/fp16 (a no-op)."""
+        asked = {g["precision"] for g in self.param_groups} - {None}
+        low = any(p.dtype in lowp.LOW_PRECISION for g in self.param_groups for p in g["params"])
+        if asked and not low and not self._warned_precision:
+            self._warned_precision = True
+            warnings.warn(
+                f"{type(self).__name__}: precision={sorted(asked)[0]!r} has no effect: every "
+                "parameter is fp32/fp64 and is updated exactly. It applies to bf16/fp16 "
+                "parameters; leave precision unset for fp32 weights.",
+                UserWarning,
+                stacklevel=3,
+            )
 
     # -- param groups and state -----------------------------------------------------------
 
@@ -139,9 +192,44 @@ class ShardFlowOptimizer(torch.optim.Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         group.setdefault("lr_scale", 1.0)
+        group.setdefault("max_lr", group["lr"])
+        self._check_shared(group)
         self._check_group(group)
         if self._constructed:
             self._init_group_state(group)
+
+    def _check_shared(self, group: dict[str, Any]) -> None:
+        """Validate the keys every ShardFlow optimizer shares."""
+        check_choice("precision", group["precision"], (*lowp.PRECISIONS, None))
+        check_bool("decouple_lr", group["decouple_lr"])
+        max_lr = group["max_lr"]
+        if group["decouple_lr"] and (
+            isinstance(max_lr, bool) or not isinstance(max_lr, (int, float)) or not max_lr > 0
+        ):
+            raise ValueError(
+                f"max_lr={max_lr!r} is invalid with decouple_lr=True: the decay per step is "
+                "weight_decay·lr/max_lr, so pass a group lr > 0 at construction or set the "
+                "group's max_lr > 0 (the peak learning rate)."
+            )
+
+    def precision_of(self, param: Tensor, group: dict[str, Any]) -> str | None:
+        """How updates reach ``param``: one of :data:`~shardflow.ops.precision.PRECISIONS` for a
+        bf16/fp16 parameter (``"kahan"`` unless the group says otherwise), None for others."""
+        if param.dtype not in lowp.LOW_PRECISION:
+            return None
+        return group["precision"] or "kahan"
+
+    def decay(self, group: dict[str, Any]) -> float:
+        """The weight-decay coefficient the rule multiplies by ``lr`` this step: the group's
+        ``weight_decay``, or ``weight_decay/max_lr`` with ``decouple_lr`` (fully decoupled)."""
+        if group["decouple_lr"]:
+            return group["weight_decay"] / group["max_lr"]
+        return group["weight_decay"]
+
+    def _stores_weight(self, group: dict[str, Any], local: Tensor) -> bool:
+        """Whether the rule writes this low-precision weight itself, as ``precision_of`` says
+        (then it gets the weight, not an fp32 working copy). Default: no."""
+        return False
 
     def _init_group_state(self, group: dict[str, Any]) -> None:
         """State for every parameter on every rank (0 rows where this rank keeps none)."""
@@ -149,7 +237,10 @@ class ShardFlowOptimizer(torch.optim.Optimizer):
             state = self.state[p]
             if state:
                 continue
-            self._init_state(p, self.placement.local(p), group, state)
+            local = self.placement.local(p)
+            self._init_state(p, local, group, state)
+            if self.precision_of(p, group) == "kahan" and not self._stores_weight(group, local):
+                state["kahan"] = torch.zeros_like(local)
             for key, value in state.items():
                 state[key] = self.placement.wrap_state(p, value, self.state_layout.get(key, ""))
 
@@ -299,11 +390,52 @@ class ShardFlowOptimizer(torch.optim.Optimizer):
                 for p, g in zip(params, grads)
             ]
             seen = [None if it.state is self.state[it.param] else dict(it.state) for it in items]
+            weights = self._working_copies(group, items)
             self._update_group(group, items, ops)
+            self._store_weights(group, weights)
             for it, before in zip(items, seen):
                 self._store_state(it, before)
         self.placement.after_update(self)
         self._after_step(loss)
+
+    def _working_copies(
+        self, group: dict[str, Any], items: list[Item]
+    ) -> list[tuple[Item, Tensor]]:
+        """Give each low-precision item an fp32 working copy as ``local``; returns the pairs
+        ``(item, weight)`` to write back (:meth:`_store_weights`)."""
+        out = []
+        for it in items:
+            if it.local.dtype not in lowp.LOW_PRECISION or self._stores_weight(group, it.local):
+                continue
+            out.append((it, it.local))
+            it.local = lowp.working_copy(it.local, it.state.get("kahan"))
+        return out
+
+    def _store_weights(self, group: dict[str, Any], weights: list[tuple[Item, Tensor]]) -> None:
+        """Write the working copies back, as each parameter's precision says."""
+        for it, weight in weights:
+            mode = self.precision_of(it.param, group)
+            seed = offset = 0
+            if mode == "sr":
+                seed = lowp.mix_seed(
+                    self._param_index(it.param), int(it.state["step"]), _SR_WEIGHTS
+                )
+                shape = self.placement.global_shape(it.param)
+                offset = self.placement.row_range(it.param)[0] * (
+                    shape[1:].numel() if len(shape) else 1
+                )
+            lowp.store_weight_(
+                weight, it.local, mode, compensation=it.state.get("kahan"), seed=seed, offset=offset
+            )
+            it.local = weight
+
+    def _param_index(self, param: Tensor) -> int:
+        """The parameter's position in the optimizer (the same on every rank): seeds rounding."""
+        index = getattr(self, "_index", None)
+        if index is None or param not in index:
+            flat = [p for g in self.param_groups for p in g["params"]]
+            self._index = index = {p: i for i, p in enumerate(flat)}
+        return index[param]
 
     def _store_state(self, item: Item, before: dict[str, Any] | None) -> None:
         """Write back the state keys the rule assigned anew (in-place updates need nothing)."""
@@ -369,6 +501,10 @@ def _sq_norms(grads: list[Tensor], ops: ListOps) -> list[Tensor]:
         else torch.linalg.vector_norm(g).square()
         for g in grads
     ]
+
+
+_SR_WEIGHTS = 0x5EED_0001
+"""Stream id of the weights' stochastic rounding (mixed into the seed with index and step)."""
 
 
 def _compute_dtype(t: Tensor) -> torch.dtype:

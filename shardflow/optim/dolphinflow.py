@@ -42,7 +42,16 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from shardflow.ops.compiling import compile_once, each
 from shardflow.ops.listops import ListOps
+from shardflow.ops.orthogonalize import (
+    NS_TOL,
+    _rows,
+    apply_fold_,
+    orthograd_,
+    orthograd_fold,
+    orthograd_sums,
+)
 from shardflow.optim._validate import (
     check_bool,
     check_choice,
@@ -52,6 +61,7 @@ from shardflow.optim._validate import (
     check_unit_interval,
 )
 from shardflow.optim.base import (
+    SHARED_ARGS_DOC,
     Collected,
     Item,
     Layout,
@@ -59,15 +69,6 @@ from shardflow.optim.base import (
     _compute_dtype,
     _sum_sq,
     step_counter,
-)
-from shardflow.ops.compiling import compile_once, each
-from shardflow.ops.orthogonalize import (
-    NS_TOL,
-    _rows,
-    apply_fold_,
-    orthograd_,
-    orthograd_fold,
-    orthograd_sums,
 )
 from shardflow.optim.routing import is_hidden_matrix
 from shardflow.optim.schedule import LossAwareSchedule
@@ -77,7 +78,8 @@ _DYNAMIC_RATE = 0.05
 
 
 class DolphinFlow(ShardFlowOptimizer):
-    """DolphinFlow, 32-bit states. See the module docstring for the update rule.
+    __doc__ = (
+        """DolphinFlow, 32-bit states. See the module docstring for the update rule.
 
     Args:
         params: parameters, named parameters (``model.named_parameters()``, which lets names
@@ -105,7 +107,6 @@ class DolphinFlow(ShardFlowOptimizer):
         loss_aware_schedule: lower the lr when the loss stalls (needs ``step(closure)``);
             see :class:`~shardflow.optim.schedule.LossAwareSchedule`.
         verbose: log per-step summaries to the ``shardflow`` logger.
-        process_group: ProcessGroup or 1-D DeviceMesh to shard over; None: one process.
         foreach: use ``torch._foreach_*`` kernels (None: when all tensors share a device).
         compiled: run the element-wise pass of the element-wise and vector routes (with
             ``adaptive_lr`` and no ``trust_region``) through ``torch.compile`` — one generated
@@ -115,6 +116,8 @@ class DolphinFlow(ShardFlowOptimizer):
             on CUDA only. The first step pays the compilation (seconds with a warm inductor
             cache, about a minute cold on a 2-core CPU).
     """
+        + SHARED_ARGS_DOC
+    )
 
     scratch_grads: ClassVar[bool] = False
     """The compiled pass reads the raw gradient; other paths copy it (:func:`_make_scratch`)."""
@@ -154,6 +157,9 @@ class DolphinFlow(ShardFlowOptimizer):
         process_group: Any = None,
         foreach: bool | None = None,
         compiled: bool | None = None,
+        grads_reduced: bool = False,
+        precision: str | None = None,
+        decouple_lr: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -191,6 +197,9 @@ class DolphinFlow(ShardFlowOptimizer):
             process_group=process_group,
             foreach=foreach,
             gradient_clipping=gradient_clipping,
+            grads_reduced=grads_reduced,
+            precision=precision,
+            decouple_lr=decouple_lr,
         )
         self.loss_schedule = LossAwareSchedule(self) if loss_aware_schedule else None
 
@@ -365,7 +374,7 @@ class DolphinFlow(ShardFlowOptimizer):
         (:func:`fused_update`, one loop reading ``w, g, m, v``) or eager (in-place list ops).
         """
         weights = self._nesterov_weights(group, items, mus)
-        beta2, eps, decay = group["beta2"], group["eps"], 1.0 - lr * group["weight_decay"]
+        beta2, eps, decay = group["beta2"], group["eps"], 1.0 - lr * self.decay(group)
         corr = [1.0 - beta2**t for t in _values([it.state["step"] for it in items])]
         scales = [lr * c**0.5 / w for c, w in zip(corr, weights)]
         epss = [eps * c**0.5 for c in corr]
@@ -390,7 +399,7 @@ class DolphinFlow(ShardFlowOptimizer):
         nums = grads if group["nesterov"] else bufs
         denoms = _sqrt_plus(sqs, epss, ops.foreach)
         locals_ = [it.local for it in items]
-        if group["weight_decay"] and lr:
+        if self.decay(group) and lr:
             ops.mul_(locals_, decay)
         _addcdiv_(locals_, nums, denoms, [-s for s in scales], ops.foreach)
 
@@ -614,8 +623,8 @@ class DolphinFlow(ShardFlowOptimizer):
     def _apply(self, group: dict[str, Any], items: list[Item], lr: float, ops: ListOps) -> None:
         locals_ = [it.local for it in items]
         updates = [it.grad for it in items]
-        if group["weight_decay"] and lr:
-            ops.mul_(locals_, 1.0 - lr * group["weight_decay"])
+        if self.decay(group) and lr:
+            ops.mul_(locals_, 1.0 - lr * self.decay(group))
         if locals_ and locals_[0].dtype != updates[0].dtype:
             for p, u in zip(locals_, updates):
                 p.add_(u.to(p.dtype), alpha=-lr)

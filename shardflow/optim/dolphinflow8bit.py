@@ -59,10 +59,10 @@ import torch
 from torch import Tensor
 
 from shardflow.ops import quant8
+from shardflow.ops.compiling import each
 from shardflow.ops.listops import ListOps
 from shardflow.optim._validate import check_int_at_least
 from shardflow.optim.base import Item, Layout, _compute_dtype
-from shardflow.ops.compiling import each
 from shardflow.optim.dolphinflow import DolphinFlow, fused_update_each
 
 MOMENTS: dict[str, bool] = {"exp_avg": True, "exp_avg_sq": False}
@@ -207,7 +207,7 @@ class DolphinFlow8bit(DolphinFlow):
         to a raw gradient already in them), else ``c·g``.
         """
         weights = self._nesterov_weights(group, items, mus)
-        beta2, eps, decay = group["beta2"], group["eps"], 1.0 - lr * group["weight_decay"]
+        beta2, eps, decay = group["beta2"], group["eps"], 1.0 - lr * self.decay(group)
         compiled = self._use_compiled(items[0].grad)
         rowwise = group["vector_mode"] == "rowwise"
         for it, mu, weight in zip(items, mus, weights):
@@ -215,7 +215,7 @@ class DolphinFlow8bit(DolphinFlow):
             c = it.grad_scale
             scalars = (decay, 1.0 - mu, beta2, lr * corr**0.5 / weight, eps * corr**0.5, c)
             fold = folds.get(id(it))  # per row, or (flat ⊥Grad) one pair for the whole tensor
-            decay_on = bool(group["weight_decay"] and lr)
+            decay_on = bool(self.decay(group) and lr)
             if self._native_step(it, fold, scalars, group["nesterov"], decay_on):
                 continue
             if fold is not None:

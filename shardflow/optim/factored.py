@@ -84,9 +84,11 @@ compiled) path.
 - ``grams`` — Grams (Cao et al. 2024, arXiv 2412.17107): ``u ← sign(g)·|u|``: the magnitude of the
   adaptive update, the direction of the current gradient. The signed first moment is still kept:
   the paper's rule updates ``m`` as Adam does.
-- ``stochastic_rounding`` (on by default) — bf16 parameters receive their update through
-  :func:`shardflow.ops.precision.add_stochastic_`, seeded by (parameter index, step) and the
-  element's global index, so it is independent of the world size. No effect on fp32 parameters.
+- ``precision`` (shared by every ShardFlow optimizer, see :mod:`shardflow.optim.base`) — bf16
+  weights get Kahan compensation by default (+2 B/param); with ``precision="sr"`` they receive
+  their update through stochastic rounding inside the factored pass itself
+  (:func:`shardflow.ops.precision.add_stochastic_`), seeded by (parameter index, step) and the
+  element's global index, so it is independent of the world size — no extra state.
 """
 
 from __future__ import annotations
@@ -99,9 +101,17 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from shardflow.ops.listops import ListOps
 from shardflow.ops.native import factored as factored_native
 from shardflow.ops.native import rounding as rounding_native
-from shardflow.ops.listops import ListOps
+from shardflow.ops.orthogonalize import orthograd_, orthograd_sums
+from shardflow.ops.precision import (
+    add_stochastic_,
+    bf16_stochastic,
+    hash32_int,
+    mix_seed,
+    round_bf16_stochastic,
+)
 from shardflow.optim._validate import (
     _fail,
     check_bool,
@@ -110,14 +120,12 @@ from shardflow.optim._validate import (
     check_positive,
     check_unit_interval,
 )
-from shardflow.optim.base import Item, Layout, ShardFlowOptimizer, step_counter
-from shardflow.ops.orthogonalize import orthograd_, orthograd_sums
-from shardflow.ops.precision import (
-    add_stochastic_,
-    bf16_stochastic,
-    hash32_int,
-    mix_seed,
-    round_bf16_stochastic,
+from shardflow.optim.base import (
+    SHARED_ARGS_DOC,
+    Item,
+    Layout,
+    ShardFlowOptimizer,
+    step_counter,
 )
 
 ATAN2_SCALE = 4.0 / math.pi
@@ -632,7 +640,6 @@ class _Factored(ShardFlowOptimizer):
         if compiled is not None and not isinstance(compiled, bool):
             _fail("compiled", compiled, "pass True, False or None (compile on CUDA only).")
         self.compiled = compiled
-        self._index: dict[Tensor, int] = {}
         super().__init__(params, defaults, **kwargs)
 
     # -- validation ----------------------------------------------------------------------------
@@ -651,7 +658,7 @@ class _Factored(ShardFlowOptimizer):
             _fail("betas", betas, "pass (beta1, beta2), each in [0, 1), e.g. (0.9, 0.999).")
         check_nonnegative("eps", group["eps"])
         check_nonnegative("weight_decay", group["weight_decay"])
-        for flag in ("factored", "ademamix", "atan2", "orthograd", "grams", "stochastic_rounding"):
+        for flag in ("factored", "ademamix", "atan2", "orthograd", "grams"):
             check_bool(flag, group[flag])
         check_unit_interval("ademamix_beta3", group["ademamix_beta3"])
         check_nonnegative("ademamix_alpha", group["ademamix_alpha"])
@@ -697,12 +704,9 @@ class _Factored(ShardFlowOptimizer):
     def _is_factored(self, param: Tensor, group: dict[str, Any]) -> bool:
         return bool(group["factored"]) and param.ndim >= 2
 
-    def _param_index(self, param: Tensor) -> int:
-        """The parameter's position in the optimizer (the same on every rank): seeds rounding."""
-        if param not in self._index:
-            flat = [p for g in self.param_groups for p in g["params"]]
-            self._index = {p: i for i, p in enumerate(flat)}
-        return self._index[param]
+    def _stores_weight(self, group: dict[str, Any], local: Tensor) -> bool:
+        """bf16 weights with ``precision="sr"`` are rounded inside the factored pass itself."""
+        return local.dtype == torch.bfloat16 and self.precision_of(local, group) == "sr"
 
     # -- the step ------------------------------------------------------------------------------
 
@@ -769,7 +773,7 @@ class _Factored(ShardFlowOptimizer):
         index, step, row0 = self._param_index(it.param), int(st["step"]), self._row0(it)
         device = local.device
         static, values = split_scalars(s)
-        head = [it.grad_scale, lr_eff, group["weight_decay"]]
+        head = [it.grad_scale, lr_eff, self.decay(group)]
         seeds = (
             hash32_int(mix_seed(index, step, _SR_PARAM)),
             hash32_int(mix_seed(index, step, _SR_EXP_AVG_ROW)),
@@ -794,7 +798,7 @@ class _Factored(ShardFlowOptimizer):
                     sign_table(device),
                     atan2=group["atan2"],
                     grams=group["grams"],
-                    rounding=local.dtype == torch.bfloat16 and group["stochastic_rounding"],
+                    rounding=self._stores_weight(group, local),
                 )
             partial = sums if partial is None else [t.add_(u) for t, u in zip(partial, sums)]
         return [c.reshape(-1) for c in partial]
@@ -829,7 +833,7 @@ class _Factored(ShardFlowOptimizer):
         ``v``'s row factor is written by the kernel; ``|m|``'s bf16 one is queued on ``rounded``
         (stochastically rounded with the column factors, in one batch: the same bits as
         :func:`_store` with the row offset)."""
-        wd = group["weight_decay"]
+        wd = self.decay(group)
         native_jobs = []
         for it, s, lr_eff in jobs:
             st, rows, cols = it.state, it.local.shape[0], self._cols(it.param)
@@ -941,8 +945,8 @@ class _Factored(ShardFlowOptimizer):
         offset: int,
     ) -> None:
         """``p ← p·(1 − lr·wd) − lr·u`` (decoupled weight decay, as torch.optim.AdamW)."""
-        wd = group["weight_decay"]
-        if p.dtype == torch.bfloat16 and group["stochastic_rounding"]:
+        wd = self.decay(group)
+        if self._stores_weight(group, p):
             if wd:
                 u.add_(p.to(u.dtype), alpha=wd)
             seed = mix_seed(self._param_index(it.param), int(it.state["step"]), _SR_PARAM)
@@ -1071,7 +1075,17 @@ def _store(dst: Tensor, value: Tensor, seed: int, *, offset: int) -> None:
         dst.copy_(value)
 
 
-_NOT_DEFAULTS = ("self", "params", "gradient_clipping", "process_group", "compiled", "__class__")
+_NOT_DEFAULTS = (
+    "self",
+    "params",
+    "gradient_clipping",
+    "process_group",
+    "compiled",
+    "grads_reduced",
+    "precision",
+    "decouple_lr",
+    "__class__",
+)
 
 
 def _defaults(args: dict[str, Any]) -> dict[str, Any]:
@@ -1081,7 +1095,8 @@ def _defaults(args: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-_COMMON_ARGS = """
+_COMMON_ARGS = (
+    """
         params: parameters or param groups (any key below may be set per group).
         lr: learning rate.
         betas: ``(β₁, β₂)``: first- and second-moment EMA coefficients.
@@ -1095,16 +1110,16 @@ _COMMON_ARGS = """
         atan2: ``(4/π)·atan2`` update instead of division by ``√v + eps``.
         orthograd: ⊥Grad on the gradient first (flattened, norm restored).
         grams: take the update's direction from the gradient's sign (Grams).
-        stochastic_rounding: stochastic rounding of bf16 parameters' updates.
         gradient_clipping: global gradient-norm bound (None: off).
-        process_group: ProcessGroup or 1-D DeviceMesh to shard over; None: one process.
         compiled: run each factored matrix's step through ``torch.compile`` (see "Compiled
             pass" in the module docstring: 2-4x faster than eager on the CPU after a few
             seconds of compilation per matrix shape); None: on CUDA only."""
+    + SHARED_ARGS_DOC
+)
 
 
 class FactoredAdam(_Factored):
-    (
+    __doc__ = (
         """AdamW with factored states (see the module docstring for the storage and options).
 
     The update is Kingma & Ba's Adam (arXiv 1412.6980) with Loshchilov & Hutter's decoupled
@@ -1135,10 +1150,12 @@ class FactoredAdam(_Factored):
         atan2: bool = False,
         orthograd: bool = False,
         grams: bool = False,
-        stochastic_rounding: bool = True,
         gradient_clipping: float | None = None,
         process_group: Any = None,
         compiled: bool | None = None,
+        grads_reduced: bool = False,
+        precision: str | None = None,
+        decouple_lr: bool = False,
     ) -> None:
         defaults = _defaults(locals())
         super().__init__(
@@ -1147,6 +1164,9 @@ class FactoredAdam(_Factored):
             process_group=process_group,
             gradient_clipping=gradient_clipping,
             compiled=compiled,
+            grads_reduced=grads_reduced,
+            precision=precision,
+            decouple_lr=decouple_lr,
         )
 
     def _scalars(self, group: dict[str, Any], it: Item) -> StepScalars:
@@ -1165,7 +1185,7 @@ class FactoredAdam(_Factored):
 
 
 class FactoredAdopt(_Factored):
-    (
+    __doc__ = (
         """ADOPT with factored states (see the module docstring for the storage and options).
 
     Taniguchi et al. 2024, "ADOPT: Modified Adam Can Converge with Any β₂ with the Optimal Rate"
@@ -1201,10 +1221,12 @@ class FactoredAdopt(_Factored):
         atan2: bool = False,
         orthograd: bool = False,
         grams: bool = False,
-        stochastic_rounding: bool = True,
         gradient_clipping: float | None = None,
         process_group: Any = None,
         compiled: bool | None = None,
+        grads_reduced: bool = False,
+        precision: str | None = None,
+        decouple_lr: bool = False,
     ) -> None:
         defaults = _defaults(locals())
         super().__init__(
@@ -1213,6 +1235,9 @@ class FactoredAdopt(_Factored):
             process_group=process_group,
             gradient_clipping=gradient_clipping,
             compiled=compiled,
+            grads_reduced=grads_reduced,
+            precision=precision,
+            decouple_lr=decouple_lr,
         )
 
     def _check_group(self, group: dict[str, Any]) -> None:
@@ -1235,7 +1260,7 @@ class FactoredAdopt(_Factored):
 
 
 class FactoredProdigy(_Factored):
-    (
+    __doc__ = (
         """Prodigy (Adam version) with factored moments (see the module docstring for the rest).
 
     Mishchenko & Defazio 2023, "Prodigy: An Expeditiously Adaptive Parameter-Free Learner"
@@ -1300,10 +1325,12 @@ class FactoredProdigy(_Factored):
         atan2: bool = False,
         orthograd: bool = False,
         grams: bool = False,
-        stochastic_rounding: bool = True,
         gradient_clipping: float | None = None,
         process_group: Any = None,
         compiled: bool | None = None,
+        grads_reduced: bool = False,
+        precision: str | None = None,
+        decouple_lr: bool = False,
     ) -> None:
         defaults = _defaults(locals())
         self._pending: dict[int, tuple[Tensor, torch.device]] = {}
@@ -1314,6 +1341,9 @@ class FactoredProdigy(_Factored):
             process_group=process_group,
             gradient_clipping=gradient_clipping,
             compiled=compiled,
+            grads_reduced=grads_reduced,
+            precision=precision,
+            decouple_lr=decouple_lr,
         )
 
     def _check_group(self, group: dict[str, Any]) -> None:

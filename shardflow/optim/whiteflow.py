@@ -60,18 +60,25 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from shardflow.ops.compiling import each
 from shardflow.ops.listops import ListOps
+from shardflow.ops.orthogonalize import orthograd_fold, orthograd_sums
+from shardflow.ops.precision import bf16_stochastic, hash32_int, mix_seed
+from shardflow.ops.projection import ProjectionCache
 from shardflow.optim._validate import (
     check_bool,
     check_choice,
     check_nonnegative,
     check_unit_interval,
 )
-from shardflow.optim.base import Item, Layout, ShardFlowOptimizer, _compute_dtype, step_counter
-from shardflow.ops.compiling import each
-from shardflow.ops.orthogonalize import orthograd_fold, orthograd_sums
-from shardflow.ops.precision import bf16_stochastic, hash32_int, mix_seed
-from shardflow.ops.projection import ProjectionCache
+from shardflow.optim.base import (
+    SHARED_ARGS_DOC,
+    Item,
+    Layout,
+    ShardFlowOptimizer,
+    _compute_dtype,
+    step_counter,
+)
 from shardflow.optim.routing import is_hidden_matrix
 
 SECOND_MOMENTS = ("projected", "dense")
@@ -100,7 +107,8 @@ def second_moment_weight(beta2: float, t: int) -> float:
 
 
 class WhiteFlow(ShardFlowOptimizer):
-    """WhiteFlow. See the module docstring for the update rule and the memory it keeps.
+    __doc__ = (
+        """WhiteFlow. See the module docstring for the update rule and the memory it keeps.
 
     Args:
         params: parameters, named parameters or param groups (any key below but
@@ -122,11 +130,12 @@ class WhiteFlow(ShardFlowOptimizer):
         projection_device: ``"param"`` (projections cached on the parameter's device) or
             ``"cpu"`` (cached in CPU memory, pinned when CUDA is available, and moved to the
             compute device only while used).
-        process_group: ProcessGroup or 1-D DeviceMesh to shard over; None: one process.
         foreach: use ``torch._foreach_*`` kernels (None: when all tensors share a device).
         compiled: run the step (:func:`whiteflow_update_`) through ``torch.compile``, a chunk
             of parameters per call (None: on CUDA only; on a CPU inductor emits C++).
     """
+        + SHARED_ARGS_DOC
+    )
 
     scratch_grads: ClassVar[bool] = False
     """:func:`whiteflow_update_` reads the raw gradient and applies the clip factor itself."""
@@ -160,6 +169,9 @@ class WhiteFlow(ShardFlowOptimizer):
         process_group: Any = None,
         foreach: bool | None = None,
         compiled: bool | None = None,
+        grads_reduced: bool = False,
+        precision: str | None = None,
+        decouple_lr: bool = False,
     ) -> None:
         self.projections = ProjectionCache(projection_device)
         self.projection_device = projection_device
@@ -190,6 +202,9 @@ class WhiteFlow(ShardFlowOptimizer):
             process_group=process_group,
             foreach=foreach,
             gradient_clipping=gradient_clipping,
+            grads_reduced=grads_reduced,
+            precision=precision,
+            decouple_lr=decouple_lr,
         )
 
     # -- validation and state ---------------------------------------------------------------
@@ -388,7 +403,7 @@ class WhiteFlow(ShardFlowOptimizer):
             1.0 - b2,
             1.0 / weight,
             group["eps"],
-            1.0 - eta * group["weight_decay"],
+            1.0 - eta * self.decay(group),
             eta,
         ]
         hyper = torch.tensor(values, dtype=_compute_dtype(it.grad))
@@ -435,7 +450,7 @@ class WhiteFlow(ShardFlowOptimizer):
         for j, factor in zip(elementwise, factors[len(channel) :]):
             eta = self._step_size(group, j.item.param)
             w = j.args[0]
-            w.mul_(1.0 - eta * group["weight_decay"])
+            w.mul_(1.0 - eta * self.decay(group))
             w.add_(j.u.to(w.dtype), alpha=-eta * factor)
 
     def _shape_factor(self, group: dict[str, Any], param: Tensor) -> float:
