@@ -14,16 +14,22 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from dist import run_on_ranks
 from safetensors.torch import load_file
 
+import shardflow.train.loop as loop
+from shardflow.distributed.comm import record_collectives
 from shardflow.train import ckpt
 from shardflow.train.cli import hyper_for, main_compare, main_train
 from shardflow.train.config import ConfigError, load_config
+from shardflow.train.data import ByteTokenizer, load_corpus
 from shardflow.train.loop import build_model_and_optimizer
 from shardflow.train.metrics import read_metrics
+from shardflow.train.placement import ProcessInfo, process_group_for
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = str(ROOT / "launch" / "train.py")
@@ -140,7 +146,10 @@ def test_fsdp_two_ranks_end_to_end(full_run):
         "step_00000004",
         "step_00000008",
     ]
-    assert json.loads((out / "summary.json").read_text())["steps"] == 8
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 8 and summary["placement"] == "fsdp" and summary["world_size"] == 2
+    assert summary["state_bytes_per_param"] == 8.0  # DolphinFlow's own figure: m and v in fp32
+    assert all(0 < r["grad_norm"] < float("inf") for r in rows)  # the optimizer's norm
     assert (
         "validation loss" in result.stdout and f"loss curve:  {out / 'loss.png'}" in result.stdout
     )
@@ -155,6 +164,8 @@ def test_ddp_matches_fsdp(full_run, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     ddp = [r["loss"] for r in train_rows(tmp_path / "tiny")]
     fsdp = [r["loss"] for r in train_rows(full_run[0])]
+    summary = json.loads((tmp_path / "tiny" / "summary.json").read_text())
+    assert summary["placement"] == "ddp" and summary["world_size"] == 2
     print("max relative difference", max(abs(a - b) / b for a, b in zip(ddp, fsdp)))
     assert ddp == pytest.approx(fsdp, rel=1e-4)
 
@@ -176,6 +187,95 @@ def test_kill_and_resume_matches_uninterrupted(full_run, tmp_path):
     reference = train_rows(full_run[0])
     for mine, ref in zip(rows, reference):
         assert mine["loss"] == pytest.approx(ref["loss"], rel=1e-5, abs=1e-5)
+    assert [r["lr"] for r in rows] == [r["lr"] for r in reference]  # the schedule resumed too
+
+
+class Interrupted(Exception):
+    """Stands in for a crash in an in-process run."""
+
+
+def test_one_process_resume_gives_the_uninterrupted_lr_sequence(tmp_path, monkeypatch):
+    """Placement offload (the schedule drives the host-side optimizer), stopped by an error at
+    step 6 and resumed from the step-4 checkpoint: the same lr at every step, the same losses."""
+    config = tiny_config(tmp_path)
+    args = [str(config), "--run.nproc", "1", "--placement.kind", "offload", "--log.plot", "false"]
+    args += ["--train.eval_every", "0", "--checkpoint.save_model", "false"]
+    assert main_train([*args, "--run.out_dir", str(tmp_path / "whole")]) == 0
+    real_step = loop._train_step
+
+    def crash_at_6(model, optimizer, cfg, corpus, step, *rest):
+        if step == 6:
+            raise Interrupted
+        return real_step(model, optimizer, cfg, corpus, step, *rest)
+
+    monkeypatch.setattr(loop, "_train_step", crash_at_6)
+    with pytest.raises(Interrupted):
+        main_train([*args, "--run.out_dir", str(tmp_path / "cut")])
+    monkeypatch.setattr(loop, "_train_step", real_step)
+    assert main_train([*args, "--run.out_dir", str(tmp_path / "cut")]) == 0
+    whole, cut = train_rows(tmp_path / "whole"), train_rows(tmp_path / "cut")
+    assert [r["step"] for r in cut] == list(range(1, 9))
+    assert [r["lr"] for r in cut] == [r["lr"] for r in whole]
+    assert [r["loss"] for r in cut] == pytest.approx([r["loss"] for r in whole], rel=1e-6)
+    warmup, peak = 2, 3e-3
+    assert whole[0]["lr"] == pytest.approx(peak / warmup) and whole[1]["lr"] == peak
+
+
+def one_step(cfg_args: list[str], tmp_path: Path, monkeypatch) -> tuple[Any, float, list]:
+    """Build the run's model and optimizer in one process and take one loop step; returns the
+    optimizer, the grad norm the loop reports and the max_norm of every clip_grad_norm_ call."""
+    config, *overrides = one_process(tiny_config(tmp_path))
+    cfg = load_config(config, [*overrides, *cfg_args])
+    calls = []
+    real_clip = torch.nn.utils.clip_grad_norm_
+
+    def counting_clip(params, max_norm, *args, **kwargs):
+        calls.append(max_norm)
+        return real_clip(params, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", counting_clip)
+    model, optimizer, _ = build_model_and_optimizer(cfg, torch.device("cpu"), None)
+    corpus = load_corpus(cfg.data, ByteTokenizer())
+    _, norm = loop._train_step(model, optimizer, cfg, corpus, 1, ProcessInfo(0, 1, 0), "cpu")
+    return optimizer, norm, calls
+
+
+def test_shardflow_optimizer_clips_and_reports_the_norm_once(tmp_path, monkeypatch):
+    """A ShardFlow optimizer gets optim.grad_clip as gradient_clipping and the loop reports its
+    last_grad_norm: no second norm pass. grad_clip = 0 turns its clipping off."""
+    opt, norm, calls = one_step(["--optim.grad_clip", "0.25"], tmp_path, monkeypatch)
+    assert calls == [] and opt.gradient_clipping == 0.25
+    assert norm == opt.last_grad_norm and norm > 0.25  # clipped: the norm is above the bound
+    opt, norm, calls = one_step(["--optim.grad_clip", "0"], tmp_path, monkeypatch)
+    assert calls == [] and opt.gradient_clipping is None and norm == opt.last_grad_norm
+
+
+def test_adamw_is_clipped_by_the_loop(tmp_path, monkeypatch):
+    opt, norm, calls = one_step(
+        ["--optim.name", "adamw", "--optim.grad_clip", "0.25"], tmp_path, monkeypatch
+    )
+    assert type(opt) is torch.optim.AdamW and calls == [0.25] and norm > 0.25
+    _, _, calls = one_step(
+        ["--optim.name", "adamw", "--optim.grad_clip", "0"], tmp_path, monkeypatch
+    )
+    assert calls == [float("inf")]  # no clipping; the norm is still measured for the metrics
+
+
+def _ddp_step(rank, world, config):
+    """One runtime step on a DDP-wrapped model: the optimizer got grads_reduced=True."""
+    cfg = load_config(config, ["--placement.kind", "ddp", "--optim.hyper.ortho_mode", "matrix"])
+    mesh = process_group_for(cfg, torch.device("cpu"))
+    model, optimizer, _ = build_model_and_optimizer(cfg, torch.device("cpu"), mesh)
+    corpus = load_corpus(cfg.data, ByteTokenizer())
+    with record_collectives() as log:
+        loop._train_step(model, optimizer, cfg, corpus, 1, ProcessInfo(rank, world, rank), "cpu")
+    return optimizer.placement.grads_reduced, log.by_name()
+
+
+def test_ddp_runtime_passes_grads_reduced_to_the_optimizer(tmp_path):
+    for reduced, calls in run_on_ranks(_ddp_step, 2, tiny_config(tmp_path), timeout=120):
+        assert reduced is True
+        assert "all_to_all_single" not in calls, calls  # DDP reduced them; the optimizer did not
 
 
 def test_two_rank_checkpoint_resumes_in_one_process(full_run, tmp_path, capsys):
