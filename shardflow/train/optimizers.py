@@ -18,7 +18,8 @@ STATE_BYTES_PER_PARAM: dict[str, float] = {
     "factored_adam": 0.2,
     "dolphinflow8bit": 2.0,
 }
-"""Optimizer state per parameter (bytes), for dry-run memory estimates; unknown names get 8."""
+"""Optimizer state per parameter (bytes), for optimizers that do not measure their own with a
+``state_bytes_per_param()`` method (torch's AdamW); unknown names get 8."""
 
 ORTHOGONALIZING = {"dolphinflow", "dolphinflow8bit", "whiteflow"}
 """Optimizers that orthogonalize 2-D updates (their matrices get Newton-Schulz owner ranks)."""
