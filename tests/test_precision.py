@@ -186,3 +186,110 @@ def test_decouple_lr_decays_by_weight_decay_times_lr_over_max_lr(record):
 def test_decouple_lr_needs_a_positive_max_lr():
     with pytest.raises(ValueError, match=r"max_lr=0\.0 is invalid with decouple_lr=True"):
         shardflow.DolphinFlow(_params(torch.float32), lr=0.0, decouple_lr=True)
+
+
+# -- the compensation buffer under placements and checkpoints ---------------------------------
+
+PLACED = ["DolphinFlow", "FactoredAdam"]
+"""Optimizers whose Kahan state goes through a checkpoint at another world size (the buffer is
+the base's, the same for all; a dense-state and a factored-state optimizer are checked)."""
+
+
+def _tiny_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.Tanh(), torch.nn.Linear(10, 3))
+    return model.to(torch.bfloat16)
+
+
+def _placed(name: str, placement: str, world: int):
+    import torch.distributed as dist  # noqa: PLC0415
+    from torch.distributed.device_mesh import init_device_mesh  # noqa: PLC0415
+    from torch.distributed.fsdp import fully_shard  # noqa: PLC0415
+
+    model = _tiny_model()
+    if placement == "fsdp":
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in (model[0], model[2]):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        group = mesh
+    else:
+        group = dist.group.WORLD
+    (record,) = [r for r in RECORDS if r.name == name]
+    return model, record.factory(model.parameters(), process_group=group, lr=2e-4)
+
+
+def _train_tiny(model, opt, steps: int, rank: int = 0, world: int = 1) -> None:
+    for step in range(steps):
+        g = torch.Generator().manual_seed(step)
+        x, y = torch.randn(8, 6, generator=g), torch.randn(8, 3, generator=g)
+        opt.zero_grad()
+        out = model(x[rank::world].to(torch.bfloat16)).float()
+        torch.nn.functional.mse_loss(out, y[rank::world]).backward()
+        opt.step()
+
+
+def _kahan_pieces(opt) -> list[tuple[int, list]]:
+    """Each parameter's compensation rows this rank holds, as ``(first row, values)``."""
+    out = []
+    for group in opt.param_groups:
+        for p in group["params"]:
+            c = opt.state[p]["kahan"]
+            local = c.to_local() if hasattr(c, "to_local") else c
+            first = opt.placement.row_range(p)[0]
+            out.append((first, local.float().tolist()))
+    return out
+
+
+def _gather(pieces_per_rank: list[list[tuple[int, list]]]) -> list[torch.Tensor]:
+    """Whole compensation buffers from every rank's row pieces (each row held exactly once)."""
+    whole = []
+    for i in range(len(pieces_per_rank[0])):
+        rows = {}
+        for pieces in pieces_per_rank:
+            first, values = pieces[i]
+            for k, row in enumerate(values):
+                assert first + k not in rows, "a row held twice"
+                rows[first + k] = row
+        whole.append(torch.tensor([rows[r] for r in sorted(rows)]))
+    return whole
+
+
+def _save_at_two(rank, world, name, path):
+    model, opt = _placed(name, "fsdp", world)
+    _train_tiny(model, opt, 4, rank, world)
+    import shardflow.checkpoint as ck  # noqa: PLC0415
+
+    ck.save(path, model=model, optimizer=opt)
+    return _kahan_pieces(opt)
+
+
+def _load_at(rank, world, name, path, placement):
+    import shardflow.checkpoint as ck  # noqa: PLC0415
+
+    model, opt = _placed(name, placement, world)
+    ck.load(path, model=model, optimizer=opt)
+    return _kahan_pieces(opt)
+
+
+@pytest.mark.parametrize("name", PLACED)
+def test_kahan_state_reshards_through_a_checkpoint(name, tmp_path):
+    """FSDP2 at W=2 saves; the buffer loads bit-exactly at W=4 (FSDP2 rows and the DDP owner
+    plan) and in one process."""
+    pytest.importorskip("shardflow.distributed.sharded")
+    from dist import run_on_ranks  # noqa: PLC0415
+
+    import shardflow.checkpoint as ck  # noqa: PLC0415
+
+    saved = _gather(run_on_ranks(_save_at_two, 2, name, tmp_path / "ck"))
+    assert all(c.abs().sum() > 0 for c in saved[:1]), "the buffer should hold rounding residue"
+    for placement in ("fsdp", "ddp"):
+        loaded = _gather(run_on_ranks(_load_at, 4, name, tmp_path / "ck", placement))
+        for a, b in zip(loaded, saved):
+            assert torch.equal(a, b), f"W=2 fsdp -> W=4 {placement}"
+    model = _tiny_model()
+    (record,) = [r for r in RECORDS if r.name == name]
+    opt = record.factory(model.parameters(), lr=2e-4)
+    ck.load(tmp_path / "ck", model=model, optimizer=opt)
+    for a, b in zip(_gather([_kahan_pieces(opt)]), saved):
+        assert torch.equal(a, b), "W=2 fsdp -> one process"

@@ -36,6 +36,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from shardflow.ops.native import rounding as native_rounding
+
 _M32 = 0xFFFFFFFF
 _C1, _C2 = 0x7FEB352D, 0x846CA68B
 _C2_INT32 = _C2 - (1 << 32)
@@ -185,7 +187,11 @@ def store_weight_(
         w.copy_(x)
         compensation.copy_(x.sub_(w))  # exact in fp32: x and round(x) are neighbours
     elif precision == "sr":
-        w.copy_(round_stochastic(x, w.dtype, seed, offset))
+        pieces = [(w, x, hash32_int(seed), offset)]
+        if offset + x.numel() <= 1 << 32 and native_rounding.usable(pieces):
+            native_rounding.bf16_stochastic_many(pieces)  # the same bits, one pass in C
+        else:
+            w.copy_(round_stochastic(x, w.dtype, seed, offset))
     else:
         w.copy_(x)
 

@@ -85,10 +85,9 @@ compiled) path.
   adaptive update, the direction of the current gradient. The signed first moment is still kept:
   the paper's rule updates ``m`` as Adam does.
 - ``precision`` (shared by every ShardFlow optimizer, see :mod:`shardflow.optim.base`) — bf16
-  weights get Kahan compensation by default (+2 B/param); with ``precision="sr"`` they receive
-  their update through stochastic rounding inside the factored pass itself
-  (:func:`shardflow.ops.precision.add_stochastic_`), seeded by (parameter index, step) and the
-  element's global index, so it is independent of the world size — no extra state.
+  weights get Kahan compensation by default (+2 B/param); ``precision="sr"`` rounds them
+  stochastically instead (no state; the random bits follow each element's global index, so the
+  result does not depend on the world size).
 """
 
 from __future__ import annotations
@@ -106,7 +105,6 @@ from shardflow.ops.native import factored as factored_native
 from shardflow.ops.native import rounding as rounding_native
 from shardflow.ops.orthogonalize import orthograd_, orthograd_sums
 from shardflow.ops.precision import (
-    add_stochastic_,
     bf16_stochastic,
     hash32_int,
     mix_seed,
@@ -135,7 +133,7 @@ CHUNK_ELEMENTS = 1 << 21
 """A factored matrix is reconstructed this many elements (whole rows) at a time."""
 
 # Random streams for stochastic rounding (mixed into the seed with the param index and step).
-_SR_PARAM, _SR_EXP_AVG_ROW, _SR_EXP_AVG_COL = 0, 1, 2
+_SR_EXP_AVG_ROW, _SR_EXP_AVG_COL = 1, 2  # stream ids (0 was the weights')
 
 # ----------------------------------------------------------------------------------------------
 # 1-bit signs
@@ -478,7 +476,6 @@ def fused_factored_update(
     *,
     atan2: bool,
     grams: bool,
-    rounding: bool,
 ) -> list[Tensor]:
     """One whole factored matrix in one function, written for ``torch.compile`` (the compiled
     path): the maths of :func:`factored_chunk_update` and ``_Factored._apply``, fused.
@@ -488,9 +485,9 @@ def fused_factored_update(
     and ``signs[k]`` ``(R, B)`` are the state tensors, updated in place; ``cols[k]`` ``(B, 8)``
     the column factors divided by their sum (a division in the graph would be inlined into
     every element's reconstruction). ``scalars`` (float64, one tensor so that a call
-    makes one) holds ``(grad_scale, lr, weight_decay)``, then ``(key, offset)`` of the weights'
-    stochastic rounding and of the first moment's row factors
-    (:func:`~shardflow.ops.precision.bf16_stochastic`; integers below 2³², exact in float64),
+    makes one) holds ``(grad_scale, lr, weight_decay)``, then ``(key, offset)`` of the stochastic
+    rounding of the first moment's row factors (:func:`~shardflow.ops.precision.bf16_stochastic`;
+    integers below 2³², exact in float64),
     then the step's :class:`StepScalars` values as :func:`split_scalars` splits them from
     ``static``; ``table`` is :func:`sign_table`. Returns the column partial
     sums of each moment (``|m|``, ``v``, ``|m₂|``) as ``(B, 8)`` tensors.
@@ -500,8 +497,8 @@ def fused_factored_update(
     """
     dtype = torch.float32
     grad_scale, lr, wd = scalars[0], scalars[1], scalars[2]
-    keys = scalars[3:7].to(torch.int64)
-    s = with_tensor_scalars(static, scalars[7:])
+    keys = scalars[3:5].to(torch.int64)
+    s = with_tensor_scalars(static, scalars[5:])
     g = g.to(dtype) * grad_scale
     dense = {k: rows[k].to(dtype)[:, None, None] * cols[k] for k in rows}
     for k, packed in signs.items():
@@ -516,12 +513,7 @@ def fused_factored_update(
         grams=grams,
     )
     if u is not None:
-        if rounding:  # as add_stochastic_: fp32 sum, rounded by the element's global index
-            u = u + wd * p.to(dtype)
-            exact = p.to(dtype) - lr * u
-            p.copy_(bf16_stochastic(exact, keys[0], keys[1]))
-        else:
-            p.copy_((p.to(dtype) * (1.0 - lr * wd) - lr * u).to(p.dtype))
+        p.copy_((p.to(dtype) * (1.0 - lr * wd) - lr * u).to(p.dtype))
     col_sums = []
     for k, mat in dense.items():
         if k in signs:
@@ -529,7 +521,7 @@ def fused_factored_update(
             mat = mat.abs()
         row = mat.sum(-1).sum(-1)  # over each byte's 8 first: one loop with the sign packing
         if rows[k].dtype == torch.bfloat16:
-            rows[k].copy_(bf16_stochastic(row, keys[2], keys[3]))
+            rows[k].copy_(bf16_stochastic(row, keys[0], keys[1]))
         else:
             rows[k].copy_(row)
         col_sums.append(_column_sums(mat))
@@ -704,9 +696,6 @@ class _Factored(ShardFlowOptimizer):
     def _is_factored(self, param: Tensor, group: dict[str, Any]) -> bool:
         return bool(group["factored"]) and param.ndim >= 2
 
-    def _stores_weight(self, group: dict[str, Any], local: Tensor) -> bool:
-        """bf16 weights with ``precision="sr"`` are rounded inside the factored pass itself."""
-        return local.dtype == torch.bfloat16 and self.precision_of(local, group) == "sr"
 
     # -- the step ------------------------------------------------------------------------------
 
@@ -738,7 +727,7 @@ class _Factored(ShardFlowOptimizer):
             else:
                 u = self._direction(group, it.grad, *self._dense(it), scalars)
                 if u is not None:
-                    self._apply(group, it, it.local, u, lr_eff, offset=self._offset(it, 0))
+                    self._apply(group, it.local, u, lr_eff)
         if jobs:
             partials.update(self._native_steps(group, jobs, rounded))
         ordered = [t for it in items for t in partials.get(id(it), ())]
@@ -774,16 +763,13 @@ class _Factored(ShardFlowOptimizer):
         device = local.device
         static, values = split_scalars(s)
         head = [it.grad_scale, lr_eff, self.decay(group)]
-        seeds = (
-            hash32_int(mix_seed(index, step, _SR_PARAM)),
-            hash32_int(mix_seed(index, step, _SR_EXP_AVG_ROW)),
-        )
+        seed = hash32_int(mix_seed(index, step, _SR_EXP_AVG_ROW))
         cols_norm = {k: _normalized(st[f"{k}_col"], torch.float32).view(-1, 8) for k in keys}
         partial = None
         chunk = _fused_chunk_rows(rows, cols) if device.type == "cpu" else max(rows, 1)
         for a in range(0, rows, chunk):
             b = min(rows, a + chunk)
-            offsets = [seeds[0], (row0 + a) * cols, seeds[1], row0 + a]
+            offsets = [seed, row0 + a]
             scalars = torch.tensor(head + offsets + values, dtype=torch.float64, device=device)
             with _COMPILE_SETTINGS:
                 sums = _compiled_update()(
@@ -798,7 +784,6 @@ class _Factored(ShardFlowOptimizer):
                     sign_table(device),
                     atan2=group["atan2"],
                     grams=group["grams"],
-                    rounding=self._stores_weight(group, local),
                 )
             partial = sums if partial is None else [t.add_(u) for t, u in zip(partial, sums)]
         return [c.reshape(-1) for c in partial]
@@ -898,7 +883,7 @@ class _Factored(ShardFlowOptimizer):
                 grams=group["grams"],
             )
             if u is not None:
-                self._apply(group, it, p[a:b], u, lr_eff, offset=(row0 + a) * cols)
+                self._apply(group, p[a:b], u, lr_eff)
             for k in keys:
                 if k in signs:
                     st[f"{k}_sign"][a:b] = signs[k]
@@ -934,24 +919,10 @@ class _Factored(ShardFlowOptimizer):
                         dst.copy_(value)
         _store_bf16_many(rounded)
 
-    def _apply(
-        self,
-        group: dict[str, Any],
-        it: Item,
-        p: Tensor,
-        u: Tensor,
-        lr: float,
-        *,
-        offset: int,
-    ) -> None:
+    def _apply(self, group: dict[str, Any], p: Tensor, u: Tensor, lr: float) -> None:
         """``p ← p·(1 − lr·wd) − lr·u`` (decoupled weight decay, as torch.optim.AdamW)."""
         wd = self.decay(group)
-        if self._stores_weight(group, p):
-            if wd:
-                u.add_(p.to(u.dtype), alpha=wd)
-            seed = mix_seed(self._param_index(it.param), int(it.state["step"]), _SR_PARAM)
-            add_stochastic_(p, u, -lr, seed=seed, offset=offset)
-        elif p.dtype == u.dtype:
+        if p.dtype == u.dtype:
             if wd:
                 p.mul_(1.0 - lr * wd)
             p.add_(u, alpha=-lr)
@@ -964,10 +935,6 @@ class _Factored(ShardFlowOptimizer):
     def _row0(self, it: Item) -> int:
         rng = self.placement.row_range(it.param)
         return rng[0] if rng else 0
-
-    def _offset(self, it: Item, row: int) -> int:
-        """Global flat index of local row ``row``'s first element."""
-        return (self._row0(it) + row) * self._cols(it.param)
 
     def _cols(self, param: Tensor) -> int:
         return _cols(self.placement.global_shape(param))
