@@ -3,6 +3,11 @@
 Update rules are written once against :class:`ListOps`; the optimizer decides which
 implementation runs (``foreach=None`` picks foreach where every tensor is on one device). The
 loop path is the reference the tests compare the foreach path against in float64.
+
+A :class:`ListOps` is also the step's backend choice (:func:`shardflow.ops.backend.choose`, once
+per step): besides ``foreach`` it says whether element-wise passes go through ``torch.compile``
+(``compiled``) and whether native CPU kernels may run (``native``; each kernel still checks that
+it takes the tensors at hand).
 """
 
 from __future__ import annotations
@@ -22,8 +27,26 @@ def _each(values: Scalars, n: int) -> Sequence[float]:
 class ListOps:
     """In-place and out-of-place arithmetic over lists of tensors."""
 
-    def __init__(self, foreach: bool) -> None:
+    def __init__(self, foreach: bool, *, compiled: bool = False, native: bool = False) -> None:
         self.foreach = foreach
+        self.compiled = compiled
+        """Element-wise passes run through ``torch.compile`` (:mod:`shardflow.ops.compiling`)."""
+        self.native = native
+        """Native CPU kernels may run (:mod:`shardflow.ops.native`), where they take the tensors."""
+
+    @property
+    def name(self) -> str:
+        """The element-wise backend this choice prefers: ``"compiled"``, ``"native"``,
+        ``"foreach"`` or ``"eager"`` (a rule falls back down this list where a backend does not
+        take its tensors)."""
+        if self.compiled:
+            return "compiled"
+        if self.native:
+            return "native"
+        return "foreach" if self.foreach else "eager"
+
+    def __repr__(self) -> str:
+        return f"ListOps(foreach={self.foreach}, compiled={self.compiled}, native={self.native})"
 
     def clone_scaled(self, xs: Sequence[Tensor], scale: float, dtype: torch.dtype) -> list[Tensor]:
         """New tensors ``x · scale`` in ``dtype`` (the scratch copy an update works in)."""
