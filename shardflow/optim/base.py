@@ -67,6 +67,7 @@ import torch
 from torch import Tensor
 
 from shardflow.distributed.placement import LocalPlacement, resolve_placement
+from shardflow.ops import backend
 from shardflow.ops import precision as lowp
 from shardflow.ops.compiling import compile_settings
 from shardflow.ops.listops import ListOps
@@ -147,11 +148,7 @@ class ShardFlowOptimizer(torch.optim.Optimizer):
         check_optional_positive("gradient_clipping", gradient_clipping)
         defaults = {**defaults, "precision": precision, "decouple_lr": decouple_lr}
         self._warned_precision = False
-        if foreach is not None and not isinstance(foreach, bool):
-            raise ValueError(
-                f"foreach={foreach!r} is invalid: pass True, False or None (automatic)."
-            )
-        self.foreach = foreach
+        self.foreach = backend.check_foreach(foreach)
         self.gradient_clipping = gradient_clipping
         self.process_group = process_group
         self.nonfinite_steps = 0
@@ -285,10 +282,11 @@ class ShardFlowOptimizer(torch.optim.Optimizer):
     # -- the step ---------------------------------------------------------------------------
 
     def _ops_for(self, tensors: list[Tensor]) -> ListOps:
-        if self.foreach is not None:
-            return ListOps(self.foreach)
-        devices = {t.device for t in tensors}
-        return ListOps(len(devices) <= 1 and not any(t.device.type == "meta" for t in tensors))
+        """The step's backend (:func:`shardflow.ops.backend.choose`, once per step): foreach,
+        compiled (a subclass's ``compiled`` attribute, if it has one) and native."""
+        return backend.choose(
+            tensors, foreach=self.foreach, compiled=getattr(self, "compiled", None)
+        )
 
     def _collect(self) -> list[Collected]:
         """Per group: the owned params that have a gradient and their local gradients."""
@@ -355,11 +353,8 @@ class ShardFlowOptimizer(torch.optim.Optimizer):
         """Whether this step may run ``torch.compile``d passes (``compiled=True``, or ``None``
         with parameters on CUDA): only then are dynamo's settings entered (importing dynamo
         costs ~1.5 s once, entering the settings ~0.1 ms per step)."""
-        compiled = getattr(self, "compiled", False)
-        if compiled is None:
-            first = next((p for g in self.param_groups for p in g["params"]), None)
-            return first is not None and first.device.type == "cuda"
-        return bool(compiled)
+        params = (p for g in self.param_groups for p in g["params"])
+        return backend.may_compile(getattr(self, "compiled", False), params)
 
     def _step(self, loss: Any) -> None:
         """The step proper: clip, skip on NaN/inf, update each group (see :meth:`step`)."""
