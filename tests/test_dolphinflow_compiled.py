@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from shardflow.optim import dolphinflow
-from shardflow.optim.dolphinflow import DolphinFlow, fused_update, sq_norms_each
+from shardflow.optim.dolphinflow import DolphinFlow, dolphinflow_rule, sq_norms_each
 
 
 def _model(dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -91,21 +91,21 @@ def test_fused_pass_matches_the_stepwise_path_in_float64(mode, nesterov):
 
 
 @pytest.mark.parametrize("fold", [True, False])
-def test_fused_update_function_is_the_written_out_rule(fold):
+def test_the_reference_rule_is_the_written_out_rule(fold):
     gen = torch.Generator().manual_seed(2)
     w, g, m, v = (torch.randn(3, 5, generator=gen, dtype=torch.float64) for _ in range(4))
     v = v.abs()
     a = torch.rand(3, 1, generator=gen, dtype=torch.float64) + 0.5
     b = torch.randn(3, 1, generator=gen, dtype=torch.float64)
     decay, mu, beta2, scale, eps, clip = 0.99, 0.9, 0.95, 1e-2, 1e-8, 0.25
-    s = torch.tensor([decay, 1 - mu, beta2, scale, eps, clip], dtype=torch.float64)
+    s = torch.tensor([decay, 1 - mu, mu, beta2, 1 - beta2, scale, eps, clip], dtype=torch.float64)
     # with ⊥Grad folded the caller has put the clip factor into a and b; without, s carries it
     gp = a * g - b * w if fold else clip * g
     v_ref = beta2 * v + (1 - beta2) * gp**2
     m_ref = mu * m + (1 - mu) * gp
     n = mu * m_ref + (1 - mu) * gp
     w_ref = w * decay - scale * n / (v_ref.sqrt() + eps)
-    fused_update(w, g, m, v, *((a, b) if fold else (None, None)), s, nesterov=True)
+    dolphinflow_rule(w, g, m, v, s, *((a, b) if fold else (None, None)), nesterov=True)
     for got, ref in ((w, w_ref), (m, m_ref), (v, v_ref)):
         torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-14)
 

@@ -29,15 +29,16 @@ is cut into full chunks and one shorter remainder: at most ``CHUNK`` lengths, an
 one or two per pass for a given model."""
 
 
-def each(fn: Callable[..., Any], *lists: list[Any], **kwargs: Any) -> list[Any]:
+def each(fn: Callable[..., Any], *lists: list[Any] | None, **kwargs: Any) -> list[Any]:
     """``fn`` compiled, called on the lists cut into chunks of :data:`CHUNK` (all lists cut
-    alike); returns the concatenated results (``fn`` returns a list, or None)."""
+    alike; a None in place of a list is passed as None); returns the concatenated results
+    (``fn`` returns a list, or None)."""
     compiled = compile_once(fn)
     out: list[Any] = []
-    n = len(lists[0])
+    n = len(next(x for x in lists if x is not None))
     for start in range(0, n, CHUNK):
         cut = slice(start, start + CHUNK)
-        out += compiled(*(x[cut] for x in lists), **kwargs) or []
+        out += compiled(*(None if x is None else x[cut] for x in lists), **kwargs) or []
     return out
 
 

@@ -32,6 +32,18 @@ by ``0.05·cos(g, m)`` and kept within ``momentum_bounds``: momentum grows while
 gradients agree and shrinks when they oppose.
 
 **Memory**: ``m`` (fp32, 4 B/param) and, with ``adaptive_lr``, ``v`` (fp32, 4 B/param).
+
+**One rule, every backend.** Steps 3-7 are written once, as plain torch code on one
+parameter's tensors: :func:`dolphinflow_rule` (the step-by-step route calls it for the
+direction alone, ``direction=True``). The step's backend is chosen once per step by
+:func:`shardflow.ops.backend.choose` and runs that rule: compiled (``compiled=True``, or None on
+CUDA: the rule itself through ``torch.compile``, :func:`dolphinflow_rule_each`), native (the
+CPU default for fp32 tensors: ``csrc/dolphinflow_rule.h``, the same operations in C, in
+:mod:`shardflow.ops.native.dolphinflow`), foreach (:func:`dolphinflow_rule_foreach`, the same
+operations as list kernels) or eager (the rule called on each parameter: the reference).
+``tests/test_backends.py`` checks each against the reference; :class:`DolphinFlow8bit
+<shardflow.optim.dolphinflow8bit.DolphinFlow8bit>` runs the same rule between dequantizing
+and requantizing its moments.
 """
 
 from __future__ import annotations
@@ -42,8 +54,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from shardflow.ops import backend, compiling
 from shardflow.ops.compiling import compile_once, each
 from shardflow.ops.listops import ListOps
+from shardflow.ops.native import dolphinflow as dolphinflow_native
 from shardflow.ops.orthogonalize import (
     NS_TOL,
     _rows,
@@ -107,20 +121,23 @@ class DolphinFlow(ShardFlowOptimizer):
         loss_aware_schedule: lower the lr when the loss stalls (needs ``step(closure)``);
             see :class:`~shardflow.optim.schedule.LossAwareSchedule`.
         verbose: log per-step summaries to the ``shardflow`` logger.
-        foreach: use ``torch._foreach_*`` kernels (None: when all tensors share a device).
-        compiled: run the element-wise pass of the element-wise and vector routes (with
-            ``adaptive_lr`` and no ``trust_region``) through ``torch.compile`` — one generated
-            loop per parameter instead of ~10 list passes (:func:`fused_update`), eight
-            parameters per call, the ⊥Grad row sums taken in the clipping-norm pass (those
-            gradients are read twice per step, the others twice too: norm and update); None:
-            on CUDA only. The first step pays the compilation (seconds with a warm inductor
-            cache, about a minute cold on a 2-core CPU).
+        foreach: use ``torch._foreach_*`` kernels on the torch path (None: when all tensors
+            share a device).
+        compiled: run the element-wise pass (the reference rule :func:`dolphinflow_rule`,
+            compiled as it is: one generated loop per parameter, eight parameters per call,
+            the ⊥Grad row sums taken in the clipping-norm pass) through ``torch.compile``;
+            None: on CUDA only. The first step pays the compilation (seconds with a warm
+            inductor cache, about a minute cold on a 2-core CPU). Without it, on the CPU, fp32
+            parameters take the native kernel (:mod:`shardflow.ops.native.dolphinflow`, the
+            same rule in C; ``SHARDFLOW_NATIVE=0`` turns it off), others the foreach or eager
+            torch path. The choice is made once per step by :func:`shardflow.ops.backend.choose`.
     """
         + SHARED_ARGS_DOC
     )
 
     scratch_grads: ClassVar[bool] = False
-    """The compiled pass reads the raw gradient; other paths copy it (:func:`_make_scratch`)."""
+    """The fused pass reads the raw gradient on every backend (the rule writes no ``g``); the
+    step-by-step route and dynamic momentum copy it (:func:`_make_scratch`)."""
 
     state_layout: ClassVar[dict[str, Layout]] = {
         "step": "replicated",
@@ -182,12 +199,8 @@ class DolphinFlow(ShardFlowOptimizer):
         )
         check_bool("loss_aware_schedule", loss_aware_schedule)
         check_bool("verbose", verbose)
-        if compiled is not None and not isinstance(compiled, bool):
-            raise ValueError(
-                f"compiled={compiled!r} is invalid: pass True, False or None (compile on CUDA only)."
-            )
         self.verbose = verbose
-        self.compiled = compiled
+        self.compiled = backend.check_compiled(compiled)
         self._row_sums: dict[Tensor, Tensor] = {}
         """⊥Grad row sums of this step's raw-read gradients (see :meth:`_local_sq_norm`)."""
         self._names: dict[Tensor, str] = {}
@@ -284,32 +297,39 @@ class DolphinFlow(ShardFlowOptimizer):
         if self.loss_schedule is not None and loss is not None:
             self.loss_schedule.observe(loss)
 
-    def _reads_raw(self, group: dict[str, Any], grad: Tensor) -> bool:
-        """Whether the compiled fused pass reads this element-wise/vector gradient raw (no
-        scratch copy): every other path works in a clipped copy (dynamic momentum applies ⊥Grad
-        to the gradient itself, so it needs one too)."""
+    def _reads_raw(self, group: dict[str, Any], it_param: Tensor, grad: Tensor) -> bool:
+        """Whether the fused pass reads this element-wise/vector gradient raw (no scratch copy,
+        the clip factor applied in the pass): every backend's rule reads ``g`` without writing
+        it, so all do, except where the step-by-step route needs the direction in ``g``
+        (no ``adaptive_lr``, a trust region) or dynamic momentum applies ⊥Grad to the gradient
+        itself; gradients of other dtypes are copied to fp32 first."""
         return (
             not self.scratch_grads
-            and self._use_compiled(grad)
             and group["adaptive_lr"]
             and group["trust_region"] is None
             and not group["dynamic_momentum"]
             and grad.dtype in _RAW_DTYPES
+            and self.route(it_param, group) in ("vector", "elementwise")
         )
 
     def _local_sq_norm(self, collected: list[Collected], ops: ListOps) -> Tensor:
         """The clipping norm's ``Σ‖g‖²``, with the ⊥Grad row sums of the raw-read vector
-        gradients computed in the same pass (compiled, chunked): ``‖g‖²`` of a matrix is the sum
-        of its rows' ``‖g‖²``, so those gradients are read once before the update, not twice.
-        The sums wait in ``_row_sums`` for :meth:`_orthograd`. Other large gradients go through
-        :func:`sq_norms_each` when compiling, the rest through the base's pass."""
+        gradients computed in the same pass (native kernel, compiled or eager, as the step's
+        backend says): ``‖g‖²`` of a matrix is the sum of its rows' ``‖g‖²``, so those gradients
+        are read once before the update, not twice. The sums wait in ``_row_sums`` for
+        :meth:`_orthograd`. Large gradients go through :func:`sq_norms_each` when compiling, the
+        rest through the base's pass."""
         self._row_sums = {}
         vector, large, rest = [], [], []
         for group, params, grads in collected:
             for p, g in zip(params, grads):
-                if g.numel() > 0 and self.route(p, group) == "vector" and self._reads_raw(group, g):
+                if (
+                    g.numel() > 0
+                    and self.route(p, group) == "vector"
+                    and self._reads_raw(group, p, g)
+                ):
                     vector.append((p, g))
-                elif _streams_well(g) and self._use_compiled(g):
+                elif _streams_well(g) and ops.compiled:
                     large.append(g.view(-1))
                 else:
                     rest.append(g)
@@ -319,7 +339,7 @@ class DolphinFlow(ShardFlowOptimizer):
         if vector:
             params, grads = zip(*vector)
             weights = [self.placement.local(p) for p in params]
-            sums = _row_sums(list(grads), weights, compiled=True)
+            sums = _row_sums(list(grads), weights, ops)
             self._row_sums = dict(zip(params, sums))
             total = total + torch.cat([s[:, 2] for s in sums]).double().sum()
         return total
@@ -329,7 +349,7 @@ class DolphinFlow(ShardFlowOptimizer):
         routes = {it.param: self.route(it.param, group) for it in items}
         fusable = group["adaptive_lr"] and group["trust_region"] is None
         fused = [it for it in items if fusable and routes[it.param] in ("vector", "elementwise")]
-        raw = {id(it) for it in fused if self._reads_raw(group, it.grad)}
+        raw = {id(it) for it in fused if self._reads_raw(group, it.param, it.grad)}
         if not self.scratch_grads:
             _make_scratch([it for it in items if id(it) not in raw], ops)
         rest = [
@@ -337,7 +357,9 @@ class DolphinFlow(ShardFlowOptimizer):
         ]
         vector = [it for it in items if routes[it.param] == "vector"]
         # ⊥Grad is folded into the fused pass, unless dynamic momentum must see g⊥ first
-        folds = self._orthograd(group, vector, fold=fusable and not group["dynamic_momentum"])
+        folds = self._orthograd(
+            group, vector, fold=fusable and not group["dynamic_momentum"], ops=ops
+        )
         mus = self._momenta(group, items)
         mu_of = dict(zip(map(id, items), mus))
         torch._foreach_add_([it.state["step"] for it in items], 1.0)
@@ -355,6 +377,34 @@ class DolphinFlow(ShardFlowOptimizer):
             return _values(accumulated)
         return [mu * w + (1.0 - mu) for mu, w in zip(mus, _values(accumulated))]
 
+    def _scalars(
+        self,
+        group: dict[str, Any],
+        items: list[Item],
+        mus: list[float],
+        lr: float | None,
+    ) -> list[tuple[float, ...]]:
+        """Each item's scalars of :func:`dolphinflow_rule` for this step (advancing its Nesterov
+        weight ``W``): with ``adaptive_lr`` the bias corrections fold into two of them
+        (``1 − β₂ᵗ = k``: ``u = (n/W) / (√(v/k) + eps) = s·n / (√v + eps·√k)`` with
+        ``s = √k / W``); ``lr`` None: the direction alone (no lr, no decay, no clip factor:
+        the step-by-step route works in a clipped copy), else ``s`` times ``lr``."""
+        weights = self._nesterov_weights(group, items, mus)
+        beta2 = group["beta2"]
+        if group["adaptive_lr"]:
+            corr = [1.0 - beta2**t for t in _values([it.state["step"] for it in items])]
+        else:
+            corr = [0.0] * len(items)
+        gain = 1.0 if lr is None else lr
+        decay = 1.0 if lr is None else 1.0 - lr * self.decay(group)
+        rows = []
+        for it, mu, w, k in zip(items, mus, weights, corr):
+            scale = gain * (k**0.5 if group["adaptive_lr"] else 1.0) / w
+            eps = group["eps"] * k**0.5
+            c = 1.0 if lr is None else it.grad_scale
+            rows.append((decay, 1.0 - mu, mu, beta2, 1.0 - beta2, scale, eps, c))
+        return rows
+
     def _fused_update(
         self,
         group: dict[str, Any],
@@ -364,61 +414,129 @@ class DolphinFlow(ShardFlowOptimizer):
         folds: dict[int, tuple[Tensor, Tensor]],
         ops: ListOps,
     ) -> None:
-        """Element-wise and vector routes with ``adaptive_lr`` and no trust region: one pass.
+        """Element-wise and vector routes with ``adaptive_lr`` and no trust region: steps 3-7 of
+        the rule in one pass of :func:`dolphinflow_rule` per parameter (⊥Grad folded in as
+        ``g ← a·g − b·w``, :func:`~shardflow.ops.orthogonalize.orthograd_fold`)."""
+        rows = self._scalars(group, items, mus, lr)
+        self._rule_pass(group, items, rows, folds, ops, direction=False)
 
-        Steps 3-7 of the rule with the bias corrections folded into two scalars per parameter
-        (``1 − β₂ᵗ = c``, ``W`` the Nesterov weight):
-        ``u = (n/W) / (√(v/c) + eps) = s·n / (√v + eps·√c)`` with ``s = √c / W``, so the update
-        is ``w ← w·(1 − lr·wd) − lr·s·n / (√v + eps·√c)``; ⊥Grad enters as ``g ← a·g − b·w``
-        (:func:`~shardflow.ops.orthogonalize.orthograd_fold`). Compiled
-        (:func:`fused_update`, one loop reading ``w, g, m, v``) or eager (in-place list ops).
-        """
-        weights = self._nesterov_weights(group, items, mus)
-        beta2, eps, decay = group["beta2"], group["eps"], 1.0 - lr * self.decay(group)
-        corr = [1.0 - beta2**t for t in _values([it.state["step"] for it in items])]
-        scales = [lr * c**0.5 / w for c, w in zip(corr, weights)]
-        epss = [eps * c**0.5 for c in corr]
-        if self._use_compiled(items[0].grad):
-            rows = [
-                (decay, 1.0 - mu, beta2, s, e, it.grad_scale)
-                for it, mu, s, e in zip(items, mus, scales, epss)
-            ]
-            self._fused_compiled(group, items, rows, folds)
+    def _rule_pass(
+        self,
+        group: dict[str, Any],
+        items: list[Item],
+        rows: list[tuple[float, ...]],
+        folds: dict[int, tuple[Tensor, Tensor]],
+        ops: ListOps,
+        *,
+        direction: bool,
+    ) -> None:
+        """:func:`dolphinflow_rule` on each item with ``rows`` (:meth:`_scalars`), on the step's
+        backend (:func:`shardflow.ops.backend.choose`): compiled (the rule itself through
+        ``torch.compile``), native (``csrc/dolphinflow.c``, for fp32 contiguous tensors), foreach
+        list ops (:func:`dolphinflow_rule_foreach`) or the rule called eagerly; an item the
+        chosen backend does not take goes down that list. ``direction``: ``u`` into ``it.grad``
+        (a scratch copy), the weights untouched."""
+        if not items:
             return
+        if ops.compiled:
+            self._rule_compiled(group, items, rows, folds, direction)
+            return
+        todo = list(zip(items, rows))
+        if ops.native:
+            todo = [
+                (it, row)
+                for it, row in todo
+                if not self._rule_native(group, it, row, folds, direction)
+            ]
+        if not todo:
+            return
+        nesterov, adaptive = group["nesterov"], group["adaptive_lr"]
+        if ops.foreach and _same_kind([it.grad for it, _ in todo] + [it.local for it, _ in todo]):
+            chunk = compiling.CHUNK
+            for start in range(0, len(todo), chunk):
+                part = todo[start : start + chunk]
+                tensors = [self._rule_tensors(group, it, folds, direction) for it, _ in part]
+                dolphinflow_rule_foreach(
+                    *map(list, zip(*tensors)),
+                    [row for _, row in part],
+                    nesterov=nesterov,
+                    adaptive=adaptive,
+                    direction=direction,
+                )
+            return
+        for (it, _), s in zip(
+            todo, _scalar_rows([it.grad for it, _ in todo], [r for _, r in todo])
+        ):
+            w, g, m, v, a, b = self._rule_tensors(group, it, folds, direction)
+            dolphinflow_rule(
+                w, g, m, v, s, a, b, nesterov=nesterov, adaptive=adaptive, direction=direction
+            )
 
-        grads = [it.grad for it in items]
-        for it in items:
-            if id(it) in folds:
-                self._apply_fold(group, it, folds[id(it)])
-        bufs = [it.state["exp_avg"] for it in items]
-        sqs = [it.state["exp_avg_sq"] for it in items]
-        ops.square_ema_(sqs, grads, beta2)
-        ops.lerp_(bufs, grads, _one_or_each([1.0 - mu for mu in mus]))
-        if group["nesterov"]:
-            ops.lerp_(grads, bufs, _one_or_each(mus))  # n = μ·m + (1−μ)·g, in g
-        nums = grads if group["nesterov"] else bufs
-        denoms = _sqrt_plus(sqs, epss, ops.foreach)
-        locals_ = [it.local for it in items]
-        if self.decay(group) and lr:
-            ops.mul_(locals_, decay)
-        _addcdiv_(locals_, nums, denoms, [-s for s in scales], ops.foreach)
+    def _rule_tensors(
+        self, group: dict[str, Any], it: Item, folds: dict, direction: bool
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
+        """``(w, g, m, v, a, b)`` of an item for the torch backends: with a fold, ``(rows,
+        rest)`` views and per-row coefficients ``(rows, 1)``."""
+        w, g, m = it.local.detach(), it.grad, it.state["exp_avg"]
+        v = it.state.get("exp_avg_sq") if group["adaptive_lr"] else None
+        fold = folds.get(id(it))
+        if fold is None:
+            return w, g, m, v, None, None
+        rowwise = group["vector_mode"] == "rowwise"
+        w, g, m = (_rows(t, rowwise) for t in (w, g, m))
+        v = None if v is None else _rows(v, rowwise)
+        return w, g, m, v, fold[0].unsqueeze(1), fold[1].unsqueeze(1)
 
-    def _fused_compiled(
+    def _rule_native(
+        self,
+        group: dict[str, Any],
+        it: Item,
+        row: tuple[float, ...],
+        folds: dict[int, tuple[Tensor, Tensor]],
+        direction: bool,
+    ) -> bool:
+        """:func:`dolphinflow_rule` for one item in the native kernel, if it takes the tensors
+        (CPU, fp32, contiguous, built here); returns whether it ran."""
+        w, g, m = it.local.detach(), it.grad, it.state["exp_avg"]
+        v = it.state.get("exp_avg_sq") if group["adaptive_lr"] else None
+        fold = folds.get(id(it))
+        if not dolphinflow_native.usable(w, g, m, v, *(fold or ())):
+            return False
+        if fold is not None and group["vector_mode"] == "rowwise" and w.ndim < 2:
+            return False  # a 1-D weight's "rows" are one (the fold has one pair): as flat
+        dolphinflow_native.step(
+            w,
+            g,
+            m,
+            v,
+            row,
+            fold,
+            nesterov=group["nesterov"],
+            adaptive=group["adaptive_lr"],
+            out=g if direction else None,
+        )
+        return True
+
+    def _rule_compiled(
         self,
         group: dict[str, Any],
         items: list[Item],
         scalars: list[tuple[float, ...]],
         folds: dict[int, tuple[Tensor, Tensor]],
+        direction: bool,
     ) -> None:
-        """The fused pass through :func:`fused_update_each`: parameters with and without ⊥Grad
-        in separate calls, each call a chunk of parameters
+        """The rule through ``torch.compile`` (:func:`dolphinflow_rule_each`): parameters with
+        and without ⊥Grad in separate calls, each call a chunk of parameters
         (:func:`~shardflow.ops.compiling.each`)."""
         rowwise = group["vector_mode"] == "rowwise"
+        adaptive = group["adaptive_lr"]
         args: list[tuple[bool, list[Tensor], list[Tensor]]] = []  # (folded, w g m v, a b)
         rows: list[tuple[float, ...]] = []
         for it, row in zip(items, scalars):
             # detach: parameters would get static shapes (one graph per shape)
-            tensors = [it.local.detach(), it.grad, it.state["exp_avg"], it.state["exp_avg_sq"]]
+            tensors = [it.local.detach(), it.grad, it.state["exp_avg"]]
+            if adaptive:
+                tensors.append(it.state["exp_avg_sq"])
             if it.grad.numel() == 0:
                 continue
             fold = folds.get(id(it))
@@ -438,19 +556,28 @@ class DolphinFlow(ShardFlowOptimizer):
             rows.append(row)
         calls: dict[bool, list[tuple[Tensor, ...]]] = {True: [], False: []}
         for (folded, tensors, ab), s in zip(args, _scalar_rows([t[1] for _, t, _ in args], rows)):
+            if not adaptive:
+                tensors = [*tensors, None]
             calls[folded].append((*tensors, s, *ab))
         for batch in calls.values():
-            if batch:
-                each(fused_update_each, *map(list, zip(*batch)), nesterov=group["nesterov"])
+            if not batch:
+                continue
+            lists = list(map(list, zip(*batch)))
+            if not adaptive:  # no v: the compiled function gets None for it
+                lists[3] = None
+            each(
+                dolphinflow_rule_each,
+                *lists,
+                nesterov=group["nesterov"],
+                adaptive=adaptive,
+                direction=direction,
+            )
 
     @staticmethod
     def _apply_fold(group: dict[str, Any], it: Item, fold: tuple[Tensor, Tensor]) -> None:
         rowwise = group["vector_mode"] == "rowwise"
         scale = group["restore_norm"]
         apply_fold_(_rows(it.grad, rowwise), _rows(it.local, rowwise), *fold, scale=scale)
-
-    def _use_compiled(self, t: Tensor) -> bool:
-        return self.compiled if self.compiled is not None else t.device.type == "cuda"
 
     def _stepwise_update(
         self,
@@ -461,72 +588,22 @@ class DolphinFlow(ShardFlowOptimizer):
         routes: dict[Tensor, str],
         ops: ListOps,
     ) -> None:
-        """Every route and option, one list pass per operation (Newton-Schulz, trust region and
-        the RMS normalization need the whole direction before the weights move)."""
+        """Every route and option, the direction first (:func:`dolphinflow_rule` with
+        ``direction``: steps 3-5 into the scratch gradient), then what needs the whole
+        direction before the weights move: the RMS normalization (no ``adaptive_lr``),
+        Newton-Schulz, the trust region; then the apply."""
         ortho = [it for it in items if routes[it.param] in ("matrix", "block")]
         plain = [it for it in items if routes[it.param] in ("vector", "elementwise")]
-        weights = self._nesterov_weights(group, items, mus)
-        if group["adaptive_lr"] and self._use_compiled(items[0].grad):
-            self._direction_compiled(group, items, mus, weights)
-        else:
-            self._direction(group, items, mus, weights, ops)
+        rows = self._scalars(group, items, mus, None)
+        self._rule_pass(group, items, rows, {}, ops, direction=True)
         if not group["adaptive_lr"]:
             self._normalize_rms(plain, ops)
         self._orthogonalize(group, ortho, routes)
         self._trust_region(group, items, lr, ops)
         self._apply(group, items, lr, ops)
 
-    def _direction(
-        self,
-        group: dict[str, Any],
-        items: list[Item],
-        mus: list[float],
-        weights: list[float],
-        ops: ListOps,
-    ) -> None:
-        """Steps 3-5 of the rule in place, one list pass per operation: the moments, then
-        ``g ← (n/W) / (√(v/(1 − β₂ᵗ)) + eps)`` (``adaptive_lr``) or ``g ← n/W``."""
-        grads = [it.grad for it in items]
-        if group["adaptive_lr"]:
-            ops.square_ema_([it.state["exp_avg_sq"] for it in items], grads, group["beta2"])
-        bufs = [it.state["exp_avg"] for it in items]
-        ops.lerp_(bufs, grads, _one_or_each([1.0 - mu for mu in mus]))
-        if group["nesterov"]:
-            ops.lerp_(grads, bufs, _one_or_each(mus))  # g ← μ·m + (1−μ)·g
-        else:
-            for g, m in zip(grads, bufs):
-                g.copy_(m)
-        ops.mul_(grads, [1.0 / w for w in weights])
-        if group["adaptive_lr"]:
-            steps = _values([it.state["step"] for it in items])
-            debias = [1.0 / (1.0 - group["beta2"] ** t) for t in steps]
-            ops.div_by_rms_denominator_(
-                grads, [it.state["exp_avg_sq"] for it in items], debias, group["eps"]
-            )
-
-    def _direction_compiled(
-        self, group: dict[str, Any], items: list[Item], mus: list[float], weights: list[float]
-    ) -> None:
-        """:meth:`_direction` with ``adaptive_lr`` as one compiled pass per chunk of parameters
-        (:func:`direction_update_each`): the matrices reach Newton-Schulz after one read of
-        ``g, m, v`` instead of six list passes."""
-        steps = _values([it.state["step"] for it in items])
-        beta2, eps = group["beta2"], group["eps"]
-        todo, rows = [], []
-        for it, mu, w, t in zip(items, mus, weights, steps):
-            if it.grad.numel():
-                todo.append([it.grad, it.state["exp_avg"], it.state["exp_avg_sq"]])
-                rows.append((1.0 - mu, beta2, 1.0 / w, 1.0 / (1.0 - beta2**t), eps))
-        if not todo:
-            return
-        todo = [
-            [t.view(-1) for t in ts] if all(t.is_contiguous() for t in ts) else ts for ts in todo
-        ]
-        scalars = _scalar_rows([ts[0] for ts in todo], rows)
-        each(direction_update_each, *map(list, zip(*todo)), scalars, nesterov=group["nesterov"])
-
     def _orthograd(
-        self, group: dict[str, Any], items: list[Item], fold: bool
+        self, group: dict[str, Any], items: list[Item], fold: bool, ops: ListOps
     ) -> dict[int, tuple[Tensor, Tensor]]:
         """⊥Grad for the vector route: applied to ``it.grad`` now, or (``fold``) returned as
         per-row coefficients ``(a, b)`` by ``id(item)`` for the fused pass to apply."""
@@ -537,15 +614,14 @@ class DolphinFlow(ShardFlowOptimizer):
         sums = [self._row_sums.pop(it.param, None) for it in items]
         todo = [i for i, x in enumerate(sums) if x is None]
         grads, weights = [items[i].grad for i in todo], [items[i].local for i in todo]
-        for i, x in zip(todo, _row_sums(grads, weights, self._use_compiled(items[0].grad))):
+        for i, x in zip(todo, _row_sums(grads, weights, ops)):
             sums[i] = x
         if not rowwise:  # the flat sums: over the rows, then over the ranks holding rows
             flat = torch.cat([x.sum(0, keepdim=True) for x in sums])
             sums = list(self.placement.sum_over_shards(flat).split(1))
         if fold:
             scales = [it.grad_scale for it in items]
-            compiled = self._use_compiled(items[0].grad)
-            folds = _folds(sums, group["restore_norm"], scales, compiled)
+            folds = _folds(sums, group["restore_norm"], scales, ops.compiled)
             return dict(zip(map(id, items), folds))
         for it, x in zip(items, sums):
             orthograd_(
@@ -642,78 +718,140 @@ def _default_ns_dtype(t: Tensor) -> torch.dtype:
     return torch.bfloat16 if t.device.type == "cuda" else torch.float32
 
 
-def fused_update(
+def dolphinflow_rule(
     w: Tensor,
     g: Tensor,
     m: Tensor,
-    v: Tensor,
-    a: Tensor | None,
-    b: Tensor | None,
+    v: Tensor | None,
     s: Tensor,
+    a: Tensor | None = None,
+    b: Tensor | None = None,
     *,
     nesterov: bool,
+    adaptive: bool = True,
+    direction: bool = False,
 ) -> None:
-    """One element-wise pass of DolphinFlow's step, in place on ``w``, ``m`` and ``v``.
+    """DolphinFlow's per-element rule (steps 3-7 of the module docstring), the reference every
+    backend is generated from or checked against: in place on ``w``, ``m`` and ``v``.
 
-    A function of its arguments only, written for ``torch.compile`` (one generated loop reads
-    ``w, g, m, v`` and writes ``w, m, v``, as fused AdamW does). ``s`` holds the step's scalars as
-    one tensor, ``(1 − lr·wd, 1 − μ, β₂, lr·√(1 − β₂ᵗ)/W, eps·√(1 − β₂ᵗ), c)``, so new values never
-    recompile; ``c`` scales the gradient (the clip factor, when ``g`` is the raw gradient). With
-    ``a, b`` (per-row coefficients of ⊥Grad, broadcastable against ``g``, ``c`` already in them;
-    :func:`~shardflow.ops.orthogonalize.orthograd_fold`) the gradient is ``a·g − b·w``
-    instead (folding ``c`` into the per-row coefficients keeps the generated loop as short as
-    fused AdamW's; a loop computing ``c·(a·g − b·w)`` ran slower in a one-off CPU check). Then ``v ← β₂v + (1−β₂)g²``, ``m ← m + (1−μ)(g − m)``, ``n = g + μ(m − g)``
-    (Nesterov) or ``m``, ``w ← w·(1 − lr·wd) − s₃·n / (√v + s₄)``.
+    ``s`` holds one step's scalars as one tensor (new values never recompile the compiled
+    form), ``(decay, 1 − μ, μ, β₂, 1 − β₂, scale, eps, c)``: ``decay = 1 − lr·wd``, ``scale =
+    lr·√(1 − β₂ᵗ)/W`` and ``eps·√(1 − β₂ᵗ)`` (the bias corrections folded in, ``W`` the
+    Nesterov average's weight; without ``adaptive_lr``: ``lr/W``), ``c`` the clip factor of a raw
+    gradient. With ``a, b`` (⊥Grad's per-row coefficients broadcastable against ``g``, the clip
+    factor in them; :func:`~shardflow.ops.orthogonalize.orthograd_fold`) the gradient is
+    ``a·g − b·w``, else ``c·g``. Then::
+
+        v ← β₂·v + (1 − β₂)·g·g                         (adaptive_lr)
+        m ← m + (1 − μ)·(g − m)
+        n = g + μ·(m − g)   (Nesterov: an average)   or   m
+        u = scale·n / (√v + eps)   (adaptive_lr)   or   scale·n
+        w ← w·decay − u           (direction: g ← u instead, w only read)
+
+    ``g`` is only read, unless ``direction``. A function of its arguments only, for
+    ``torch.compile`` (one generated loop reads ``w, g, m, v`` and writes ``w, m, v``, as fused
+    AdamW does); ``csrc/dolphinflow_rule.h`` is the same operations in C.
     """
-    decay, one_minus_mu, beta2, scale, eps, c = s.unbind()
+    decay, one_minus_mu, mu, beta2, one_minus_beta2, scale, eps, c = s.unbind()
     w32 = w.to(s.dtype)
+    g_in = g
     g = a * g - b * w32 if a is not None and b is not None else c * g
-    v_new = beta2 * v + (1 - beta2) * g * g
     m_new = m + one_minus_mu * (g - m)
-    n = g + (1 - one_minus_mu) * (m_new - g) if nesterov else m_new
-    w.copy_((w32 * decay - scale * n / (v_new.sqrt() + eps)).to(w.dtype))
+    n = g + mu * (m_new - g) if nesterov else m_new
+    u = scale * n
+    if adaptive:
+        assert v is not None
+        v_new = beta2 * v + one_minus_beta2 * g * g
+        u = u / (v_new.sqrt() + eps)
+        v.copy_(v_new)
     m.copy_(m_new)
-    v.copy_(v_new)
+    if direction:
+        g_in.copy_(u)
+    else:
+        w.copy_((w32 * decay - u).to(w.dtype))
 
 
-def fused_update_each(
+def dolphinflow_rule_each(
     ws: list[Tensor],
     gs: list[Tensor],
     ms: list[Tensor],
-    vs: list[Tensor],
+    vs: list[Tensor] | None,
     ss: list[Tensor],
     as_: list[Tensor] | None = None,
     bs: list[Tensor] | None = None,
     *,
     nesterov: bool,
+    adaptive: bool = True,
+    direction: bool = False,
 ) -> None:
-    """:func:`fused_update` for each parameter of the lists: one compiled call for them all."""
-    for i, (w, g, m, v, s) in enumerate(zip(ws, gs, ms, vs, ss)):
-        a = None if as_ is None else as_[i]
-        b = None if bs is None else bs[i]
-        fused_update(w, g, m, v, a, b, s, nesterov=nesterov)
+    """:func:`dolphinflow_rule` for each parameter of the lists: one compiled call for them all
+    (the compiled backend compiles this function, i.e. the reference rule itself)."""
+    for i, (w, g, m, s) in enumerate(zip(ws, gs, ms, ss)):
+        dolphinflow_rule(
+            w,
+            g,
+            m,
+            None if vs is None else vs[i],
+            s,
+            None if as_ is None else as_[i],
+            None if bs is None else bs[i],
+            nesterov=nesterov,
+            adaptive=adaptive,
+            direction=direction,
+        )
 
 
-def direction_update(g: Tensor, m: Tensor, v: Tensor, s: Tensor, *, nesterov: bool) -> None:
-    """Steps 3-5 of DolphinFlow's rule with ``adaptive_lr``, in place, one element-wise pass:
-    ``v ← β₂v + (1−β₂)g²``, ``m ← m + (1−μ)(g − m)``, ``n = g + μ(m − g)`` (Nesterov) or ``m``,
-    ``g ← (n/W) / (√(v/(1 − β₂ᵗ)) + eps)``: the direction Newton-Schulz and the trust region
-    take. ``s = (1 − μ, β₂, 1/W, 1/(1 − β₂ᵗ), eps)``, one tensor (new values never recompile)."""
-    one_minus_mu, beta2, inv_weight, debias, eps = s.unbind()
-    v_new = beta2 * v + (1 - beta2) * g * g
-    m_new = m + one_minus_mu * (g - m)
-    n = g + (1 - one_minus_mu) * (m_new - g) if nesterov else m_new
-    g.copy_(n * inv_weight / ((v_new * debias).sqrt() + eps))
-    m.copy_(m_new)
-    v.copy_(v_new)
-
-
-def direction_update_each(
-    gs: list[Tensor], ms: list[Tensor], vs: list[Tensor], ss: list[Tensor], *, nesterov: bool
+def dolphinflow_rule_foreach(
+    ws: list[Tensor],
+    gs: list[Tensor],
+    ms: list[Tensor],
+    vs: list[Tensor | None],
+    as_: list[Tensor | None],
+    bs: list[Tensor | None],
+    rows: list[tuple[float, ...]],
+    *,
+    nesterov: bool,
+    adaptive: bool = True,
+    direction: bool = False,
 ) -> None:
-    """:func:`direction_update` for each parameter of the lists: one compiled call for them all."""
-    for g, m, v, s in zip(gs, ms, vs, ss):
-        direction_update(g, m, v, s, nesterov=nesterov)
+    """:func:`dolphinflow_rule` on lists with ``torch._foreach_*`` kernels: the same operations
+    in the same order (one list pass each), the scalars as Python floats (``rows``: one
+    :func:`dolphinflow_rule` ``s`` per parameter). Checked against the rule by
+    ``tests/test_backends.py``. All tensors of one dtype and device."""
+    decay, omm, mu, beta2, omb2, scale, eps, c = (list(x) for x in zip(*rows))
+    w32 = ws
+    if any(a is not None for a in as_):  # ⊥Grad folded: per-row coefficients, per tensor
+        g2 = [
+            a * g - b * w if a is not None and b is not None else g * k
+            for w, g, a, b, k in zip(ws, gs, as_, bs, c)
+        ]
+    else:
+        g2 = torch._foreach_mul(gs, c)
+    d = torch._foreach_sub(g2, ms)
+    torch._foreach_mul_(d, omm)
+    torch._foreach_add_(ms, d)
+    if nesterov:
+        d = torch._foreach_sub(ms, g2)
+        torch._foreach_mul_(d, mu)
+        n = torch._foreach_add(g2, d)
+    else:
+        n = list(ms)
+    u = torch._foreach_mul(n, scale)
+    del d, n
+    if adaptive:
+        sq = torch._foreach_mul(g2, omb2)
+        torch._foreach_mul_(sq, g2)
+        torch._foreach_mul_(vs, beta2)
+        torch._foreach_add_(vs, sq)
+        del sq
+        den = torch._foreach_sqrt(vs)
+        torch._foreach_add_(den, eps)
+        torch._foreach_div_(u, den)
+    if direction:
+        torch._foreach_copy_(gs, u)
+    else:
+        torch._foreach_mul_(w32, decay)
+        torch._foreach_sub_(w32, u)
 
 
 def orthograd_sums_each(grads: list[Tensor], weights: list[Tensor]) -> list[Tensor]:
@@ -744,19 +882,25 @@ def _streams_well(g: Tensor) -> bool:
     return g.numel() >= LARGE and g.is_contiguous() and g.dtype in _RAW_DTYPES
 
 
-def _row_sums(grads: list[Tensor], weights: list[Tensor], compiled: bool) -> list[Tensor]:
-    """Row-wise ⊥Grad sums of each pair; ``compiled``: through
-    :func:`~shardflow.ops.compiling.each`, except empty shards (a 0-row tensor would be a graph
-    of its own)."""
+def _row_sums(grads: list[Tensor], weights: list[Tensor], ops: ListOps) -> list[Tensor]:
+    """Row-wise ⊥Grad sums of each pair on the step's backend: through
+    :func:`~shardflow.ops.compiling.each` when compiling (except empty shards: a 0-row tensor
+    would be a graph of its own), the native kernel where it takes the pair, else torch's ops."""
     weights = [w.detach() for w in weights]
-    if not compiled:
-        return orthograd_sums_each(grads, weights)
-    full = [i for i, g in enumerate(grads) if g.numel()]
-    out = [orthograd_sums(g, w) if not g.numel() else None for g, w in zip(grads, weights)]
-    done = each(orthograd_sums_each, [grads[i] for i in full], [weights[i] for i in full])
-    for i, x in zip(full, done):
-        out[i] = x
-    return out
+    out: list[Tensor | None] = [None] * len(grads)
+    if ops.native and not ops.compiled:
+        for i, (g, w) in enumerate(zip(grads, weights)):
+            if g.numel() and dolphinflow_native.usable(g, w):
+                out[i] = dolphinflow_native.row_sums(g, w)
+    if ops.compiled:
+        full = [i for i, g in enumerate(grads) if g.numel()]
+        done = each(orthograd_sums_each, [grads[i] for i in full], [weights[i] for i in full])
+        for i, x in zip(full, done):
+            out[i] = x
+    for i, (g, w) in enumerate(zip(grads, weights)):
+        if out[i] is None:
+            out[i] = orthograd_sums(g, w)
+    return out  # type: ignore[return-value]
 
 
 _RAW_DTYPES = (torch.float32, torch.float64)
@@ -823,29 +967,6 @@ def _values(scalars: list[Tensor]) -> list[float]:
     return torch.stack(scalars).tolist() if scalars else []
 
 
-def _one_or_each(values: list[float]) -> float | list[float]:
-    """One scalar when every value is equal (the foreach kernels take it), else the list."""
-    return values[0] if values and all(v == values[0] for v in values) else values
-
-
-def _sqrt_plus(xs: list[Tensor], adds: list[float], foreach: bool) -> list[Tensor]:
-    """New tensors ``√x + add``, one ``add`` per tensor."""
-    if foreach and xs:
-        out = torch._foreach_sqrt(xs)
-        torch._foreach_add_(out, adds)
-        return out
-    return [x.sqrt().add_(a) for x, a in zip(xs, adds)]
-
-
-def _addcdiv_(
-    xs: list[Tensor], nums: list[Tensor], dens: list[Tensor], values: list[float], foreach: bool
-) -> None:
-    """``x += value · num / den`` per tensor; ``x`` may be of a lower precision (bf16 weights)."""
-    if foreach and xs and xs[0].dtype == nums[0].dtype:
-        torch._foreach_addcdiv_(xs, nums, dens, values)
-        return
-    for x, n, d, v in zip(xs, nums, dens, values):
-        if x.dtype == n.dtype:
-            x.addcdiv_(n, d, value=v)
-        else:
-            x.add_(d.reciprocal_().mul_(n).to(x.dtype), alpha=v)
+def _same_kind(tensors: list[Tensor]) -> bool:
+    """All of one dtype and device (the foreach kernels take them in one call)."""
+    return len({(t.dtype, t.device) for t in tensors}) <= 1

@@ -1,25 +1,28 @@
 """DolphinFlow8bit: DolphinFlow with its momentum and second moment stored in 8 bits.
 
 The update rule is :class:`~shardflow.optim.dolphinflow.DolphinFlow`'s, unchanged (Nesterov,
-⊥Grad, Newton-Schulz, dynamic momentum, trust region, every option). Only the storage of the two
-moments differs: between steps, ``exp_avg`` (momentum, bitsandbytes' *signed* dynamic map) and
-``exp_avg_sq`` (second moment, *unsigned* map) are uint8 codes with one fp32 scale per block, in
-the row-aligned blocks of :mod:`shardflow.ops.quant8`. Each step dequantizes them, runs
-DolphinFlow's update on the fp32 values, and requantizes the result:
+⊥Grad, Newton-Schulz, dynamic momentum, trust region, every option): this class is a storage
+adapter around it, not a second rule. Only the storage of the two moments differs: between
+steps, ``exp_avg`` (momentum, bitsandbytes' *signed* dynamic map) and ``exp_avg_sq`` (second
+moment, *unsigned* map) are uint8 codes with one fp32 scale per block, in the row-aligned blocks
+of :mod:`shardflow.ops.quant8`. Each step dequantizes them, runs DolphinFlow's rule
+(:func:`~shardflow.optim.dolphinflow.dolphinflow_rule`) on the fp32 values, and requantizes the
+result:
 
-- **the fused route** (element-wise and vector routes with ``adaptive_lr`` and no trust region:
-  DolphinFlow's ``_fused_update``). On the CPU, where the native kernel is available
-  (:mod:`~shardflow.ops.native.quant8`: x86-64 with AVX2 or AVX-512 and a C compiler) and
-  the weights, gradients and ⊥Grad coefficients are contiguous fp32, each parameter is one native loop over
-  its blocks, whatever ``compiled`` says: dequantize both moments, DolphinFlow's element-wise
-  rule (the eager rule's operations in its order), requantize, every value read and written
-  once; rows are split over ``torch.get_num_threads()`` threads. Otherwise it goes slab by slab
-  — :data:`SLAB_ELEMENTS` values of a parameter's rows at a time: dequantize both moments, apply
-  the element-wise rule (DolphinFlow's compiled :func:`~shardflow.optim.dolphinflow.fused_update`
-  when ``compiled``, else the same maths as in-place eager ops), requantize. A slab's working
+- **the fused route** (element-wise and vector routes with ``adaptive_lr`` and no trust region;
+  DolphinFlow's ``_rule_pass``, overridden here). On the CPU, where the native kernel is
+  available (:mod:`~shardflow.ops.native.quant8`: x86-64 with AVX2 or AVX-512 and a C compiler)
+  and the weights, gradients and ⊥Grad coefficients are contiguous fp32, each parameter is one
+  native loop over its blocks, whether or not ``compiled`` is set (inductor's CPU code gathers
+  table entries one lane at a time, slower than this kernel): dequantize both moments,
+  DolphinFlow's rule (``csrc/dolphinflow_rule.h``, the C form of the same rule, shared with
+  DolphinFlow's fp32 kernel), requantize, every value read and written once; rows are split
+  over ``torch.get_num_threads()`` threads. Otherwise it goes slab by slab —
+  :data:`SLAB_ELEMENTS` values of a parameter's rows at a time: dequantize both moments, the
+  rule (compiled when the step compiles, else called eagerly), requantize. A slab's working
   tensors stay in the CPU's caches and no fp32 copy of a whole moment is made. Every value's
   update is row-local, so neither the slab size nor the threads change a result (tested
-  bitwise).
+  bitwise). ``tests/test_backends.py`` checks the native loop against the slab path.
 - **the step-by-step route** (Newton-Schulz, trust region, no ``adaptive_lr``: the whole
   direction is needed before the weights move) and dynamic momentum (it reads every moment
   first) dequantize a chunk's moments whole, run DolphinFlow's update, requantize.
@@ -39,14 +42,9 @@ route): a group's parameters are updated in chunks, so the peak does not grow wi
 Each chunk is one call of DolphinFlow's update, with its own batched reductions; chunks are cut
 from global sizes in parameter order, so every rank cuts the same chunks.
 
-**Speed** (``python -m bench.dolphinflow8bit step``, 2 SmolLM2 layers against DolphinFlow
-32-bit with the same ``compiled``, median per-round ratios). On a 2-core Ice Lake Xeon with the
-kernel's AVX-512 VBMI build: 0.45–0.61× eager, 1.26–1.39× compiled on one thread and 1.19–1.44× on
-two (bench/results/dolphinflow8bit-icelake2-2026-12-06.md; the AVX2 build there: 2.2–3.1×
-compiled); on a 2-core AMD Zen3 (AVX2 only): 0.57–0.73× eager, 1.8–2.5× compiled
-(bench/results/dolphinflow8bit-cpu2-2026-11-23.md, runs 7–8). The torch path: 2.1–3.1× eager,
-7–13× compiled. The issue's ≤ 1.5×: met eager on both CPUs measured; compiled on the AVX-512
-one, not on the AVX2-only one.
+**Speed**: ``python -m bench.step`` (rows ``df8-vector``, ``df8-vector-compiled``: SmolLM2
+shapes against fused AdamW, bench/results/step-cpu1-2026-12-07.md) and ``python -m
+bench.dolphinflow8bit step`` (against DolphinFlow 32-bit; bench/results/dolphinflow8bit-*.md).
 """
 
 from __future__ import annotations
@@ -63,7 +61,7 @@ from shardflow.ops.compiling import each
 from shardflow.ops.listops import ListOps
 from shardflow.optim._validate import check_int_at_least
 from shardflow.optim.base import Item, Layout, _compute_dtype
-from shardflow.optim.dolphinflow import DolphinFlow, fused_update_each
+from shardflow.optim.dolphinflow import DolphinFlow, dolphinflow_rule, dolphinflow_rule_each
 
 MOMENTS: dict[str, bool] = {"exp_avg": True, "exp_avg_sq": False}
 """The quantized state keys and whether their code table is signed."""
@@ -144,34 +142,36 @@ class DolphinFlow8bit(DolphinFlow):
             for it, work in zip(chunk, working):
                 self._store(it, work)
 
-    def _fused_update(
+    def _rule_pass(
         self,
         group: dict[str, Any],
         items: list[Item],
-        mus: list[float],
-        lr: float,
+        rows: list[tuple[float, ...]],
         folds: dict[int, tuple[Tensor, Tensor]],
         ops: ListOps,
+        *,
+        direction: bool,
     ) -> None:
-        """The fused route: quantized moments in slabs of rows (:meth:`_slab_update`), others
-        (fp32 moments, or non-contiguous tensors: dequantized whole) through DolphinFlow's."""
-        direct = [self._blocks(it) is not None and _contiguous(it) for it in items]
-        if any(direct):
-            self._slab_update(
-                group,
-                [it for it, d in zip(items, direct) if d],
-                [mu for mu, d in zip(mus, direct) if d],
-                lr,
-                folds,
-            )
-        if not all(direct):
-            rest = [it for it, d in zip(items, direct) if not d]
-            working = [self._dequantized(it) for it in rest]
-            folds = {id(w): folds[id(it)] for it, w in zip(rest, working) if id(it) in folds}
-            mus = [mu for mu, d in zip(mus, direct) if not d]
-            super()._fused_update(group, working, mus, lr, folds, ops)
-            for it, work in zip(rest, working):
-                self._store(it, work)
+        """DolphinFlow's rule on the fused route with 8-bit moments: dequantize, the same rule,
+        requantize. Quantized moments of contiguous tensors: the native kernel where it takes
+        them (:meth:`_native_step`), else slab by slab (:meth:`_slab_update`); others (fp32
+        moments; non-contiguous tensors, their moments dequantized whole) through DolphinFlow's
+        pass. The step-by-step route and dynamic momentum reach here with dequantized moments."""
+        direct = [
+            not direction and self._blocks(it) is not None and _contiguous(it) for it in items
+        ]
+        for it, row, d in zip(items, rows, direct):
+            if d and not (ops.native and self._native_step(group, it, folds.get(id(it)), row)):
+                self._slab_update(group, it, row, folds.get(id(it)), ops)
+        if all(direct):
+            return
+        rest = [it for it, d in zip(items, direct) if not d]
+        working = [self._dequantized(it) for it in rest]
+        folds = {id(w): folds[id(it)] for it, w in zip(rest, working) if id(it) in folds}
+        rows = [row for row, d in zip(rows, direct) if not d]
+        super()._rule_pass(group, working, rows, folds, ops, direction=direction)
+        for it, work in zip(rest, working):
+            self._store(it, work)
 
     def _stepwise_update(
         self,
@@ -192,56 +192,37 @@ class DolphinFlow8bit(DolphinFlow):
     def _slab_update(
         self,
         group: dict[str, Any],
-        items: list[Item],
-        mus: list[float],
-        lr: float,
-        folds: dict[int, tuple[Tensor, Tensor]],
+        item: Item,
+        row: tuple[float, ...],
+        fold: tuple[Tensor, Tensor] | None,
+        ops: ListOps,
     ) -> None:
-        """Steps 3-7 of DolphinFlow's rule on quantized moments, :data:`SLAB_ELEMENTS` at a time.
-
-        Per slab of rows: dequantize ``m`` and ``v`` (padded layout), apply the element-wise rule
-        of :func:`~shardflow.optim.dolphinflow.fused_update` (compiled when DolphinFlow's pass is:
-        the same kernel; else in-place eager ops in DolphinFlow's eager order), requantize. The
-        bias corrections are folded into scalars as in DolphinFlow's fused pass; the gradient is
-        ``a·g − b·w`` with ⊥Grad's per-row coefficients ``a, b`` (the clip factor still to apply
-        to a raw gradient already in them), else ``c·g``.
-        """
-        weights = self._nesterov_weights(group, items, mus)
-        beta2, eps, decay = group["beta2"], group["eps"], 1.0 - lr * self.decay(group)
-        compiled = self._use_compiled(items[0].grad)
-        rowwise = group["vector_mode"] == "rowwise"
-        for it, mu, weight in zip(items, mus, weights):
-            corr = 1.0 - beta2 ** float(it.state["step"])
-            c = it.grad_scale
-            scalars = (decay, 1.0 - mu, beta2, lr * corr**0.5 / weight, eps * corr**0.5, c)
-            fold = folds.get(id(it))  # per row, or (flat ⊥Grad) one pair for the whole tensor
-            decay_on = bool(self.decay(group) and lr)
-            if self._native_step(it, fold, scalars, group["nesterov"], decay_on):
-                continue
-            if fold is not None:
-                rows = it.local.shape[0] if not rowwise else -1
-                fold = tuple(f.unsqueeze(1).expand(rows, 1) for f in fold)
-            if compiled:
-                dtype = _compute_dtype(it.grad)
-                s = torch.tensor(scalars, dtype=dtype, device=it.grad.device)
-                rule = functools.partial(_compiled_rule, s=s, nesterov=group["nesterov"])
-            else:
-                rule = functools.partial(
-                    _eager_rule, s=scalars, nesterov=group["nesterov"], decay_on=decay_on
-                )
-            self._slabs(it, fold, rule)
+        """DolphinFlow's rule (:func:`~shardflow.optim.dolphinflow.dolphinflow_rule`, compiled
+        when the step compiles) on one item's quantized moments, :data:`SLAB_ELEMENTS` at a
+        time: per slab of rows dequantize ``m`` and ``v`` (padded layout), the rule, requantize.
+        ``fold``: ⊥Grad's coefficients (the clip factor in them), per row or one pair."""
+        if fold is not None:
+            rows = item.local.shape[0] if group["vector_mode"] != "rowwise" else -1
+            fold = tuple(f.unsqueeze(1).expand(rows, 1) for f in fold)
+        s = torch.tensor(row, dtype=_compute_dtype(item.grad), device=item.grad.device)
+        kw = dict(nesterov=group["nesterov"], adaptive=True)
+        if ops.compiled:
+            rule = functools.partial(_compiled_rule, s=s, **kw)
+        else:
+            rule = functools.partial(_eager_rule, s=s, **kw)
+        self._slabs(item, fold, rule)
 
     def _native_step(
         self,
+        group: dict[str, Any],
         item: Item,
         fold: tuple[Tensor, Tensor] | None,
-        scalars: tuple[float, ...],
-        nesterov: bool,
-        decay_on: bool,
+        row: tuple[float, ...],
     ) -> bool:
-        """The whole fused step of ``item`` in the native CPU kernel, if it takes these tensors
-        (fp32 weights, gradients and folds, contiguous, on the CPU); returns whether it ran.
-        ``fold``: ``(a, b)`` with one value per row, or one for all rows (flat ⊥Grad)."""
+        """The whole fused step of ``item`` in the native CPU kernel (dequantize, DolphinFlow's
+        rule, requantize in one pass), if it takes these tensors (fp32 weights, gradients and
+        folds, contiguous, on the CPU); returns whether it ran. ``fold``: ``(a, b)`` with one
+        value per row, or one for all rows (flat ⊥Grad)."""
         blocks = self._blocks(item)
         w, g = item.local.detach(), item.grad
         states = tuple((item.state[k], item.state[absmax_key(k)]) for k in MOMENTS)
@@ -254,10 +235,9 @@ class DolphinFlow8bit(DolphinFlow):
                 g.view(rows, blocks.cols),
                 states,
                 fold,
-                scalars,
+                row,
                 blocks,
-                nesterov=nesterov,
-                decay_on=decay_on,
+                nesterov=group["nesterov"],
             )
         return True
 
@@ -353,14 +333,22 @@ def _compiled_rule(
     *,
     s: Tensor,
     nesterov: bool,
+    adaptive: bool,
 ) -> None:
-    """DolphinFlow's compiled element-wise pass on one slab, called as DolphinFlow calls it for a
-    single parameter (flattened without ⊥Grad): the same compiled graphs serve both."""
+    """DolphinFlow's compiled rule on one slab, called as DolphinFlow calls it for a single
+    parameter (flattened without ⊥Grad): the same compiled graphs serve both."""
     tensors = [w, g, m, v]
     if a is None and all(t.is_contiguous() for t in tensors):
         tensors = [t.view(-1) for t in tensors]
     folded = [] if a is None or b is None else [[a], [b]]
-    each(fused_update_each, *([t] for t in tensors), [s], *folded, nesterov=nesterov)
+    each(
+        dolphinflow_rule_each,
+        *([t] for t in tensors),
+        [s],
+        *folded,
+        nesterov=nesterov,
+        adaptive=adaptive,
+    )
 
 
 def _eager_rule(
@@ -371,24 +359,9 @@ def _eager_rule(
     a: Tensor | None,
     b: Tensor | None,
     *,
-    s: tuple[float, ...],
+    s: Tensor,
     nesterov: bool,
-    decay_on: bool,
+    adaptive: bool,
 ) -> None:
-    """:func:`~shardflow.optim.dolphinflow.fused_update`'s maths as in-place eager ops on one slab,
-    in the order of DolphinFlow's eager pass; ``g`` is only read."""
-    decay, one_minus_mu, beta2, scale, eps, c = s
-    if a is not None and b is not None:  # the fold carries the clip factor
-        g = (g * a).addcmul_(b, w, value=-1)
-    else:
-        g = g * c
-    v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-    m.lerp_(g, one_minus_mu)
-    n = g.lerp_(m, 1.0 - one_minus_mu) if nesterov else m
-    denom = v.sqrt().add_(eps)
-    if decay_on:
-        w.mul_(decay)
-    if w.dtype == n.dtype:
-        w.addcdiv_(n, denom, value=-scale)
-    else:
-        w.add_(denom.reciprocal_().mul_(n).to(w.dtype), alpha=-scale)
+    """DolphinFlow's rule called eagerly on one slab (``g`` only read)."""
+    dolphinflow_rule(w, g, m, v, s, a, b, nesterov=nesterov, adaptive=adaptive)

@@ -1,7 +1,10 @@
 """The one builder of the native CPU kernels: compile a C file on first use, check it, load it.
 
 **What lives where.** The C sources are real files in ``csrc/`` (``csrc/quant8.c``,
-``csrc/factored.c``, ``csrc/norm.c``, ``csrc/rounding.c``), shipped as package data. Each kernel
+``csrc/factored.c``, ``csrc/norm.c``, ``csrc/rounding.c``, ``csrc/dolphinflow.c``), shipped as
+package data, with the headers they share (``csrc/dolphinflow_rule.h``: DolphinFlow's
+element-wise rule, included by ``dolphinflow.c`` and ``quant8.c``; the builder writes a header
+into the source it compiles, :func:`inline_headers`). Each kernel
 module beside this one (:mod:`~shardflow.ops.native.quant8`, :mod:`~shardflow.ops.native.factored`,
 :mod:`~shardflow.ops.native.norm`, :mod:`~shardflow.ops.native.rounding`) holds only a
 :class:`NativeLibrary` naming its C file, the ctypes signatures and structures of the functions
@@ -56,6 +59,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import re
 import shutil
 import stat
 import subprocess
@@ -251,8 +255,9 @@ class NativeLibrary:
 
     @property
     def source(self) -> str:
-        """The C source text built (the file's, or a :meth:`variant`'s)."""
-        return self.source_path.read_text() if self._text is None else self._text
+        """The C source text built (the file's, or a :meth:`variant`'s), with the headers of
+        ``csrc/`` it includes written into it (:func:`inline_headers`)."""
+        return inline_headers(self.source_path.read_text() if self._text is None else self._text)
 
     def variant(
         self, name: str, *, replace: tuple[str, str] | None = None, flags: list[str] | None = None
@@ -366,6 +371,29 @@ class NativeLibrary:
             fn = getattr(lib, fn_name)
             fn.argtypes, fn.restype = argtypes, None
         return lib
+
+
+_LOCAL_INCLUDE = re.compile(r'^#[ \t]*include "([A-Za-z0-9_]+\.h)"[ \t]*$', re.MULTILINE)
+
+
+def inline_headers(text: str) -> str:
+    """``text`` with each line that includes a header of ``csrc/`` by its quoted name replaced
+    by that file's text (once per header, recursively): the source built is one text, so the
+    cache key covers the headers too, and a rule shared by two kernels
+    (``dolphinflow_rule.h``) is written once."""
+    seen: set[str] = set()
+
+    def expand(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name in seen:
+            return f"/* {name}: already included */"
+        seen.add(name)
+        body = (CSRC / name).read_text()
+        return (
+            f"/* ---- {name} ---- */\n{_LOCAL_INCLUDE.sub(expand, body)}/* ---- end {name} ---- */"
+        )
+
+    return _LOCAL_INCLUDE.sub(expand, text)
 
 
 def ptr(t: Tensor | None) -> int | None:

@@ -35,10 +35,11 @@ code of 0 and a NaN absmax, as there (a NaN absmax divides by 1, as there).
 
 **The fused step** (:func:`step_rows`): per block of 256 (or 64) values of a row, dequantize
 both moments (a gather from the 256-entry map times the block's scale), apply DolphinFlow's
-element-wise rule in the order of DolphinFlow8bit's eager rule (``_eager_rule``: the same
-operations, one rounding each, no fused multiply-add), keep the new moments in a 1 KiB
-buffer and their absmax in registers, requantize: every value is read and written once, with
-no fp32 copy of a moment in memory.
+element-wise rule (``csrc/dolphinflow_rule.h``, shared with the fp32 kernel
+:mod:`~shardflow.ops.native.dolphinflow`: the reference rule's operations in its order, one
+rounding each, no fused multiply-add), keep the new moments in a 1 KiB buffer and their absmax
+in registers, requantize: every value is read and written once, with no fp32 copy of a moment
+in memory.
 
 **Three builds** of the one source (:data:`ISA_FLAGS`, :func:`host_isas`; the loops are written
 once over a vector type of ``W`` lanes):
@@ -87,6 +88,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from shardflow.ops.native import dolphinflow as dolphinflow_native
 from shardflow.ops.native.build import FLAGS, NativeLibrary
 from shardflow.ops.native.build import I64 as _I64
 from shardflow.ops.native.build import PTR as _PTR
@@ -109,26 +111,6 @@ class _Map(ctypes.Structure):
         ("sgn", ctypes.c_int32),
         ("T", ctypes.c_void_p),
         ("map", ctypes.c_void_p),
-    ]
-
-
-class _Rule(ctypes.Structure):
-    _fields_ = [
-        *(
-            (name, ctypes.c_float)
-            for name in (
-                "decay",
-                "one_minus_mu",
-                "beta2",
-                "one_minus_beta2",
-                "neg_scale",
-                "eps",
-                "c",
-                "mu",
-            )
-        ),
-        ("nesterov", ctypes.c_int32),
-        ("decay_on", ctypes.c_int32),
     ]
 
 
@@ -313,28 +295,17 @@ def step_rows(
     blocks,
     *,
     nesterov: bool,
-    decay_on: bool,
 ) -> None:
     """DolphinFlow's element-wise step on ``w`` ``(rows, cols)`` with gradient ``g`` and 8-bit
-    moments ``states = ((m codes, m absmax), (v codes, v absmax))``, in place.
+    moments ``states = ((m codes, m absmax), (v codes, v absmax))``, in place: per block,
+    dequantize, DolphinFlow's rule (``csrc/dolphinflow_rule.h``, the reference rule's
+    operations; ``adaptive_lr`` on), requantize.
 
-    ``scalars = (1 − lr·wd, 1 − μ, β₂, lr·√(1−β₂ᵗ)/W, eps·√(1−β₂ᵗ), c)`` as in DolphinFlow's
-    fused pass; ``fold``: ⊥Grad's coefficients ``(a, b)`` (contiguous fp32), one per row or one
-    for all rows, the gradient being ``a·g − b·w`` (else ``c·g``).
+    ``scalars``: the reference rule's (:data:`~shardflow.ops.native.dolphinflow.RULE_FIELDS`);
+    ``fold``: ⊥Grad's coefficients ``(a, b)`` (contiguous fp32), one per row or one for all
+    rows, the gradient being ``a·g − b·w`` (else ``c·g``).
     """
-    decay, one_minus_mu, beta2, scale, eps, c = scalars
-    rule = _Rule(
-        decay=decay,
-        one_minus_mu=one_minus_mu,
-        beta2=beta2,
-        one_minus_beta2=1.0 - beta2,
-        neg_scale=-scale,
-        eps=eps,
-        c=c,
-        mu=1.0 - one_minus_mu,
-        nesterov=int(nesterov),
-        decay_on=int(decay_on),
-    )
+    rule = dolphinflow_native.rule(scalars, nesterov=nesterov)
     (mc, ms), (vc, vs) = states
     fa, fb = (None, None) if fold is None else fold
     stride = 0 if fold is None or fold[0].numel() == 1 else 1
@@ -343,5 +314,5 @@ def step_rows(
     _library().sf8_step_rows(
         0, rows, _ptr(w), _ptr(g), cols, blocks.code_cols, blocks.head_blocks, blocks.blocks,
         _ptr(mc), _ptr(ms), _ptr(vc), _ptr(vs), _ptr(fa), _ptr(fb), stride,
-        ctypes.addressof(rule), ctypes.addressof(mm), ctypes.addressof(vm),
+        ctypes.byref(rule), ctypes.addressof(mm), ctypes.addressof(vm),
     )  # fmt: skip

@@ -1,4 +1,5 @@
-/* The 8-bit state: quantize, dequantize, and DolphinFlow's fused step on 8-bit moments.
+/* The 8-bit state: quantize, dequantize, and DolphinFlow's fused step on 8-bit moments
+   (dequantize, DolphinFlow's rule from dolphinflow_rule.h, requantize: one pass).
    Loaded by shardflow/ops/native/quant8.py (its docstring: the nearest-code arithmetic and the
    three builds). Built by shardflow/ops/native/build.py, once per instruction set (AVX2;
    AVX-512 with -mavx512f...; AVX-512 VBMI), with these macros on the command line:
@@ -34,11 +35,6 @@ typedef struct {           /* one dynamic map */
     const float* T;        /* 256 midpoints, T[c] between codes c and c+1; T[255] = inf */
     const float* map;      /* 256 code values */
 } Map;
-
-typedef struct {           /* DolphinFlow's element-wise rule, scalars as fp32 */
-    float decay, one_minus_mu, beta2, one_minus_beta2, neg_scale, eps, c, mu;
-    int32_t nesterov, decay_on;
-} Rule;
 
 #ifdef __AVX512F__
 /* ---- AVX-512: 16 lanes; every table look-up is a register permute (on the Ice Lake Xeon
@@ -295,6 +291,8 @@ static inline __attribute__((always_inline)) void encode_block(
 
 /* ---- both: the loops, in the vector type vf of W lanes ---- */
 
+#include "dolphinflow_rule.h"
+
 /* the absmax of `size` (a multiple of W) values, NaN if any value is */
 static inline float block_absmax(const float* x, int size) {
     vf mx = VSET(0.0f);
@@ -313,14 +311,7 @@ static inline void block_at(int64_t k, int64_t head_blocks, int64_t* start, int*
     else { *start = head_blocks * HEAD + (k - head_blocks) * TAIL; *size = TAIL; }
 }
 
-/* torch.lerp's formula (the weight is one scalar) */
-static inline vf lerp(vf self, vf end, float weight) {
-    if (fabsf(weight) < 0.5f)
-        return VADD(self, VMUL(VSET(weight), VSUB(end, self)));
-    return VSUB(end, VMUL(VSUB(end, self), VSET(1.0f - weight)));
-}
-
-int32_t sf8_version(void) { return 3; }
+int32_t sf8_version(void) { return 4; }
 int32_t sf8_lanes(void) { return W; }
 
 /* weights and gradients are read 4 KiB ahead (a loop this busy keeps too few loads in flight
@@ -330,13 +321,10 @@ int32_t sf8_lanes(void) { return W; }
 void sf8_step_rows(int64_t r0, int64_t r1, float* w, const float* g, int64_t cols,
                    int64_t code_cols, int64_t head_blocks, int64_t blocks, uint8_t* mc, float* ms,
                    uint8_t* vc, float* vs, const float* fa, const float* fb, int64_t fold_stride,
-                   const Rule* R, const Map* mm, const Map* vm) {
-    vf beta2 = VSET(R->beta2), omb2 = VSET(R->one_minus_beta2);
-    vf eps = VSET(R->eps), decay = VSET(R->decay);
-    vf neg_scale = VSET(R->neg_scale), c = VSET(R->c);
+                   const DFRule* R, const Map* mm, const Map* vm) {
     /* locals, not loads through R, mm, vm in the loop (a store to a float buffer may alias them) */
-    const float one_minus_mu = R->one_minus_mu, mu = R->mu;
-    const int nesterov = R->nesterov, decay_on = R->decay_on;
+    const DFConst rule = df_const(R);
+    const int nesterov = R->nesterov, folded = fa != 0;
     #pragma omp parallel for schedule(static) if ((r1 - r0) * cols >= PARALLEL_ELEMENTS)
     for (int64_t r = r0; r < r1; r++) {
         float mbuf[HEAD], vbuf[HEAD], wpad[TAIL], gpad[TAIL];
@@ -375,13 +363,9 @@ void sf8_step_rows(int64_t r0, int64_t r1, float* w, const float* g, int64_t col
                 _mm_prefetch((const char*)(gr + start + j + AHEAD), _MM_HINT_T0);
                 vf m = mrun[u], v = vrun[u];
                 vf w0 = VLOAD(wb + j), g0 = VLOAD(gb + j);
-                vf gg = fa ? VSUB(VMUL(g0, a), VMUL(b, w0)) : VMUL(g0, c);
-                v = VADD(VMUL(v, beta2), VMUL(VMUL(omb2, gg), gg));
-                m = lerp(m, gg, one_minus_mu);
-                vf n_ = nesterov ? lerp(gg, m, mu) : m;
-                vf denom = VADD(VSQRT(v), eps);
-                vf w1 = decay_on ? VMUL(w0, decay) : w0;
-                VSTORE(wb + j, VADD(w1, VDIV(VMUL(neg_scale, n_), denom)));
+                /* DolphinFlow's rule (dolphinflow_rule.h), always adaptive here */
+                vf u = df_direction(df_grad(g0, w0, a, b, &rule, folded), &m, &v, &rule, nesterov, 1);
+                VSTORE(wb + j, df_apply(w0, u, &rule));
                 VSTORE(mbuf + j, m);
                 VSTORE(vbuf + j, v);
                 mmx = VMAX(mmx, VABS(m));
