@@ -7,6 +7,15 @@ Run from the repository root (CPU, one thread, so that timings on a shared machi
     python bench/whiteflow.py floor  --reps 7   # bandwidth, matmul GFLOP/s: the best ratio reachable
     python bench/whiteflow.py train  --steps 300 --final-steps 1000   # lr sweep + ablation + long run
     python bench/whiteflow.py report RUN_DIR...  # table + PNG from launch/compare.py run dirs
+    python bench/whiteflow.py step --reps 5     # default-argument step vs fused AdamW + memory
+    python bench/whiteflow.py step --repo /tmp/wf-base   # the same bench on another checkout
+
+``step`` measures WhiteFlow exactly as a user gets it (default arguments: no ``compiled=``, no
+flags) on 42.5 M parameters of SmolLM2 shapes (tied embedding + 4 layers + final norm, from
+:mod:`bench.shapes`), interleaved with fused AdamW in the same process, one thread; and what each
+step allocates beyond the state (peak RSS growth per step, and torch's own allocations from the
+profiler's memory events). ``--repo DIR`` imports ``shardflow`` from another checkout (a ``git
+worktree`` of the parent commit: the "before" of a change, measured by the same script).
 
 ``memory`` takes seconds; ``speed`` about a minute; ``train`` about 5–10 minutes on a 2-core
 CPU. Each prints Markdown tables with ratios against AdamW measured in the same run.
@@ -19,6 +28,7 @@ decoder written here, trained on the running Python's standard-library sources.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import json
 import math
@@ -32,6 +42,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if "--repo" in sys.argv:  # before shardflow is imported: `step --repo DIR` measures that checkout
+    sys.path.insert(0, str(Path(sys.argv[sys.argv.index("--repo") + 1]).resolve()))
 
 from bench.common import stdlib_bytes  # noqa: E402
 from shardflow.optim.whiteflow import WhiteFlow  # noqa: E402
@@ -186,6 +198,111 @@ def speed(reps: int, layers: int, embedding: bool = True, only: str = "") -> Non
     print("\nFirst two steps of the compiled variants (compilation included):\n")
     for key, seconds in compile_s.items():
         print(f"- {key}: {seconds:.1f} s")
+
+
+# -- step: default arguments, 42.5 M params, time and memory ---------------------------------
+
+
+def _status_kib(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+def _rss_growth(fn) -> int:
+    """Bytes the process's peak RSS rose above its RSS before ``fn()`` while it ran.
+
+    Free heap memory is first returned to the kernel (glibc ``malloc_trim(0)``), so that a
+    temporary which reuses memory freed earlier is counted when its pages are touched again;
+    the peak is then reset through ``/proc/self/clear_refs`` (Linux)."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _status_kib("VmRSS")
+    fn()
+    return (_status_kib("VmHWM") - before) * 1024
+
+
+def _products(model, rank: int = 256):
+    """The projected mode's unavoidable arithmetic, as a step to time: per hidden matrix
+    ``(rows, n)``, one ``torch.mm`` of ``(2·rows, n) @ (n, r)`` (``g⊥·P`` and ``M·P`` stacked),
+    ``r = min(rank, n)``: 4·r FLOP per parameter, at torch's own GEMM speed."""
+    from shardflow.optim.routing import is_hidden_matrix  # noqa: PLC0415
+
+    work = []
+    for name, p in model.named_parameters():
+        if is_hidden_matrix(p, name):
+            rows, n = p.shape[0], p[0].numel()
+            r = min(rank, n)
+            work.append((torch.randn(2 * rows, n), torch.randn(n, r), torch.empty(2 * rows, r)))
+    return lambda: [torch.mm(x, proj, out=out) for x, proj, out in work]
+
+
+def step_bench(reps: int, layers: int, repo: str | None) -> None:
+    """WhiteFlow with default arguments (and ``second_moment="dense"``) against fused AdamW,
+    interleaved in one process; the projection products alone; memory per WhiteFlow step."""
+    import shardflow  # noqa: PLC0415
+    from bench.shapes import SHAPES, build_model, random_grads  # noqa: PLC0415
+
+    source = Path(shardflow.__file__).resolve().parents[1]
+    print(f"UTC {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M}; load before: {_load()}")
+    print(f"shardflow from {source}" + (f" (--repo {repo})" if repo else ""))
+    shapes = SHAPES["smollm2-135m"].with_layers(layers)
+    makers = {
+        "AdamW fused": lambda m: torch.optim.AdamW(m.parameters(), fused=True),
+        "WhiteFlow (defaults)": lambda m: WhiteFlow(m.named_parameters()),
+        'WhiteFlow second_moment="dense"': lambda m: WhiteFlow(
+            m.named_parameters(), second_moment="dense"
+        ),
+    }
+    steps, states = {}, {}
+    for name, make in makers.items():
+        model = build_model(shapes, device="cpu", seed=0)
+        grads = random_grads(model)
+        for n, p in model.named_parameters():
+            p.grad = grads[n]
+        opt = make(model)
+        steps[name] = opt.step
+        if isinstance(opt, WhiteFlow):
+            states[name] = opt.state_bytes()
+    steps["products alone (projected r=256)"] = _products(model)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(
+        f"{shapes.name} with {layers} layers: {n_params / 1e6:.2f} M parameters, "
+        f"torch threads = {torch.get_num_threads()}\n"
+    )
+    print("| WhiteFlow | state MiB (B/param) | step | wall s | peak RSS growth MiB | B/param |")
+    print("|---|---:|---|---:|---:|---:|")
+    for name, state in states.items():
+        for label in ("1 (first)", "2", "3"):
+            start = time.perf_counter()
+            grew = _rss_growth(steps[name])
+            wall = time.perf_counter() - start
+            print(
+                f"| {name} | {state / 2**20:.1f} ({state / n_params:.3f}) | {label} | "
+                f"{wall:.2f} | {grew / 2**20:.1f} | {grew / n_params:.3f} |"
+            )
+    adamw_first = _rss_growth(steps["AdamW fused"])  # creates its state: not a step to time
+    print(
+        f"\n(fused AdamW's first step, for scale: {adamw_first / 2**20:.1f} MiB, "
+        f"{adamw_first / n_params:.3f} B/param — its state, created lazily)\n"
+    )
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(reps):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    ref_lo, ref_med = min(times["AdamW fused"]), statistics.median(times["AdamW fused"])
+    print(f"{reps} interleaved steps each; load after: {_load()}\n")
+    print("| step | min ms | median ms | × fused AdamW (min) | × fused AdamW (median) |")
+    print("|---|---:|---:|---:|---:|")
+    for name, t in times.items():
+        lo, med = min(t), statistics.median(t)
+        print(
+            f"| {name} | {lo * 1e3:.1f} | {med * 1e3:.1f} | {lo / ref_lo:.2f} | "
+            f"{med / ref_med:.2f} |"
+        )
 
 
 # -- floor ----------------------------------------------------------------------------------
@@ -517,16 +634,22 @@ def report(run_dirs: list[str], out_stem: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["memory", "speed", "floor", "train", "report"])
+    parser.add_argument("what", choices=["memory", "speed", "floor", "train", "report", "step"])
     parser.add_argument("runs", nargs="*", help="report: run directories <optimizer>-lr<lr>")
     parser.add_argument("--out", default="bench/results/whiteflow-convergence", help="report")
     parser.add_argument("--reps", type=int, default=7)
-    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="SmolLM2 layers (default 2; step: 4, 42.5 M params)",
+    )
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--final-steps", type=int, default=1000)
     parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-embedding", action="store_true", help="speed: hidden layers only")
+    parser.add_argument("--repo", default=None, help="step: import shardflow from this checkout")
     parser.add_argument(
         "--only", default="", help="train/speed: variants whose label contains this"
     )
@@ -535,9 +658,11 @@ def main() -> None:
     if args.what == "memory":
         memory()
     elif args.what == "floor":
-        floor(args.reps, args.layers)
+        floor(args.reps, args.layers or 2)
     elif args.what == "speed":
-        speed(args.reps, args.layers, not args.no_embedding, args.only)
+        speed(args.reps, args.layers or 2, not args.no_embedding, args.only)
+    elif args.what == "step":
+        step_bench(args.reps, 4 if args.layers is None else args.layers, args.repo)
     elif args.what == "report":
         report(args.runs, args.out)
     else:

@@ -45,6 +45,13 @@ norm (0-d). AdamW keeps 8. Projections are not state: they are regenerated from 
 ``seed``; :meth:`WhiteFlow.projection_bytes` reports the cache (one ``n × r`` matrix per distinct
 width). Float64 parameters keep float64 states, rounded nowhere (the reference path).
 
+**Implementations** (:meth:`WhiteFlow._step_items`): native CPU kernels by default on the CPU
+(fp32 weights, bf16 states; the element-wise step in one pass, a hidden matrix in chunks of rows
+around one ``torch.mm`` with ``P``: no temporary beyond a chunk's ~1 MiB scratch), eager torch
+passes elsewhere (float64, other devices), ``torch.compile`` with ``compiled=True`` (default on
+CUDA). They agree to fp32 rounding (tests/test_whiteflow_native.py); step times against fused
+AdamW are in bench/results/whiteflow-step-cpu2-2026-12-07.md.
+
 **World-size invariance.** Everything is row-local except the limiter's norms (summed over
 shards). Stochastic-rounding noise is a function of ``(seed, parameter index, step, state,
 global row block)`` — never of the shard — so 1, 2 or 4 ranks round identically.
@@ -62,6 +69,7 @@ from torch import Tensor
 
 from shardflow.ops.compiling import each
 from shardflow.ops.listops import ListOps
+from shardflow.ops.native import whiteflow as wf_native
 from shardflow.ops.orthogonalize import orthograd_fold, orthograd_sums
 from shardflow.ops.precision import bf16_stochastic, hash32_int, mix_seed
 from shardflow.ops.projection import ProjectionCache
@@ -130,15 +138,17 @@ class WhiteFlow(ShardFlowOptimizer):
         projection_device: ``"param"`` (projections cached on the parameter's device) or
             ``"cpu"`` (cached in CPU memory, pinned when CUDA is available, and moved to the
             compute device only while used).
-        foreach: use ``torch._foreach_*`` kernels (None: when all tensors share a device).
-        compiled: run the step (:func:`whiteflow_update_`) through ``torch.compile``, a chunk
-            of parameters per call (None: on CUDA only; on a CPU inductor emits C++).
+        foreach: accepted for the common contract; WhiteFlow's passes do not use it.
+        compiled: run the passes through ``torch.compile``, a chunk of parameters per call
+            (None: on CUDA only). Otherwise, on the CPU, fp32 weights with bf16 states take
+            the native kernels (:mod:`shardflow.ops.native.whiteflow`; ``SHARDFLOW_NATIVE=0``
+            switches them off), everything else the eager torch passes: the same rule.
     """
         + SHARED_ARGS_DOC
     )
 
     scratch_grads: ClassVar[bool] = False
-    """:func:`whiteflow_update_` reads the raw gradient and applies the clip factor itself."""
+    """Every pass reads the raw gradient and applies the clip factor itself."""
 
     state_layout: ClassVar[dict[str, Layout]] = {
         "step": "replicated",
@@ -301,57 +311,84 @@ class WhiteFlow(ShardFlowOptimizer):
             self._step_items(group, t, bucket)
 
     def _step_items(self, group: dict[str, Any], t: int, items: list[Item]) -> None:
-        """One step of ``items`` (all at step ``t``), in at most two passes per parameter.
+        """One step of ``items`` (all at step ``t``).
 
-        Hidden matrices: :func:`whiteflow_scales_` (⊥Grad coefficients, second moment, channel
-        scales — everything per row) then :func:`whiteflow_apply_` (momentum and weights,
-        element-wise). Both read the raw gradient with the clip factor as a scalar (no scratch
-        copy). The rule needs a row's scale before it may write that row, and the momentum
-        written to memory is rounded, so the second pass recomputes the fp32 momentum from
-        ``(g, w, m)`` instead of reading it back. Element-wise parameters: one pass,
-        :func:`whiteflow_elementwise_`. With the norm-growth limiter, ``‖u‖`` of every
-        parameter comes from the first pass (``Σᵢ sᵢ²·‖M̂ᵢ‖²``), one batched reduction over
-        shards, and scales ``sᵢ`` before the second.
+        Three implementations of one rule, chosen per parameter:
 
-        Eager: the same functions, called on the lists. Compiled: through ``torch.compile``, a
-        chunk of parameters per call (:func:`~shardflow.ops.compiling.each`), except empty
-        shards and the rare parameter that needs contiguous copies (eager).
+        - **native** (the default on the CPU: fp32 weights and gradients, bf16 states, unless
+          ``compiled=True``; :mod:`shardflow.ops.native.whiteflow`): the element-wise
+          parameters of the group in one C call, one pass each; a projected hidden matrix in
+          chunks of rows — ⊥Grad, momentum (C), one ``torch.mm`` with the projection, second
+          moment, channel scale and the store (C) while the chunk is in cache; a dense one in
+          one C call. No temporary beyond a chunk's scratch.
+        - **eager torch** (float64, other devices, ``SHARDFLOW_NATIVE=0``, empty shards) and
+          **compiled** (``compiled=True``; by default on CUDA): :func:`whiteflow_scales_` (⊥Grad
+          coefficients, second moment, channel scales — everything per row) then
+          :func:`whiteflow_apply_` (momentum and weights, element-wise) for hidden matrices,
+          :func:`whiteflow_elementwise_` for the rest; compiled, a chunk of parameters per
+          ``torch.compile`` call (:func:`~shardflow.ops.compiling.each`).
+
+        Every path reads the raw gradient with the clip factor as a scalar (no scratch copy).
+        The rule needs a row's scale before it may write that row, and the momentum written
+        to memory is rounded: the torch path's second pass recomputes the fp32 momentum from
+        ``(g, w, m)``; the native projected pass keeps it in its chunk's scratch. With the
+        norm-growth limiter, ``‖u‖`` of every parameter comes first (``Σᵢ sᵢ²·‖M̂ᵢ‖²`` for
+        hidden matrices), one batched reduction over shards, and the limited step follows.
         """
         compiled = self._compiled if self._compiled is not None else items[0].grad.is_cuda
-        jobs = [self._job(group, t, it) for it in items]
+        jobs = [self._job(group, t, it, compiled) for it in items]
         limited = group["norm_growth_limit"] is not None
         channel = [j for j in jobs if j.route != "elementwise"]
         elementwise = [j for j in jobs if j.route == "elementwise"]
+        torch_channel = [j for j in channel if j.native is None]
         for route in ("projected", "dense"):
-            chosen = [j for j in channel if j.route == route]
-            scales = _call(whiteflow_scales_each, chosen, compiled, lambda j: j.args, route=route)
+            chosen = [j for j in torch_channel if j.route == route]
+            scales = _call(
+                whiteflow_scales_each, chosen, compiled, lambda j: j.tensor_args(), route=route
+            )
             for j, coef in zip(chosen, scales):
                 j.coef = coef
+        scratch = wf_native.Scratch()
+        for j in channel:
+            if j.native is not None and j.route == "projected":
+                j.coef = wf_native.rows_projected(j.native, j.args[4], scratch, apply=not limited)
+            elif j.native is not None:
+                j.coef = wf_native.rows_dense(j.native, apply=not limited)
+        torch_elementwise = [j for j in elementwise if j.native is None]
         for j, u in zip(
-            elementwise,
+            torch_elementwise,
             _call(
                 whiteflow_elementwise_each,
-                elementwise,
+                torch_elementwise,
                 compiled,
-                lambda j: (*j.args[:4], *j.args[5:]),
+                lambda j: (lambda a: (*a[:4], *a[5:]))(j.tensor_args()),
                 apply=not limited,
             ),
         ):
             j.u = u
+        native_elementwise = [j for j in elementwise if j.native is not None]
+        if native_elementwise:
+            usq = wf_native.elementwise_many(
+                [j.native for j in native_elementwise], norm_only=limited
+            )
+            for i, j in enumerate(native_elementwise if limited else []):
+                j.usq = usq[i]
         if limited:
-            self._limit_norm_growth(group, channel, elementwise)
-        _call(
-            whiteflow_apply_each,
-            channel,
-            compiled,
-            lambda j: (j.args[0], j.args[1], j.args[2], j.coef, j.args[5], j.args[6]),
-        )
+            self._limit_norm_growth(group, channel, elementwise, compiled)
+        else:
+            _call(
+                whiteflow_apply_each,
+                torch_channel,
+                compiled,
+                lambda j: (lambda a: (a[0], a[1], a[2], j.coef, a[5], a[6]))(j.tensor_args()),
+            )
         for j in jobs:
             for dst, src in j.write_back:
                 dst.copy_(src.view_as(dst))
 
-    def _job(self, group: dict[str, Any], t: int, it: Item) -> _Job:
-        """One item's arguments ``(w, g, m, v, proj, hyper, keys)`` for the pass functions."""
+    def _job(self, group: dict[str, Any], t: int, it: Item, compiled: bool) -> _Job:
+        """One item's arguments ``(w, g, m, v, proj, hyper, keys)`` for the pass functions, and
+        the native kernels' job where they take it."""
         route = self.route(it.param, group)
         v_key = "exp_avg_sq_proj" if route == "projected" else "exp_avg_sq"
         tensors = [it.local.detach(), it.grad, it.state["exp_avg"], it.state[v_key]]
@@ -374,10 +411,24 @@ class WhiteFlow(ShardFlowOptimizer):
             proj = self.projections.get(group["seed"], n, r, refresh, device=g.device, dtype=dtype)
         keys = None
         if group["stochastic_rounding"] and m.dtype == torch.bfloat16:
-            keys = self._rounding_keys(group, it, t, v.shape[-1] if v.ndim > 1 else 1)
-        args = (w, g, m, v, proj, self._hyper(group, t, it), keys)
+            # the element-wise route's v is element-for-element m's: the same global offsets
+            v_width = (
+                v.shape[-1]
+                if route == "projected"
+                else _width(self.placement.global_shape(it.param))
+            )
+            keys = self._rounding_keys(group, it, t, v_width)
+        hyper = self._hyper(group, t, it)
         fast = it.grad.numel() > 0 and not write_back
-        return _Job(it, route, args, fast, write_back)
+        job = _Job(it, route, (w, g, m, v, proj, hyper, keys), fast, write_back)
+        if (
+            not compiled
+            and it.grad.numel() > 0
+            and wf_native.usable(w, g, m, v)
+            and (proj is None or (proj.dtype == torch.float32 and proj.device.type == "cpu"))
+        ):
+            job.native = wf_native.Job(w, g, m, v, hyper, keys)
+        return job
 
     @property
     def compiled(self) -> bool | None:
@@ -388,14 +439,15 @@ class WhiteFlow(ShardFlowOptimizer):
         """``η = lr × lr_scale`` (× SPlus's ``2/(rows + cols)`` with ``shape_lr_scaling``)."""
         return group["lr"] * group["lr_scale"] * self._shape_factor(group, param)
 
-    def _hyper(self, group: dict[str, Any], t: int, it: Item) -> Tensor:
-        """The scalars of the pass functions as one tensor (a compiled kernel then never
-        recompiles for new values): ``[c, 1−β₁, 1/(1−β₁ᵗ), β₂ₜ, 1−β₂ₜ, 1/cₜ, eps, 1−η·λ, η]``
-        with ``c`` the clip factor and ``η`` the parameter's step size."""
+    def _hyper(self, group: dict[str, Any], t: int, it: Item) -> list[float]:
+        """The scalars of the pass functions, ``[c, 1−β₁, 1/(1−β₁ᵗ), β₂ₜ, 1−β₂ₜ, 1/cₜ, eps,
+        1−η·λ, η]`` with ``c`` the clip factor and ``η`` the parameter's step size (the torch
+        path takes them as one tensor, so that a compiled kernel never recompiles for new
+        values: :meth:`_Job.tensor_args`)."""
         beta1, beta2 = group["betas"]
         b2, weight = beta2_at(beta2, t), second_moment_weight(beta2, t)
         eta = self._step_size(group, it.param)
-        values = [
+        return [
             it.grad_scale,
             1.0 - beta1,
             1.0 / (1.0 - beta1**t),
@@ -406,38 +458,47 @@ class WhiteFlow(ShardFlowOptimizer):
             1.0 - eta * self.decay(group),
             eta,
         ]
-        hyper = torch.tensor(values, dtype=_compute_dtype(it.grad))
-        return hyper.to(it.grad.device, non_blocking=True)
 
-    def _rounding_keys(self, group: dict[str, Any], it: Item, t: int, v_width: int) -> Tensor:
-        """``[key_m, offset_m, key_v, offset_v]`` for :func:`bf16_stochastic`: the counter-based
+    def _rounding_keys(
+        self, group: dict[str, Any], it: Item, t: int, v_width: int
+    ) -> tuple[int, int, int, int]:
+        """``(key_m, offset_m, key_v, offset_v)`` for :func:`bf16_stochastic`: the counter-based
         stream of :mod:`shardflow.ops.precision`, seeded by (seed, param index, step, state),
         at the global flat index of this shard's first element (so 1, 2 or 4 ranks agree)."""
         rows = self.placement.row_range(it.param)
         row0 = rows[0] if rows else 0
         width = _width(self.placement.global_shape(it.param))
         index = self.param_index(it.param)
-        keys = [
+        return (
             hash32_int(mix_seed(group["seed"], index, t, _SR_EXP_AVG)),
             row0 * width,
             hash32_int(mix_seed(group["seed"], index, t, _SR_EXP_AVG_SQ)),
             row0 * v_width,
-        ]
-        return torch.tensor(keys, dtype=torch.int64).to(it.grad.device, non_blocking=True)
+        )
 
     def _limit_norm_growth(
-        self, group: dict[str, Any], channel: list[_Job], elementwise: list[_Job]
+        self,
+        group: dict[str, Any],
+        channel: list[_Job],
+        elementwise: list[_Job],
+        compiled: bool,
     ) -> None:
-        """APOLLO's limiter: ``‖uₜ‖ ≤ γ·‖uₜ₋₁‖`` per parameter, one reduction over shards.
+        """APOLLO's limiter: ``‖uₜ‖ ≤ γ·‖uₜ₋₁‖`` per parameter, one reduction over shards, then
+        the limited step of every parameter.
 
         ``‖u‖²`` is summed in fp64 over rows (each row is whole on one rank), then over rows and
         shards: the total does not depend on where the shard boundaries are (to fp64 rounding).
-        Channel-scaled parameters take ``‖uᵢ‖²`` from :func:`whiteflow_scales_` and have their
-        scales ``sᵢ`` multiplied; element-wise ones are scaled and applied here.
+        Channel-scaled parameters take ``‖uᵢ‖²`` from their first pass and have their scales
+        ``sᵢ`` multiplied before the second; element-wise ones are applied here (the native
+        kernel recomputes ``u`` with ``η`` times the factor).
         """
         gamma = group["norm_growth_limit"]
         local = [j.coef[:, 3].double().sum() for j in channel]
-        local += [_row_norms(_rows(j.u), torch.float64).square().sum() for j in elementwise]
+        for j in elementwise:
+            usq = j.usq if j.native is not None else None
+            local.append(
+                usq if usq is not None else _row_norms(_rows(j.u), torch.float64).square().sum()
+            )
         sq = self.placement.sum_over_shards(torch.stack(local)) if local else torch.zeros(0)
         factors = []
         for j, norm in zip(channel + elementwise, sq.double().sqrt().tolist()):
@@ -447,11 +508,29 @@ class WhiteFlow(ShardFlowOptimizer):
             factors.append(factor)
         for j, factor in zip(channel, factors):
             j.coef[:, 2].mul_(factor)
+        torch_channel = [j for j in channel if j.native is None]
+        _call(
+            whiteflow_apply_each,
+            torch_channel,
+            compiled,
+            lambda j: (lambda a: (a[0], a[1], a[2], j.coef, a[5], a[6]))(j.tensor_args()),
+        )
+        for j in channel:
+            if j.native is not None:
+                wf_native.rows_apply(j.native, j.coef)
+        limited_native = []
         for j, factor in zip(elementwise, factors[len(channel) :]):
             eta = self._step_size(group, j.item.param)
+            if j.native is not None:
+                hyper = list(j.native.hyper)
+                hyper[8] = eta * factor
+                limited_native.append(j.native._replace(hyper=hyper))
+                continue
             w = j.args[0]
             w.mul_(1.0 - eta * self.decay(group))
             w.add_(j.u.to(w.dtype), alpha=-eta * factor)
+        if limited_native:
+            wf_native.elementwise_many(limited_native)
 
     def _shape_factor(self, group: dict[str, Any], param: Tensor) -> float:
         """SPlus's ``2/(rows + cols)`` for hidden matrices when ``shape_lr_scaling``, else 1."""
@@ -468,15 +547,33 @@ class _Job:
     item: Item
     route: str
     args: tuple
-    """``(w, g, m, v, proj, hyper, keys)``: views as the pass functions take them."""
+    """``(w, g, m, v, proj, hyper, keys)``: views as the pass functions take them (``hyper`` a
+    list of floats, ``keys`` a tuple of ints or None: :meth:`tensor_args` makes them tensors)."""
     fast: bool
     """May go through the compiled call (not an empty shard, no copies to write back)."""
     write_back: list[tuple[Tensor, Tensor]]
     """``(state, contiguous copy)`` pairs to copy back after the step."""
+    native: wf_native.Job | None = None
+    """The native kernels' job, where they take this parameter (else the torch path)."""
     coef: Tensor | None = None
-    """:func:`whiteflow_scales_`'s ``(rows, 4)`` result."""
+    """The first pass's ``(rows, 4)`` result (:func:`whiteflow_scales_`)."""
     u: Tensor | None = None
-    """The element-wise direction, kept only for the limiter."""
+    """The element-wise direction (torch path), kept only for the limiter."""
+    usq: Tensor | None = None
+    """``‖u‖²`` of a native element-wise parameter, for the limiter."""
+    _tensors: tuple | None = None
+
+    def tensor_args(self) -> tuple:
+        """``args`` with ``hyper`` and ``keys`` as tensors on the gradient's device (hyper in
+        the compute dtype): what the torch and compiled pass functions take."""
+        if self._tensors is None:
+            w, g, m, v, proj, hyper, keys = self.args
+            h = torch.tensor(hyper, dtype=_compute_dtype(g)).to(g.device, non_blocking=True)
+            k = None
+            if keys is not None:
+                k = torch.tensor(keys, dtype=torch.int64).to(g.device, non_blocking=True)
+            self._tensors = (w, g, m, v, proj, h, k)
+        return self._tensors
 
 
 def _call(
