@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
+from shardflow.ops.native import dolphinflow as dolphinflow_native
 from shardflow.ops.native import factored as factored_native
 from shardflow.ops.native import norm as norm_native
 from shardflow.ops.native import quant8 as quant8_native
@@ -24,7 +25,7 @@ def check_off_switch_and_failed_build(
     once (naming the torch path), leaves no partial file in the cache, and ``torch_path()`` (which
     asserts its own result) runs; afterwards the kernel is available again. The other kernels
     are loaded first, so that only ``library`` meets the failing compiler."""
-    for other in (factored_native, norm_native, quant8_native, rounding_native):
+    for other in (dolphinflow_native, factored_native, norm_native, quant8_native, rounding_native):
         other._library()
     try:
         library.cache_clear()

@@ -16,6 +16,30 @@ from typing import Any
 import torch
 
 
+@dataclass(frozen=True, kw_only=True)
+class BackendCheck:
+    """One faster backend of an optimizer, checked against its reference backend
+    (``tests/test_backends.py``): a few steps from the same state and gradients, compared."""
+
+    dtypes: tuple[torch.dtype, ...] = (torch.float32,)
+    """Parameter dtypes to run it on (each with its own tolerance below)."""
+    rtol: dict[torch.dtype, float] = field(
+        default_factory=lambda: {torch.float32: 1e-5, torch.float64: 1e-12}
+    )
+    atol: dict[torch.dtype, float] = field(
+        default_factory=lambda: {torch.float32: 1e-6, torch.float64: 1e-13}
+    )
+    code_steps: int = 0
+    """Integer state (8-bit codes): how far apart two codes may be ..."""
+    code_fraction: float = 0.0
+    """... at what fraction of positions at most."""
+    slow: bool = False
+    """Only the record's first config runs, unless ``SHARDFLOW_TEST_COMPILE=1`` (compilation
+    takes 10-60 s per variant on a 2-core CPU)."""
+    available: Callable[[], bool] | None = None
+    """Whether the backend can run here (None: always); it is skipped with a reason otherwise."""
+
+
 @dataclass(kw_only=True)
 class OptimRecord:
     """One optimizer as the generic tests see it."""
@@ -33,6 +57,11 @@ class OptimRecord:
     """Importable modules the optimizer needs (e.g. ``"bitsandbytes"``)."""
     float64: bool = True
     """Whether the optimizer accepts float64 parameters."""
+    reference: str = "eager"
+    """The backend the others are checked against (:data:`shardflow.ops.backend.BACKENDS`):
+    the rule as written, called on each tensor."""
+    backends: dict[str, BackendCheck] = field(default_factory=dict)
+    """The faster backends (by name) and their tolerances against ``reference``."""
 
 
 def all_records() -> list[OptimRecord]:

@@ -1,6 +1,8 @@
-from optim_table import OptimRecord
+import torch
+from optim_table import BackendCheck, OptimRecord
 
 from shardflow import DolphinFlow
+from shardflow.ops.native import dolphinflow as dolphinflow_native
 
 RECORDS = [
     OptimRecord(
@@ -29,6 +31,14 @@ RECORDS = [
             ({"vector_mode": "cols"}, r"vector_mode='cols' is invalid"),
             ({"weight_decay": -0.1}, r"weight_decay=-0\.1 is invalid"),
             ({"foreach": "yes"}, r"foreach='yes' is invalid"),
+            ({"compiled": "yes"}, r"compiled='yes' is invalid.*True, False or None"),
         ],
+        # every backend runs dolphinflow_rule's operations in its order: fp32 results agree to
+        # a few ulps (a changed constant or sign moves weights by O(lr) = 1e-2)
+        backends={
+            "foreach": BackendCheck(dtypes=(torch.float32, torch.float64)),
+            "native": BackendCheck(available=dolphinflow_native.available),
+            "compiled": BackendCheck(dtypes=(torch.float32, torch.float64), slow=True),
+        },
     )
 ]

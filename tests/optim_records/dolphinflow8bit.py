@@ -5,7 +5,13 @@ The contract model's weights have fewer than 4096 elements, so the configs lower
 imported when a test builds it, so collecting the table never needs bitsandbytes.
 """
 
-from optim_table import OptimRecord
+from optim_table import BackendCheck, OptimRecord
+
+
+def _quant8_native_available() -> bool:
+    from shardflow.ops.native import quant8 as quant8_native  # noqa: PLC0415
+
+    return quant8_native.available()
 
 
 def dolphinflow8bit(params, **config):
@@ -54,5 +60,15 @@ RECORDS = [
             ({"ortho_mode": "spectral"}, r"ortho_mode='spectral' is invalid.*choose one of"),
             ({"foreach": "yes"}, r"foreach='yes' is invalid"),
         ],
+        # the reference: dequantize, DolphinFlow's rule called eagerly, requantize (slab by
+        # slab); native: the same three steps in one pass of csrc/quant8.c, whose rule is
+        # csrc/dolphinflow_rule.h; a moment may requantize one code apart where the two
+        # roundings straddle a code midpoint
+        backends={
+            "foreach": BackendCheck(),
+            "native": BackendCheck(
+                available=_quant8_native_available, code_steps=1, code_fraction=1e-3
+            ),
+        },
     )
 ]
