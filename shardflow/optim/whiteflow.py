@@ -67,6 +67,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from shardflow.ops import backend
 from shardflow.ops.compiling import each
 from shardflow.ops.listops import ListOps
 from shardflow.ops.native import whiteflow as wf_native
@@ -201,11 +202,7 @@ class WhiteFlow(ShardFlowOptimizer):
         )
         self._names: dict[Tensor, str] = {}
         self._index: dict[Tensor, int] = {}
-        if compiled is not None and not isinstance(compiled, bool):
-            raise ValueError(
-                f"compiled={compiled!r} is invalid: pass True, False or None (compile on CUDA only)."
-            )
-        self._compiled = compiled
+        self._compiled = backend.check_compiled(compiled)
         super().__init__(
             params,
             defaults,
@@ -308,21 +305,24 @@ class WhiteFlow(ShardFlowOptimizer):
         for it in items:
             by_step.setdefault(int(it.state["step"]), []).append(it)
         for t, bucket in by_step.items():
-            self._step_items(group, t, bucket)
+            self._step_items(group, t, bucket, ops)
 
-    def _step_items(self, group: dict[str, Any], t: int, items: list[Item]) -> None:
+    def _step_items(self, group: dict[str, Any], t: int, items: list[Item], ops: ListOps) -> None:
         """One step of ``items`` (all at step ``t``).
 
-        Three implementations of one rule, chosen per parameter:
+        Three implementations of one rule: the step's backend (``ops``, chosen once per step by
+        :func:`shardflow.ops.backend.choose`) says which may run, and each parameter takes the
+        first that takes its tensors:
 
-        - **native** (the default on the CPU: fp32 weights and gradients, bf16 states, unless
-          ``compiled=True``; :mod:`shardflow.ops.native.whiteflow`): the element-wise
+        - **native** (``ops.native``, the default on the CPU: fp32 weights and gradients, bf16
+          states; :mod:`shardflow.ops.native.whiteflow`): the element-wise
           parameters of the group in one C call, one pass each; a projected hidden matrix in
           chunks of rows — ⊥Grad, momentum (C), one ``torch.mm`` with the projection, second
           moment, channel scale and the store (C) while the chunk is in cache; a dense one in
           one C call. No temporary beyond a chunk's scratch.
         - **eager torch** (float64, other devices, ``SHARDFLOW_NATIVE=0``, empty shards) and
-          **compiled** (``compiled=True``; by default on CUDA): :func:`whiteflow_scales_` (⊥Grad
+          **compiled** (``ops.compiled``: ``compiled=True``, or None on CUDA; it takes
+          precedence over native): :func:`whiteflow_scales_` (⊥Grad
           coefficients, second moment, channel scales — everything per row) then
           :func:`whiteflow_apply_` (momentum and weights, element-wise) for hidden matrices,
           :func:`whiteflow_elementwise_` for the rest; compiled, a chunk of parameters per
@@ -335,8 +335,8 @@ class WhiteFlow(ShardFlowOptimizer):
         norm-growth limiter, ``‖u‖`` of every parameter comes first (``Σᵢ sᵢ²·‖M̂ᵢ‖²`` for
         hidden matrices), one batched reduction over shards, and the limited step follows.
         """
-        compiled = self._compiled if self._compiled is not None else items[0].grad.is_cuda
-        jobs = [self._job(group, t, it, compiled) for it in items]
+        compiled = ops.compiled
+        jobs = [self._job(group, t, it, compiled, ops.native) for it in items]
         limited = group["norm_growth_limit"] is not None
         channel = [j for j in jobs if j.route != "elementwise"]
         elementwise = [j for j in jobs if j.route == "elementwise"]
@@ -386,7 +386,7 @@ class WhiteFlow(ShardFlowOptimizer):
             for dst, src in j.write_back:
                 dst.copy_(src.view_as(dst))
 
-    def _job(self, group: dict[str, Any], t: int, it: Item, compiled: bool) -> _Job:
+    def _job(self, group: dict[str, Any], t: int, it: Item, compiled: bool, native: bool) -> _Job:
         """One item's arguments ``(w, g, m, v, proj, hyper, keys)`` for the pass functions, and
         the native kernels' job where they take it."""
         route = self.route(it.param, group)
@@ -422,7 +422,8 @@ class WhiteFlow(ShardFlowOptimizer):
         fast = it.grad.numel() > 0 and not write_back
         job = _Job(it, route, (w, g, m, v, proj, hyper, keys), fast, write_back)
         if (
-            not compiled
+            native
+            and not compiled
             and it.grad.numel() > 0
             and wf_native.usable(w, g, m, v)
             and (proj is None or (proj.dtype == torch.float32 and proj.device.type == "cpu"))
