@@ -12,8 +12,10 @@ Two questions, each answered side by side in one process (minimum over ``--reps`
   by DolphinFlow's compiled :func:`~shardflow.optim.dolphinflow.sq_norms_each` (four streams
   read at once) and by :mod:`shardflow.ops.native.norm` (the base's pass for contiguous fp32
   CPU gradients; four streams, fp64 sums).
-- **update**: DolphinFlow's compiled element-wise pass (:func:`fused_update_each`, Nesterov, no
-  ⊥Grad) against ``torch._fused_adamw_`` on the same size, with the compiled graph built first
+- **update**: DolphinFlow's compiled element-wise pass (:func:`dolphinflow_rule_each`, the
+  reference rule compiled; Nesterov, no ⊥Grad) and its native kernel
+  (:mod:`shardflow.ops.native.dolphinflow`, the CPU default) against ``torch._fused_adamw_``
+  on the same size, with the compiled graph built first
   on a 1000-element tensor (as when a small parameter comes first): with
   ``cpp.dynamic_threads`` (what :mod:`shardflow.ops.compiling` sets) and without it (inductor
   then decides the loop's threading from that first call's size).
@@ -43,13 +45,17 @@ import torch
 
 from bench.factored import smollm2_135m_shapes
 from shardflow.ops import quant8
+from shardflow.ops.native import dolphinflow as dolphinflow_native
 from shardflow.ops.native import factored as factored_native
 from shardflow.ops.native import norm as norm_native
 from shardflow.ops.native import quant8 as quant8_native
 from shardflow.ops.native import rounding as rounding_native
 from shardflow.ops.native.build import FLAGS, NativeLibrary
 from shardflow.optim import factored
-from shardflow.optim.dolphinflow import fused_update_each, sq_norms_each
+from shardflow.optim.dolphinflow import dolphinflow_rule_each, sq_norms_each
+
+SCALARS = (0.99, 0.05, 0.95, 0.999, 1e-3, 1e-3, 1e-8, 1.0)
+"""One step's scalars of the rule (decay, 1 − μ, μ, β₂, 1 − β₂, scale, eps, c)."""
 
 N = 49152 * 576
 
@@ -68,9 +74,9 @@ def _best(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
 
 def _update_kernel(dynamic_threads: bool) -> Callable[..., None]:
     options = {"cpp.dynamic_threads": dynamic_threads}
-    kernel = torch.compile(fused_update_each, dynamic=True, fullgraph=True, options=options)
+    kernel = torch.compile(dolphinflow_rule_each, dynamic=True, fullgraph=True, options=options)
     small = [[torch.rand(1000)] for _ in range(4)]
-    kernel(*small, [torch.tensor([0.99, 0.05, 0.999, 1e-3, 1e-8, 1.0])], nesterov=True)
+    kernel(*small, [torch.tensor(SCALARS)], nesterov=True)
     return kernel
 
 
@@ -98,7 +104,7 @@ def main() -> None:
         print(f"| {name} | {sec * 1e3:.2f} | {N * 4 / sec / 1e9:.1f} |")
 
     w, m, v = torch.randn(N), torch.randn(N), torch.rand(N)
-    scalars = [torch.tensor([0.99, 0.05, 0.999, 1e-3, 1e-8, 1.0])]
+    scalars = [torch.tensor(SCALARS)]
     step = [torch.tensor(5.0)]
     with_threads, without = _update_kernel(True), _update_kernel(False)
     fns = {
@@ -117,13 +123,17 @@ def main() -> None:
             amsgrad=False,
             maximize=False,
         ),  # fmt: skip
-        "fused_update_each, cpp.dynamic_threads": lambda: with_threads(
+        "dolphinflow_rule_each, cpp.dynamic_threads": lambda: with_threads(
             [w], [g], [m], [v], scalars, nesterov=True
         ),
-        "fused_update_each, threading from the first call": lambda: without(
+        "dolphinflow_rule_each, threading from the first call": lambda: without(
             [w], [g], [m], [v], scalars, nesterov=True
         ),
     }
+    if dolphinflow_native.available():
+        fns["DolphinFlow native step (fp32 moments)"] = lambda: dolphinflow_native.step(
+            w, g, m, v, SCALARS, nesterov=True
+        )
     fns.update(_quant8(w, g))
     fns.update(_factored(w, g))
     best = _best(fns, args.reps)
@@ -167,10 +177,9 @@ def _quant8(w: torch.Tensor, g: torch.Tensor) -> dict[str, Callable[[], object]]
             g.view(rows, cols),
             tuple(states),
             None,
-            (1.0, 0.05, 0.999, 1e-3, 1e-8, 1.0),
+            (1.0, *SCALARS[1:]),
             blocks,
             nesterov=True,
-            decay_on=False,
         )
         quant8_native._library = shipped
 

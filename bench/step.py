@@ -5,6 +5,11 @@ Run from the repository root::
     /work/venv/bin/python -m bench.step                  # 2 layers: ~2.5 min of CPU; ~7 min wall at load 10
     /work/venv/bin/python -m bench.step --layers 30 --only adamw-fused,df-vector
     /work/venv/bin/python -m bench.step --profile        # + where DolphinFlow vector's time goes
+    # the DolphinFlow targets: defaults vs fused AdamW on one thread, 42.5 M params (4 layers),
+    # and the same rows from another checkout (the parent commit) side by side in this process
+    /work/venv/bin/python -m bench.step --layers 4 --threads 1 --steps 7 \
+        --only adamw-fused,df-vector-default,df-vector-compiled,df8-vector,df8-vector-compiled \
+        --baseline /tmp/base
 
 What it measures: the median wall time of ``optimizer.step()`` alone (gradients are fixed random
 tensors, ``p.grad`` is set directly, nothing else is timed) and the optimizer state in bytes per
@@ -18,7 +23,17 @@ parameter, for DolphinFlow in each mode and for the anchors, all on the same par
 - DolphinFlow's vector mode both eager (``compiled=False``) and with its element-wise pass
   through ``torch.compile`` (``compiled=True``; the compilation happens in the warm-up round and
   its first-step time is reported, not timed);
-- the published ``dolphinflow`` 0.2.0 package (skipped with a note when it is not installed).
+- the published ``dolphinflow`` 0.2.0 package (skipped with a note when it is not installed);
+- DolphinFlow and DolphinFlow8bit with default arguments (``df-vector-default``,
+  ``df8-vector``: whatever backend the optimizer picks by itself) and DolphinFlow8bit with
+  ``compiled=True``.
+
+``--baseline DIR`` also runs every ShardFlow row with the ``shardflow`` package of another
+checkout (``git worktree add /tmp/base HEAD``), loaded into this process beside the working
+tree's (its modules are imported from ``DIR`` under the same names, kept, and the working tree's
+put back; lazy imports inside its functions then resolve to the working tree's modules, which
+only the 8-bit code tables use): rows named ``<row>@base``, stepped round-robin with the others,
+so both trees' ratios to fused AdamW come from the same run.
 
 Every optimizer gets the same parameter groups: hidden matrices (every 2-D layer weight) are
 orthogonalized, the embedding (tied head) and the norm gains are updated element-wise
@@ -82,7 +97,7 @@ class Contender:
             opt.step()
 
     def state_bytes_per_param(self, n_params: int) -> float:
-        if len(self.optimizers) == 1 and isinstance(self.optimizers[0], DolphinFlow):
+        if len(self.optimizers) == 1 and hasattr(self.optimizers[0], "state_bytes_per_param"):
             return self.optimizers[0].state_bytes_per_param()
         return sum(state_tensor_bytes(o) for o in self.optimizers) / n_params
 
@@ -120,9 +135,10 @@ def split_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Paramete
     return hidden, rest
 
 
-def dolphinflow(model: nn.Module, ns_steps: int, **kw: Any) -> DolphinFlow:
-    """ShardFlow's DolphinFlow with the routing groups; Newton-Schulz fixed at ``ns_steps``."""
-    return DolphinFlow(
+def dolphinflow(model: nn.Module, ns_steps: int, cls: Any = DolphinFlow, **kw: Any) -> Any:
+    """ShardFlow's DolphinFlow (or ``cls``) with the routing groups; Newton-Schulz fixed at
+    ``ns_steps``."""
+    return cls(
         param_groups(model),
         lr=LR,
         weight_decay=WEIGHT_DECAY,
@@ -200,8 +216,11 @@ CATALOG: dict[str, str] = {
     "adamw-fused-clip": "clip_grad_norm_(1.0) + torch.optim.AdamW(fused=True)",
     "muon-fp32": "torch.optim.Muon, NS in fp32 (+ fused AdamW on the rest)",
     "muon-bf16": "torch.optim.Muon as shipped, NS in bf16 (+ fused AdamW on the rest)",
-    "df-vector": "DolphinFlow ortho_mode=vector (rowwise), eager",
+    "df-vector": "DolphinFlow ortho_mode=vector (rowwise), compiled=False (CPU: native kernel)",
     "df-vector-compiled": "DolphinFlow ortho_mode=vector (rowwise), compiled=True",
+    "df-vector-default": "DolphinFlow ortho_mode=vector (rowwise), default arguments",
+    "df8-vector": "DolphinFlow8bit ortho_mode=vector (rowwise), default arguments",
+    "df8-vector-compiled": "DolphinFlow8bit ortho_mode=vector (rowwise), compiled=True",
     "df-vector-flat": "DolphinFlow ortho_mode=vector, vector_mode=flat",
     "df-vector-noadapt": "DolphinFlow ortho_mode=vector, adaptive_lr=False",
     "df-block": "DolphinFlow ortho_mode=block, block_size=128",
@@ -232,10 +251,52 @@ bf16 matrix products run at ~1 GFLOP/s on an AVX2 CPU, and the package's matrix 
 tall matrices on the long side (a 1536² Gram matrix for gate/up)."""
 
 
-def make_contender(name: str, model: nn.Module, ns: int) -> Contender | None:
-    """Build one contender by catalog name; None when its package is missing."""
+def classes(root: str | None = None) -> dict[str, Any]:
+    """ShardFlow's optimizer classes by row prefix, from the working tree or (``root``) from the
+    ``shardflow`` package of another checkout, loaded beside the working tree's."""
+    if root is None:
+        from shardflow.optim.dolphinflow8bit import DolphinFlow8bit  # noqa: PLC0415
+
+        return {"df": DolphinFlow, "df8": DolphinFlow8bit}
+    import importlib  # noqa: PLC0415
+
+    def ours(name: str) -> bool:
+        return name == "shardflow" or name.startswith("shardflow.")
+
+    saved = {k: v for k, v in sys.modules.items() if ours(k)}
+    for k in saved:
+        del sys.modules[k]
+    sys.path.insert(0, str(Path(root).resolve()))
+    try:
+        df = importlib.import_module("shardflow.optim.dolphinflow")
+        df8 = importlib.import_module("shardflow.optim.dolphinflow8bit")
+        if not Path(df.__file__).resolve().is_relative_to(Path(root).resolve()):
+            raise SystemExit(f"--baseline {root}: no shardflow package there")
+        return {"df": df.DolphinFlow, "df8": df8.DolphinFlow8bit}
+    finally:
+        sys.path.remove(str(Path(root).resolve()))
+        for k in [k for k in sys.modules if ours(k)]:
+            del sys.modules[k]
+        sys.modules.update(saved)
+
+
+BASE = "@base"
+"""Suffix of the rows run with ``--baseline``'s package."""
+
+
+def make_contender(
+    name: str, model: nn.Module, ns: int, base: dict[str, Any] | None = None
+) -> Contender | None:
+    """Build one contender by catalog name (``<name>@base``: with ``base``'s classes); None
+    when its package is missing."""
+    found = classes() if not name.endswith(BASE) else base
+    row = name.removesuffix(BASE)
     hidden, rest = split_groups(model)
     everything = hidden + rest
+    if row.startswith("df8-"):
+        kw = {"compiled": True} if row.endswith("-compiled") else {}
+        opt = dolphinflow(model, ns, found["df8"], ortho_mode="vector", **kw)
+        return Contender(name, [opt])
     if name == "adamw-foreach":
         return Contender(name, [adamw(everything, foreach=True)])
     if name == "adamw-fused":
@@ -249,6 +310,7 @@ def make_contender(name: str, model: nn.Module, ns: int) -> Contender | None:
     modes: dict[str, dict[str, Any]] = {
         "df-vector": dict(ortho_mode="vector", compiled=False),
         "df-vector-compiled": dict(ortho_mode="vector", compiled=True),
+        "df-vector-default": dict(ortho_mode="vector"),
         "df-vector-flat": dict(ortho_mode="vector", vector_mode="flat"),
         "df-vector-noadapt": dict(ortho_mode="vector", adaptive_lr=False),
         "df-block": dict(ortho_mode="block", block_size=128),
@@ -257,13 +319,14 @@ def make_contender(name: str, model: nn.Module, ns: int) -> Contender | None:
         "df-matrix-bf16": dict(ortho_mode="matrix", ns_dtype=torch.bfloat16),
         "df-none": dict(ortho_mode=None),
     }
-    if name in modes:
+    if row in modes:
         anchor = {
             "df-matrix": "muon-fp32",
             "df-matrix-compiled": "muon-fp32",
             "df-matrix-bf16": "muon-bf16",
-        }.get(name)
-        return Contender(name, [dolphinflow(model, ns, **modes[name])], anchor=anchor)
+        }.get(row)
+        opt = dolphinflow(model, ns, found["df"], **modes[row])
+        return Contender(name, [opt], anchor=anchor)
     if name in ("peer-vector", "peer-matrix"):
         opt = peer(model, name.removeprefix("peer-"), ns)
         if opt is None:
@@ -332,10 +395,15 @@ def table(contenders: list[Contender], n_params: int) -> list[str]:
         anchor = by_name.get(c.anchor) if c.anchor else None
         vs_muon = f"{med / statistics.median(anchor.times):.2f}" if anchor else "–"
         lines.append(
-            f"| {c.name} | {CATALOG[c.name]} | {med * 1e3:.1f} | {min(c.times) * 1e3:.1f} | "
+            f"| {c.name} | {describe(c.name)} | {med * 1e3:.1f} | {min(c.times) * 1e3:.1f} | "
             f"{vs_adamw} | {vs_muon} | {c.state_bytes_per_param(n_params):.2f} |"
         )
     return lines
+
+
+def describe(name: str) -> str:
+    row = name.removesuffix(BASE)
+    return CATALOG[row] + (" (the --baseline checkout)" if row != name else "")
 
 
 # -- profile ----------------------------------------------------------------------------------
@@ -364,7 +432,7 @@ def profile(
                 set_grads(params, grads, c.mutates_grads)
                 c.step()
         text = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
-        out += [f"### {c.name}: {CATALOG[c.name]} ({steps} steps)", "", "```", text, "```", ""]
+        out += [f"### {c.name}: {describe(c.name)} ({steps} steps)", "", "```", text, "```", ""]
     return out
 
 
@@ -396,6 +464,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--profile", action="store_true", help="also profile df-vector vs adamw-fused")
     ap.add_argument("--profile-steps", type=int, default=3)
+    ap.add_argument(
+        "--baseline",
+        default=None,
+        help="another checkout (e.g. a git worktree of the parent commit): every ShardFlow row "
+        "also runs with its shardflow package, as <row>@base, in the same rounds",
+    )
     ap.add_argument("--out", default=None, help="results file (default bench/results/step-...md)")
     ap.add_argument("--no-write", action="store_true", help="print only")
     return ap.parse_args(argv)
@@ -405,7 +479,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     names = args.only.split(",") if args.only else DEFAULT
     for name in names:
-        if name not in CATALOG:
+        if name.removesuffix(BASE) not in CATALOG:
             raise SystemExit(
                 f"--only: unknown optimizer {name!r}; choose from {', '.join(CATALOG)}"
             )
@@ -426,9 +500,13 @@ def main(argv: list[str] | None = None) -> None:
         f"{torch.get_num_threads()} threads, torch {torch.__version__}"
     )
 
+    base = None
+    if args.baseline:
+        base = classes(args.baseline)
+        names = [*names, *(n + BASE for n in names if n.startswith("df") and BASE not in n)]
     contenders, notes = [], []
     for name in names:
-        c = make_contender(name, model, args.ns_steps)
+        c = make_contender(name, model, args.ns_steps, base)
         if c is None:
             notes.append(f"{name}: skipped, the `dolphinflow` package is not installed")
             log(f"note: {notes[-1]}")
@@ -481,6 +559,7 @@ def main(argv: list[str] | None = None) -> None:
         f"- torch {torch.__version__}, Python {platform.python_version()}",
         f"- model: {n_params / 1e6:.2f} M params, {n_hidden / 1e6:.2f} M in hidden matrices "
         f"(orthogonalized), rest element-wise (embedding, tied head, norms)",
+        *([f"- baseline (`@base` rows): the shardflow package of {args.baseline}"] if base else []),
         f"- rounds: {args.warmup} warm-up + {args.steps} timed, round-robin; Newton-Schulz steps "
         f"{args.ns_steps} for every NS mode; run wall time {wall:.0f} s",
         f"- caveat: 2 CPU cores shared with other engineers' jobs (1-min load average "
