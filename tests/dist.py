@@ -85,3 +85,22 @@ def run_on_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 120
             if p.is_alive():
                 p.kill()
     return [results[r] for r in range(world_size)]
+
+
+def place(model, placement: str, world: int):
+    """The process group an optimizer gets for ``model`` (a ``Sequential`` whose items 0 and 2
+    are the layers) under ``placement``: ``"fsdp"`` applies ``fully_shard`` to both layers and the
+    root over a 1-D CPU mesh of ``world`` ranks and returns the mesh; anything else leaves the
+    model whole and returns the world group (the DDP owner plan)."""
+    import torch.distributed as dist  # noqa: PLC0415
+
+    if placement != "fsdp":
+        return dist.group.WORLD
+    from torch.distributed.device_mesh import init_device_mesh  # noqa: PLC0415
+    from torch.distributed.fsdp import fully_shard  # noqa: PLC0415
+
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in (model[0], model[2]):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return mesh

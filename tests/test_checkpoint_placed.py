@@ -40,11 +40,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch._dynamo  # noqa: F401 - imported once here, not by every forked rank (seconds each)
-import torch.distributed as dist
-from dist import run_on_ranks
+from dist import place, run_on_ranks
 from optim_table import all_records, skip_reason
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
 
 import shardflow.checkpoint as ck
 
@@ -92,14 +89,7 @@ def _full(model) -> dict[str, list]:
 
 def _placed(record, placement: str, world: int):
     model = _model()
-    if placement == "fsdp":
-        mesh = init_device_mesh("cpu", (world,))
-        for layer in (model[0], model[2]):
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        group = mesh
-    else:
-        group = dist.group.WORLD
+    group = place(model, placement, world)
     return model, record.factory(model.parameters(), process_group=group, **_config(record))
 
 

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
-from dist import run_on_ranks
+from dist import place, run_on_ranks
 
 import shardflow.checkpoint as ck
 from shardflow import DolphinFlow
@@ -51,17 +50,7 @@ def _full(model):
 
 def _placed(placement, world, mode):
     model = _model()
-    if placement == "fsdp":
-        from torch.distributed.device_mesh import init_device_mesh  # noqa: PLC0415
-        from torch.distributed.fsdp import fully_shard  # noqa: PLC0415
-
-        mesh = init_device_mesh("cpu", (world,))
-        for layer in (model[0], model[2]):
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        group = mesh
-    else:
-        group = dist.group.WORLD
+    group = place(model, placement, world)
     return model, DolphinFlow(model.parameters(), process_group=group, **CONFIGS[mode])
 
 

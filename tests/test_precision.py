@@ -202,19 +202,10 @@ def _tiny_model() -> torch.nn.Module:
 
 
 def _placed(name: str, placement: str, world: int):
-    import torch.distributed as dist  # noqa: PLC0415
-    from torch.distributed.device_mesh import init_device_mesh  # noqa: PLC0415
-    from torch.distributed.fsdp import fully_shard  # noqa: PLC0415
+    from dist import place  # noqa: PLC0415
 
     model = _tiny_model()
-    if placement == "fsdp":
-        mesh = init_device_mesh("cpu", (world,))
-        for layer in (model[0], model[2]):
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        group = mesh
-    else:
-        group = dist.group.WORLD
+    group = place(model, placement, world)
     (record,) = [r for r in RECORDS if r.name == name]
     return model, record.factory(model.parameters(), process_group=group, lr=2e-4)
 
