@@ -1,8 +1,8 @@
 """Native CPU kernels for WhiteFlow's step: the element-wise fallback in one pass, and the row
 passes of a channel-scaled hidden matrix around its projection product.
 
-Why: WhiteFlow's torch path makes ~40 tensor ops per parameter, its stochastic rounding ~15 int
-ops more per state, with a full-size temporary each: with default arguments on one CPU thread,
+Why: WhiteFlow's torch path makes dozens of tensor ops per parameter (its stochastic rounding
+alone ~15 int ops per state), with a full-size temporary each: with default arguments on one CPU thread,
 42.5 M parameters of SmolLM2 shapes, its step took 158× fused AdamW's and its first step grew
 the process by ~24 B per parameter (bench/results/whiteflow-step-cpu2-2026-12-07.md). Here:
 
@@ -15,7 +15,9 @@ the process by ~24 B per parameter (bench/results/whiteflow-step-cpu2-2026-12-07
   a scratch ``x`` (``2·rows × n``), ``torch.mm`` forms ``x @ P`` (one product for both), pass 2
   (C) updates ``V_R``, computes the channel scale and — unless the norm-growth limiter must see
   every parameter's norm first — stores the momentum and moves the weights from the scratch while
-  the chunk is in cache. The scratch is the step's only temporary: ≤ 2·(CHUNK + n)·4 bytes;
+  the chunk is in cache. The scratch (``x`` and ``x @ P``, each at most ``2·max(CHUNK, n)``
+  floats: ≤ 1 MiB in all for ``n ≤ CHUNK``) and the coefficients (16 B per row) are the step's
+  only temporaries;
 - **dense** hidden matrices (:func:`rows_dense`): one C call, each row in one sweep (sums, then
   ``g⊥``, momentum, second moment and the norms, then the store), a row buffer per thread;
 - after the limiter (:func:`rows_apply`): the weights and momentum from the scales, with
@@ -25,14 +27,22 @@ the process by ~24 B per parameter (bench/results/whiteflow-step-cpu2-2026-12-07
 whiteflow_elementwise_`, ``whiteflow_scales_``, ``whiteflow_apply_``) in its order, in fp32, with
 a fused multiply-add exactly where torch's vectorized ``lerp`` uses one, and its stochastic
 rounding bit for bit (:func:`~shardflow.ops.precision.bf16_stochastic`: element ``i`` of a state
-adds the low 16 bits of ``lowbias32((offset + i) ^ key)``). So the element-wise step is
-bit-identical to the torch path. For hidden matrices the row sums (``⟨g,w⟩, ‖w‖², ‖g‖²`` and the
+adds the low 16 bits of ``lowbias32((offset + i) ^ key)``). The element-wise step's momentum and
+second moment are bit-identical to the torch path's; its weights agree to one fp32 ulp, because
+torch's CPU ``sqrt`` is not correctly rounded (one ulp off on ~15 % of elements on the AMD EPYC
+machine) and ``vsqrtps`` is. For hidden matrices the row sums (``⟨g,w⟩, ‖w‖², ‖g‖²`` and the
 norms of the channel scale) are summed in fp64 in another order than torch's reductions, the
-momentum is projected before the bias correction multiplies it (``corr₁·(m·P)`` for ``(corr₁·m)·P``)
-and the product is summed in MKL's order for the chunk: a few fp32 ulps, which flip a
-stochastic rounding of a state element (one bf16 ulp) with probability ≈ ulps/2¹⁶ — the same
-tolerance as the compiled path's (tests/test_whiteflow_native.py). Row results never depend on
-the thread count; the element-wise norms (limiter only) are summed per block in block order.
+momentum is projected before the bias correction multiplies it (``corr₁·(m·P)`` for
+``(corr₁·m)·P``) and the product is summed in MKL's order for the chunk: fp32 differences that
+flip a stochastic rounding of a state element (one bf16 ulp) with probability ≈ ulps/2¹⁶ — the
+tolerance of the compiled path (tests/test_whiteflow_native.py gives the bounds). Row results
+never depend on the thread count; the element-wise norms (limiter only) are summed per block in
+block order.
+
+**Where the time goes** (default arguments, 42.5 M parameters of SmolLM2 shapes, one thread;
+bench/results/whiteflow-step-cpu2-2026-12-07.md): the two products ``g⊥·P`` and ``M·P``
+(4·r = 1024 FLOP per hidden-matrix parameter at r = 256) are most of the step; the passes here
+are memory-bound (an fp32 instead of fp64 row sum changed nothing measurable).
 
 fp32 weights and gradients, bf16 states, contiguous, on the CPU (:func:`usable`); everything else
 takes the torch path. The kernels are the C file ``csrc/whiteflow.c``, built by
