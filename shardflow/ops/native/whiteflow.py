@@ -44,8 +44,9 @@ bench/results/whiteflow-step-cpu2-2026-12-07.md): the two products ``g⊥·P`` a
 (4·r = 1024 FLOP per hidden-matrix parameter at r = 256) are most of the step; the passes here
 are memory-bound (an fp32 instead of fp64 row sum changed nothing measurable).
 
-fp32 weights and gradients, bf16 states, contiguous, on the CPU (:func:`usable`); everything else
-takes the torch path. The kernels are the C file ``csrc/whiteflow.c``, built by
+fp32 weights (bf16 weights reach a rule as an fp32 working copy), fp32 or bf16 gradients (read
+exactly as fp32, as the torch path's ``g.to(float32)``), bf16 states, contiguous, on the CPU
+(:func:`usable`); everything else takes the torch path. The kernels are the C file ``csrc/whiteflow.c``, built by
 :mod:`shardflow.ops.native.build` (AVX2 + FMA; ``SHARDFLOW_NATIVE=0`` switches them off).
 """
 
@@ -85,7 +86,7 @@ class _Job(ctypes.Structure):
         ("key_m", ctypes.c_uint32),
         ("key_v", ctypes.c_uint32),
         ("sr", ctypes.c_int32),
-        ("pad", ctypes.c_int32),
+        ("g_bf16", ctypes.c_int32),
     ]
 
 
@@ -115,7 +116,8 @@ def available() -> bool:
 class Job(NamedTuple):
     """One parameter for the kernels.
 
-    ``w`` (fp32 weights, updated in place) and ``g`` (its raw fp32 gradient, read only) as
+    ``w`` (fp32 weights, updated in place) and ``g`` (its raw gradient, fp32 or bf16, read
+    only) as
     ``(rows, n)`` for a hidden matrix or flat for the element-wise step; ``m`` (bf16, the
     shape of ``w``) and ``v`` (bf16: ``(rows, r)`` projected, else the shape of ``w``);
     ``hyper``: :meth:`~shardflow.optim.whiteflow.WhiteFlow._hyper`'s nine scalars ``[c, 1−β₁,
@@ -131,11 +133,12 @@ class Job(NamedTuple):
 
 
 def usable(w: Tensor, g: Tensor, m: Tensor, v: Tensor) -> bool:
-    """Whether the kernels take this parameter: fp32 weights and gradient of the same size, bf16
-    states, all contiguous on the CPU, where the kernels are available."""
+    """Whether the kernels take this parameter: fp32 weights (a bf16 weight's fp32 working copy
+    included), an fp32 or bf16 gradient of the same size, bf16 states, all contiguous on the
+    CPU, where the kernels are available."""
     return (
         w.dtype == torch.float32
-        and g.dtype == torch.float32
+        and g.dtype in (torch.float32, torch.bfloat16)
         and m.dtype == torch.bfloat16
         and v.dtype == torch.bfloat16
         and all(t.device.type == "cpu" and t.is_contiguous() for t in (w, g, m, v))
@@ -160,7 +163,7 @@ def _job(job: Job, rows: int, n: int, r: int) -> _Job:
         keys[0] & 0xFFFFFFFF,
         keys[2] & 0xFFFFFFFF,
         job.keys is not None,
-        0,
+        job.g.dtype == torch.bfloat16,
     )
 
 

@@ -6,7 +6,7 @@
      BLOCK              elements per task of the element-wise pass (whiteflow.py's BLOCK)
      PARALLEL_ELEMENTS  below this many values a loop runs on the calling thread
 
-   Layouts: weights and gradients fp32, momentum and second moment bf16 (uint16 bits), all
+   Layouts: weights fp32, gradients fp32 or bf16, momentum and second moment bf16 (uint16 bits), all
    contiguous; a matrix is (rows, n) row-major, its projected second moment (rows, r). Example
    shapes (SmolLM2-135M): the embedding 49152x576 element-wise; gate_proj 1536x576, r = 256. */
 
@@ -33,14 +33,14 @@ typedef struct {
 typedef struct {
     Hyper h;
     float* w;
-    const float* g;
+    const void* g;               /* fp32, or bf16 bits where g_bf16 */
     uint16_t* m;
     uint16_t* v;
     int64_t rows, n, r;          /* element-wise: rows = 1, n = numel; dense: r = n */
     int64_t offset_m, offset_v;  /* global index of m[0] and v[0] in their streams */
     uint32_t key_m, key_v;
     int32_t sr;                  /* 1: stochastic rounding, 0: round to nearest even */
-    int32_t pad;
+    int32_t g_bf16;              /* the gradient is bf16 (read exactly as fp32) */
 } Job;
 
 int32_t swf_version(void) { return 1; }
@@ -59,6 +59,40 @@ static inline __m256 load_bf16(const uint16_t* p) {
 static inline void store_bf16(uint16_t* p, __m256i r) {
     __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
     _mm_storeu_si128((__m128i*)p, _mm256_castsi256_si128(packed));
+}
+
+/* the gradient, fp32 or bf16: 8 values from element i, one value, k values into fp32 */
+typedef struct {
+    const void* p;
+    int bf16;
+} Grad;
+
+static inline __m256 gload(Grad g, int64_t i) {
+    return g.bf16 ? load_bf16((const uint16_t*)g.p + i) : _mm256_loadu_ps((const float*)g.p + i);
+}
+
+static inline float gat(Grad g, int64_t i) {
+    if (!g.bf16) return ((const float*)g.p)[i];
+    uint32_t u = (uint32_t)((const uint16_t*)g.p)[i] << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline void gcopy(float* dst, Grad g, int64_t i, int64_t k) {
+    for (int64_t q = 0; q < k; q++) dst[q] = gat(g, i + q);
+}
+
+static inline Grad grad_of(const Job* J, int64_t offset) {
+    Grad g = {J->g_bf16 ? (const void*)((const uint16_t*)J->g + offset)
+                        : (const void*)((const float*)J->g + offset),
+              J->g_bf16};
+    return g;
+}
+
+static inline Grad fp32_grad(const float* p) {
+    Grad g = {p, 0};
+    return g;
 }
 
 static inline __m256i lowbias32(__m256i x) {
@@ -136,9 +170,9 @@ static inline HyperV broadcast(const Hyper* h) {
    formula, weight < 1/2); sq = v*b2 + ((1-b2)*g)*g; m, v <- rounded; u = (mom*corr1) /
    (sqrt(sq*inv_weight) + eps); w <- w*decay - eta*u. Returns u. With `norm_only` nothing is
    written. */
-static inline __m256 ew8(const HyperV* h, float* w, const float* g, uint16_t* m, uint16_t* v,
+static inline __m256 ew8(const HyperV* h, float* w, Grad g, int64_t gi, uint16_t* m, uint16_t* v,
                          __m256i index, __m256i km, __m256i kv, int sr, int norm_only) {
-    __m256 gs = _mm256_mul_ps(_mm256_loadu_ps(g), h->c);
+    __m256 gs = _mm256_mul_ps(gload(g, gi), h->c);
     __m256 mf = load_bf16(m);
     __m256 mom = _mm256_fmadd_ps(h->omb1, _mm256_sub_ps(gs, mf), mf);
     __m256 sq = _mm256_add_ps(_mm256_mul_ps(load_bf16(v), h->b2),
@@ -156,7 +190,7 @@ static inline __m256 ew8(const HyperV* h, float* w, const float* g, uint16_t* m,
 static double ew_range(const Job* J, int64_t a, int64_t b, int norm_only) {
     const HyperV h = broadcast(&J->h);
     float* w = J->w;
-    const float* g = J->g;
+    const Grad g = grad_of(J, 0);
     uint16_t *m = J->m, *v = J->v;
     const int sr = J->sr;
     const uint32_t offset = (uint32_t)J->offset_m;
@@ -165,24 +199,24 @@ static double ew_range(const Job* J, int64_t a, int64_t b, int norm_only) {
     int64_t i = a;
     if (norm_only) {
         for (; i + 8 <= b; i += 8)
-            acc = sq_acc(acc, ew8(&h, w + i, g + i, m + i, v + i, km, km, kv, sr, 1));
+            acc = sq_acc(acc, ew8(&h, w + i, g, i, m + i, v + i, km, km, kv, sr, 1));
     } else if (sr) {
         for (; i + 8 <= b; i += 8)
-            ew8(&h, w + i, g + i, m + i, v + i, lanes_from(offset + (uint32_t)i), km, kv, 1, 0);
+            ew8(&h, w + i, g, i, m + i, v + i, lanes_from(offset + (uint32_t)i), km, kv, 1, 0);
     } else {
         for (; i + 8 <= b; i += 8)
-            ew8(&h, w + i, g + i, m + i, v + i, km, km, kv, 0, 0);
+            ew8(&h, w + i, g, i, m + i, v + i, km, km, kv, 0, 0);
     }
     if (i < b) {
         int64_t k = b - i;
         Tail t;
         memset(&t, 0, sizeof t);
         memcpy(t.w, w + i, k * sizeof(float));
-        memcpy(t.g, g + i, k * sizeof(float));
+        gcopy(t.g, g, i, k);
         memcpy(t.m, m + i, k * sizeof(uint16_t));
         memcpy(t.v, v + i, k * sizeof(uint16_t));
-        __m256 u = ew8(&h, t.w, t.g, t.m, t.v, lanes_from(offset + (uint32_t)i), km, kv, sr,
-                       norm_only);
+        __m256 u = ew8(&h, t.w, fp32_grad(t.g), 0, t.m, t.v, lanes_from(offset + (uint32_t)i), km,
+                       kv, sr, norm_only);
         if (norm_only) acc = sq_acc(acc, _mm256_and_ps(u, first_lanes(k)));
         else {
             memcpy(w + i, t.w, k * sizeof(float));
@@ -229,11 +263,11 @@ void swf_elementwise(int64_t count, const Job* jobs, int32_t norm_only, double* 
 /* ---- hidden matrices: per row ------------------------------------------------------------- */
 
 /* (<g,w>, |w|^2, |g|^2) of one row, g already times c, products and sums in fp64 */
-static void row_sums(const float* w, const float* g, int64_t n, float c, float out[3]) {
+static void row_sums(const float* w, Grad g, int64_t n, float c, float out[3]) {
     __m256d gw = _mm256_setzero_pd(), ww = _mm256_setzero_pd(), gg = _mm256_setzero_pd();
     int64_t j = 0;
     for (; j + 8 <= n; j += 8) {
-        __m256 gs = _mm256_mul_ps(_mm256_loadu_ps(g + j), set1(c));
+        __m256 gs = _mm256_mul_ps(gload(g, j), set1(c));
         __m256 wv = _mm256_loadu_ps(w + j);
         gw = _mm256_fmadd_pd(lo_pd(gs), lo_pd(wv), gw);
         gw = _mm256_fmadd_pd(hi_pd(gs), hi_pd(wv), gw);
@@ -242,7 +276,7 @@ static void row_sums(const float* w, const float* g, int64_t n, float c, float o
     }
     double sgw = hsum(gw), sww = hsum(ww), sgg = hsum(gg);
     for (; j < n; j++) {
-        float gs = g[j] * c;
+        float gs = gat(g, j) * c;
         sgw += (double)gs * (double)w[j];
         sww += (double)w[j] * (double)w[j];
         sgg += (double)gs * (double)gs;
@@ -265,8 +299,8 @@ static void fold(const float s[3], float* a, float* b) {
 }
 
 /* 8 columns of a row: gp = a*(g*c) - b*w; mom = fma(1-b1, gp - m, m) */
-static inline __m256 perp8(const float* w, const float* g, __m256 c, __m256 a, __m256 b) {
-    __m256 gs = _mm256_mul_ps(_mm256_loadu_ps(g), c);
+static inline __m256 perp8(const float* w, Grad g, int64_t gi, __m256 c, __m256 a, __m256 b) {
+    __m256 gs = _mm256_mul_ps(gload(g, gi), c);
     return _mm256_sub_ps(_mm256_mul_ps(a, gs), _mm256_mul_ps(b, _mm256_loadu_ps(w)));
 }
 
@@ -279,7 +313,7 @@ void swf_rows_prepare(const Job* J, int64_t r0, int64_t r1, float* x, float* coe
     #pragma omp parallel for schedule(static) if (k_rows * n >= PARALLEL_ELEMENTS)
     for (int64_t row = r0; row < r1; row++) {
         const float* w = J->w + row * n;
-        const float* g = J->g + row * n;
+        const Grad g = grad_of(J, row * n);
         const uint16_t* m = J->m + row * n;
         float* gp_out = x + (row - r0) * n;
         float* mom_out = x + (k_rows + row - r0) * n;
@@ -290,7 +324,7 @@ void swf_rows_prepare(const Job* J, int64_t r0, int64_t r1, float* x, float* coe
         __m256d msq = _mm256_setzero_pd();
         int64_t j = 0;
         for (; j + 8 <= n; j += 8) {
-            __m256 gp = perp8(w + j, g + j, vc, va, vb);
+            __m256 gp = perp8(w + j, g, j, vc, va, vb);
             __m256 mf = load_bf16(m + j);
             __m256 mom = _mm256_fmadd_ps(omb1, _mm256_sub_ps(gp, mf), mf);
             _mm256_storeu_ps(gp_out + j, gp);
@@ -302,9 +336,9 @@ void swf_rows_prepare(const Job* J, int64_t r0, int64_t r1, float* x, float* coe
             Tail t;
             memset(&t, 0, sizeof t);
             memcpy(t.w, w + j, k * sizeof(float));
-            memcpy(t.g, g + j, k * sizeof(float));
+            gcopy(t.g, g, j, k);
             memcpy(t.m, m + j, k * sizeof(uint16_t));
-            __m256 gp = perp8(t.w, t.g, vc, va, vb);
+            __m256 gp = perp8(t.w, fp32_grad(t.g), 0, vc, va, vb);
             __m256 mf = load_bf16(t.m);
             __m256 mom = _mm256_fmadd_ps(omb1, _mm256_sub_ps(gp, mf), mf);
             _mm256_storeu_ps(t.f, gp);
@@ -429,7 +463,7 @@ void swf_rows_dense(const Job* J, int64_t r0, int64_t r1, float* coef, int32_t a
         #pragma omp for schedule(static)
         for (int64_t row = r0; row < r1; row++) {
             const float* w = J->w + row * n;
-            const float* g = J->g + row * n;
+            const Grad g = grad_of(J, row * n);
             const uint16_t* m = J->m + row * n;
             uint16_t* v = J->v + row * n;
             float s3[3], a, b;
@@ -444,18 +478,20 @@ void swf_rows_dense(const Job* J, int64_t r0, int64_t r1, float* coef, int32_t a
             for (int64_t j = 0; j < n; j += 8) {
                 int64_t k = n - j < 8 ? n - j : 8;
                 Tail t;
-                const float *wp = w + j, *gp_in = g + j;
+                const float* wp = w + j;
+                Grad gp_in = g;
+                int64_t gi = j;
                 const uint16_t* mp = m + j;
                 uint16_t* vp = v + j;
                 if (k < 8) {
                     memset(&t, 0, sizeof t);
                     memcpy(t.w, w + j, k * sizeof(float));
-                    memcpy(t.g, g + j, k * sizeof(float));
+                    gcopy(t.g, g, j, k);
                     memcpy(t.m, m + j, k * sizeof(uint16_t));
                     memcpy(t.v, v + j, k * sizeof(uint16_t));
-                    wp = t.w; gp_in = t.g; mp = t.m; vp = t.v;
+                    wp = t.w; gp_in = fp32_grad(t.g); gi = 0; mp = t.m; vp = t.v;
                 }
-                __m256 gp = perp8(wp, gp_in, vc, va, vb);
+                __m256 gp = perp8(wp, gp_in, gi, vc, va, vb);
                 __m256 mf = load_bf16(mp);
                 __m256 mom = _mm256_fmadd_ps(omb1, _mm256_sub_ps(gp, mf), mf);
                 __m256 sq = _mm256_add_ps(_mm256_mul_ps(load_bf16(vp), b2),
@@ -495,23 +531,25 @@ void swf_rows_apply(const Job* J, int64_t r0, int64_t r1, const float* coef) {
         #pragma omp for schedule(static)
         for (int64_t row = r0; row < r1; row++) {
             const float* w = J->w + row * n;
-            const float* g = J->g + row * n;
+            const Grad g = grad_of(J, row * n);
             const uint16_t* m = J->m + row * n;
             __m256 ac = set1(coef[row * 4 + 0]), vb = set1(coef[row * 4 + 1]);
             __m256 omb1 = set1(h->omb1), one = set1(1.0f);
             for (int64_t j = 0; j < n; j += 8) {
                 int64_t k = n - j < 8 ? n - j : 8;
                 Tail t;
-                const float *wp = w + j, *gp_in = g + j;
+                const float* wp = w + j;
+                Grad gp_in = g;
+                int64_t gi = j;
                 const uint16_t* mp = m + j;
                 if (k < 8) {
                     memset(&t, 0, sizeof t);
                     memcpy(t.w, w + j, k * sizeof(float));
-                    memcpy(t.g, g + j, k * sizeof(float));
+                    gcopy(t.g, g, j, k);
                     memcpy(t.m, m + j, k * sizeof(uint16_t));
-                    wp = t.w; gp_in = t.g; mp = t.m;
+                    wp = t.w; gp_in = fp32_grad(t.g); gi = 0; mp = t.m;
                 }
-                __m256 gp = perp8(wp, gp_in, one, ac, vb);  /* (a*c)*g - b*w */
+                __m256 gp = perp8(wp, gp_in, gi, one, ac, vb);  /* (a*c)*g - b*w */
                 __m256 mf = load_bf16(mp);
                 _mm256_storeu_ps(buf + j, _mm256_fmadd_ps(omb1, _mm256_sub_ps(gp, mf), mf));
             }
