@@ -9,6 +9,7 @@ Run from the repository root (CPU, one thread, so that timings on a shared machi
     python bench/whiteflow.py report RUN_DIR...  # table + PNG from launch/compare.py run dirs
     python bench/whiteflow.py step --reps 5     # default-argument step vs fused AdamW + memory
     python bench/whiteflow.py step --repo /tmp/wf-base   # the same bench on another checkout
+    python bench/whiteflow.py step --ranks 64 128        # plus WhiteFlow at smaller ranks
 
 ``step`` measures WhiteFlow exactly as a user gets it (default arguments: no ``compiled=``, no
 flags) on 42.5 M parameters of SmolLM2 shapes (tied embedding + 4 layers + final norm, from
@@ -238,9 +239,10 @@ def _products(model, rank: int = 256):
     return lambda: [torch.mm(x, proj, out=out) for x, proj, out in work]
 
 
-def step_bench(reps: int, layers: int, repo: str | None) -> None:
+def step_bench(reps: int, layers: int, repo: str | None, ranks: list[int] = ()) -> None:
     """WhiteFlow with default arguments (and ``second_moment="dense"``) against fused AdamW,
-    interleaved in one process; the projection products alone; memory per WhiteFlow step."""
+    interleaved in one process; the projection products alone; memory per WhiteFlow step.
+    ``ranks``: extra rows with ``rank=r`` (not the default: what a smaller sketch costs)."""
     import shardflow  # noqa: PLC0415
     from bench.shapes import SHAPES, build_model, random_grads  # noqa: PLC0415
 
@@ -255,6 +257,8 @@ def step_bench(reps: int, layers: int, repo: str | None) -> None:
             m.named_parameters(), second_moment="dense"
         ),
     }
+    for r in ranks:
+        makers[f"WhiteFlow rank={r}"] = lambda m, r=r: WhiteFlow(m.named_parameters(), rank=r)
     steps, states = {}, {}
     for name, make in makers.items():
         model = build_model(shapes, device="cpu", seed=0)
@@ -287,22 +291,33 @@ def step_bench(reps: int, layers: int, repo: str | None) -> None:
         f"\n(fused AdamW's first step, for scale: {adamw_first / 2**20:.1f} MiB, "
         f"{adamw_first / n_params:.3f} B/param — its state, created lazily)\n"
     )
-    times: dict[str, list[float]] = {name: [] for name in steps}
+    wall: dict[str, list[float]] = {name: [] for name in steps}
+    cpu: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(reps):
         for name, step in steps.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.thread_time()
             step()
-            times[name].append(time.perf_counter() - start)
-    ref_lo, ref_med = min(times["AdamW fused"]), statistics.median(times["AdamW fused"])
+            cpu[name].append(time.thread_time() - start_cpu)
+            wall[name].append(time.perf_counter() - start)
     print(f"{reps} interleaved steps each; load after: {_load()}\n")
-    print("| step | min ms | median ms | × fused AdamW (min) | × fused AdamW (median) |")
-    print("|---|---:|---:|---:|---:|")
-    for name, t in times.items():
-        lo, med = min(t), statistics.median(t)
-        print(
-            f"| {name} | {lo * 1e3:.1f} | {med * 1e3:.1f} | {lo / ref_lo:.2f} | "
-            f"{med / ref_med:.2f} |"
-        )
+    print(
+        "| step | wall min ms | wall median ms | × fused AdamW (min / median) | CPU min ms | "
+        "CPU median ms | × fused AdamW, CPU (min / median) |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name in steps:
+        cells = []
+        for t in (wall, cpu):
+            lo, med = min(t[name]), statistics.median(t[name])
+            ref_lo, ref_med = min(t["AdamW fused"]), statistics.median(t["AdamW fused"])
+            cells.append(
+                f"{lo * 1e3:.1f} | {med * 1e3:.1f} | {lo / ref_lo:.2f} / {med / ref_med:.2f}"
+            )
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    print(
+        "\nCPU = the calling thread's CPU time (time.thread_time; one torch thread, so the whole "
+        "step): less disturbed than wall time by other processes on a shared machine."
+    )
 
 
 # -- floor ----------------------------------------------------------------------------------
@@ -651,6 +666,9 @@ def main() -> None:
     parser.add_argument("--no-embedding", action="store_true", help="speed: hidden layers only")
     parser.add_argument("--repo", default=None, help="step: import shardflow from this checkout")
     parser.add_argument(
+        "--ranks", type=int, nargs="*", default=[], help="step: extra WhiteFlow rows at these ranks"
+    )
+    parser.add_argument(
         "--only", default="", help="train/speed: variants whose label contains this"
     )
     args = parser.parse_args()
@@ -662,7 +680,7 @@ def main() -> None:
     elif args.what == "speed":
         speed(args.reps, args.layers or 2, not args.no_embedding, args.only)
     elif args.what == "step":
-        step_bench(args.reps, 4 if args.layers is None else args.layers, args.repo)
+        step_bench(args.reps, 4 if args.layers is None else args.layers, args.repo, args.ranks)
     elif args.what == "report":
         report(args.runs, args.out)
     else:
