@@ -323,6 +323,7 @@ def test_adamw_run_and_dry_run_do_not_import_bitsandbytes(tmp_path):
     args = [
         str(ROOT / "configs" / "quickstart.toml"),
         *("--run.nproc", "1", "--placement.kind", "none", "--optim.name", "adamw"),
+        *("--optim.groups", "[]"),  # the quickstart's groups set ortho_mode, which adamw lacks
         *("--run.out_dir", str(tmp_path), "--train.steps", "1", "--train.eval_every", "0"),
         *("--checkpoint.every", "0", "--checkpoint.save_model", "false", "--log.plot", "false"),
         *("--data.max_bytes", "100000"),
@@ -427,13 +428,14 @@ def test_resume_uses_newest_complete_checkpoint_and_makes_lazy_state(tmp_path):
     assert ckpt.latest(tmp_path).name == "step_00000006"
     fresh = tiny_model()
     fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=5e-4)
-    assert ckpt.resume(tmp_path, model=fresh, optimizer=fresh_opt) == {"step": 6}
+    with pytest.warns(UserWarning, match=r"param group 0 lr: checkpoint 0\.001 -> config 0\.0005"):
+        assert ckpt.resume(tmp_path, model=fresh, optimizer=fresh_opt) == {"step": 6}
     for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(a, b), name
     for p, q in zip(model.parameters(), fresh.parameters()):
         for key in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(opt.state[p][key], fresh_opt.state[q][key]), key
-    assert fresh_opt.param_groups[0]["lr"] == 1e-3  # hyperparameters come from the checkpoint
+    assert fresh_opt.param_groups[0]["lr"] == 5e-4  # hyperparameters come from the config
     assert ckpt.resume(tmp_path / "none", model=fresh, optimizer=fresh_opt) is None
 
 

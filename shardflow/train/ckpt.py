@@ -3,7 +3,12 @@
 - :func:`save_step` writes ``<dir>/step_00000040/`` (one safetensors file per rank and
   ``index.json``; atomic; older ones beyond the newest ``keep`` deleted);
 - :func:`resume` loads the newest complete checkpoint, if any, into the model and optimizer —
-  at any world size and placement: a checkpoint saved by 2 FSDP2 ranks resumes in one process;
+  at any world size and placement: a checkpoint saved by 2 FSDP2 ranks resumes in one process.
+  The checkpoint supplies state, the config supplies hyperparameters (every param-group key but
+  :data:`STATE_KEYS`), and each hyperparameter that differs from the checkpoint's is logged;
+- :func:`check_run_dir` (before any process group) checks the run folder: writable, a readable
+  metrics file, and a checkpoint folder that belongs to this run — each run folder has a run id
+  (``run.json``) that every checkpoint carries in its ``extra``;
 - :func:`export_model` writes the final weights as one plain ``model.safetensors`` (Hugging Face
   names for Hugging Face models, with their config and tokenizer, so ``from_pretrained`` reads
   the folder).
@@ -16,6 +21,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +33,29 @@ import torch.distributed as dist
 from torch import nn
 
 import shardflow.checkpoint as checkpoint
-from shardflow.checkpoint import checkpoints, latest, step_path
+from shardflow.checkpoint import CheckpointError, checkpoints, latest, step_path
+from shardflow.train.config import Config, ConfigError
+from shardflow.train.metrics import MetricsError, read_metrics
 from shardflow.train.offload import OffloadOptimizer
 
-__all__ = ["checkpoints", "export_model", "latest", "resume", "save_step", "step_path"]
+__all__ = [
+    "STATE_KEYS",
+    "ResumePoint",
+    "check_run_dir",
+    "checkpoints",
+    "export_model",
+    "latest",
+    "resume",
+    "save_step",
+    "step_path",
+]
+
+RUN_FILE = "run.json"
+"""The run folder's identity, ``{"run_id": ...}``, written by rank 0 when a run starts afresh."""
+
+STATE_KEYS = frozenset({"initial_lr", "lr_scale"})
+"""Param-group keys that are training state (the lr schedules'), restored from a checkpoint;
+every other key is a hyperparameter, and the config's value wins on resume."""
 
 
 def _targets(model: nn.Module, optimizer: Any) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -76,22 +104,175 @@ def materialize_state(optimizer: torch.optim.Optimizer) -> None:
         p.grad = grad
 
 
-def resume(directory: Path, *, model: nn.Module, optimizer: Any) -> dict[str, Any] | None:
+def _plain(value: Any) -> Any:
+    """A group value as JSON holds it (tuples as lists), for comparing with a checkpoint's."""
+    return [_plain(v) for v in value] if isinstance(value, tuple | list) else value
+
+
+def _same(a: Any, b: Any) -> bool:
+    a, b = _plain(a), _plain(b)
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return a == b
+
+
+def reapply_hyperparameters(
+    optimizer: torch.optim.Optimizer, configured: list[dict[str, Any]]
+) -> list[str]:
+    """Set every param-group key but :data:`STATE_KEYS` back to ``configured`` (the groups as
+    built from the config, before a checkpoint was loaded into them); return one line per key
+    whose checkpoint value differed. The checkpoint's lr is the schedule's value at its step,
+    so lr is compared with the checkpoint's ``initial_lr`` (the lr it was configured with)."""
+    changes = []
+    for g, (group, mine) in enumerate(zip(optimizer.param_groups, configured)):
+        for key, value in mine.items():
+            if key in STATE_KEYS:
+                continue
+            saved = group.get("initial_lr", group.get(key)) if key == "lr" else group.get(key)
+            if key not in group or not _same(saved, value):
+                changes.append(f"param group {g} {key}: checkpoint {saved!r} -> config {value!r}")
+            group[key] = value
+    return changes
+
+
+def resume(
+    directory: Path,
+    *,
+    model: nn.Module,
+    optimizer: Any,
+    run_id: str | None = None,
+    warn: bool = True,
+) -> dict[str, Any] | None:
     """Load the newest complete checkpoint in ``directory``; its ``extra``, or None if none.
 
-    The param groups' hyperparameters come back from the checkpoint (as with
-    ``Optimizer.load_state_dict``); the loop's schedule then recomputes the lr from the step it
-    resumes at (:func:`shardflow.train.loop.lr_schedule`), so no scheduler state is saved.
+    The checkpoint supplies the weights and the optimizer state; the config supplies the
+    hyperparameters: after loading, every param-group key but :data:`STATE_KEYS` is set back to
+    the value the optimizer was built with, and (with ``warn``) each one the checkpoint held
+    differently is a warning. The loop's schedule recomputes the lr from the step it resumes at
+    (:func:`shardflow.train.loop.lr_schedule`), so no scheduler state is saved. With
+    ``run_id``, a checkpoint written by another run (its ``extra["run_id"]``) is refused.
     """
     found = latest(directory)
     if found is None:
         return None
     held_model, held_optimizer = _targets(model, optimizer)
+    if run_id is not None:
+        _check_run_id(found, run_id)
+    configured = [
+        {k: v for k, v in g.items() if k != "params"} for g in held_optimizer.param_groups
+    ]
     materialize_state(held_optimizer)
     extra = checkpoint.load(found, model=held_model, optimizer=held_optimizer)
+    changes = reapply_hyperparameters(held_optimizer, configured)
+    if warn and changes:
+        warnings.warn(
+            f"resuming from {found.name}: the config's hyperparameters win over the "
+            f"checkpoint's: {'; '.join(changes)}",
+            UserWarning,
+            stacklevel=2,
+        )
     if isinstance(optimizer, OffloadOptimizer):
         optimizer.push_weights()
     return extra
+
+
+# ------------------------------------------------------------------------------ run folder
+
+
+@dataclass(slots=True)
+class ResumePoint:
+    """What :func:`check_run_dir` found: the newest checkpoint's step (None: start afresh) and
+    the run id the run continues (None: a new one is made)."""
+
+    step: int | None
+    run_id: str | None
+
+
+def read_run_id(out: Path) -> str | None:
+    """The run id in ``out/run.json`` (None when there is none)."""
+    try:
+        return json.loads((out / RUN_FILE).read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def write_run_id(out: Path, run_id: str) -> None:
+    """Record ``run_id`` as the run folder's identity (rank 0)."""
+    (out / RUN_FILE).write_text(json.dumps({"run_id": run_id}) + "\n")
+
+
+def _saved_extra(found: Path) -> dict[str, Any]:
+    try:
+        extra = checkpoint.read_index(found).get("extra") or {}
+    except CheckpointError as exc:
+        raise ConfigError(f"checkpoint {str(found)!r} cannot be read: {exc}") from exc
+    return extra if isinstance(extra, dict) else {}
+
+
+def _check_run_id(found: Path, run_id: str) -> None:
+    saved = _saved_extra(found).get("run_id")
+    if saved is not None and saved != run_id:
+        raise ConfigError(
+            f"checkpoint {str(found)!r} was written by run {saved!r}, but its run folder "
+            f"belongs to run {run_id!r} ({RUN_FILE}): it is another run's checkpoint. Delete "
+            "it, or train in another run.out_dir."
+        )
+
+
+def _check_writable(out: Path) -> None:
+    """``out`` can be created (or exists as a folder) and written to."""
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(
+            f"run.out_dir={str(out)!r} cannot be created: {str(probe)!r} is a file, not a "
+            "folder; choose another run.out_dir."
+        )
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"run.out_dir={str(out)!r} cannot be written: {str(probe)!r} is not writable by "
+            "this user; choose another run.out_dir."
+        )
+    for name in ("metrics.jsonl", RUN_FILE, "config.json"):
+        if (out / name).exists() and not (out / name).is_file():
+            raise ConfigError(
+                f"{str(out / name)!r} is not a file; remove it or choose another run.out_dir."
+            )
+
+
+def check_run_dir(cfg: Config, *, warn: bool = True) -> ResumePoint:
+    """Check the run folder before any process group starts; raise :class:`ConfigError`.
+
+    The folder can be written; with ``checkpoint.resume`` and a checkpoint to resume from, the
+    metrics file can be read (a last line cut short is dropped, with a warning when ``warn``)
+    and the newest checkpoint belongs to the folder's run; without it, the checkpoint folder must be empty (a new run there would
+    prune, and later resume, the old run's checkpoints).
+    """
+    out = cfg.output_dir()
+    _check_writable(out)
+    ck_dir = out / "checkpoints"
+    held = sorted(p.name for p in ck_dir.iterdir()) if ck_dir.is_dir() else []
+    if not cfg.checkpoint.resume:
+        if held:
+            raise ConfigError(
+                f"checkpoint.resume=false, but {str(ck_dir)!r} holds another run's checkpoints "
+                f"({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}); delete that folder, "
+                "use another run.out_dir, or set checkpoint.resume=true to continue that run."
+            )
+        return ResumePoint(None, None)
+    found = latest(ck_dir)
+    if found is None:
+        return ResumePoint(None, None)
+    try:
+        read_metrics(out / "metrics.jsonl", warn=warn)
+    except (MetricsError, OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"the run's metrics cannot be read: {exc}") from exc
+    extra, mine = _saved_extra(found), read_run_id(out)
+    if mine is not None:
+        _check_run_id(found, mine)
+    step = int(extra.get("step", found.name.rpartition("_")[2]))
+    return ResumePoint(step, extra.get("run_id") or mine)
 
 
 def _is_main() -> bool:

@@ -1,26 +1,41 @@
 """Command lines behind launch/train.py and launch/compare.py.
 
-Exit codes: 0 done, 2 bad input (config, data, model, launch). Bad input is reported once, by
-rank 0, before any process group starts, and every rank exits with the same code.
+Exit codes: 0 done (or stopped by SIGTERM with a checkpoint, or nothing left to train), 1 a
+failure during training, 2 bad input (config, data, model, launch, run folder), 130 interrupted
+(SIGINT). Bad input is reported once, by rank 0, before any process group starts, and every rank
+exits with the same code.
+
+A failure after the process group started — on any rank, in any code (a full disk on rank 0
+while it appends metrics) — is reported first by the rank it happened on (its traceback), and
+that rank then leaves at once, without the shutdown barrier its peers could never reach (they
+wait in a collective): its connections close, each peer's collective fails within a second or
+two, and each peer prints one line saying so and leaves too. The job ends in seconds, not when
+the collective timeout (30 minutes) runs out.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
+import os
 import sys
+import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
 
+from shardflow.train.ckpt import check_run_dir
 from shardflow.train.config import Config, ConfigError, load_config
 from shardflow.train.loop import preflight, train
 from shardflow.train.metrics import plot_losses, read_metrics
 from shardflow.train.optimizers import (
     accepts_option,
     check_optimizer_name,
+    groups_for,
 )
 from shardflow.train.placement import ProcessInfo, init_distributed, process_info
 
@@ -58,9 +73,83 @@ def _parser(prog: str, compare: bool) -> argparse.ArgumentParser:
 
 
 def _finish_group() -> None:
+    """After success only: every rank reaches this barrier."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+"""What gloo's collectives say when another rank's process has gone."""
+
+
+def _failed(proc: ProcessInfo, exc: BaseException) -> int:
+    """Report ``exc`` (raised after the process group started) and leave without a barrier.
+
+    Several processes: print, then ``os._exit`` — the peers' collectives fail as this rank's
+    connections close, so every rank ends within seconds. One process: the process group is
+    destroyed and the caller re-raises (a :class:`ConfigError` becomes exit code 2)."""
+    several = dist.is_initialized() and dist.get_world_size() > 1
+    who = f"rank {proc.rank}" if several else "shardflow"
+    if isinstance(exc, ConfigError):
+        code = _fail(proc, exc)
+    elif isinstance(exc, KeyboardInterrupt):
+        code = 130
+        print(f"shardflow: {who}: interrupted (SIGINT)", file=sys.stderr, flush=True)
+    elif several and any(text in str(exc) for text in PEER_GONE):
+        code = 1
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(
+            f"shardflow: {who} stopped: a collective failed because another rank's process "
+            f"ended (its error is above): {type(exc).__name__}: {first}",
+            file=sys.stderr,
+            flush=True,
+        )
+    else:
+        code = 1
+        if several:
+            text = "".join(traceback.format_exception(exc))
+            print(f"shardflow: {who} failed:\n{text}", file=sys.stderr, flush=True)
+    if several:
+        sys.stdout.flush()
+        os._exit(code)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return code
+
+
+def _run_all(proc: ProcessInfo, work: Any) -> Any:
+    """``work()`` inside the process group, then the shutdown barrier; a failure in either ends
+    this rank at once (:func:`_failed`). Returns ``work()``'s value, or an exit code for a
+    :class:`ConfigError` in one process."""
+    try:
+        result = work()
+        _finish_group()
+    except BaseException as exc:
+        code = _failed(proc, exc)
+        if isinstance(exc, ConfigError):
+            return code
+        raise
+    return result
+
+
+def stopped_text(stopped: dict[str, Any]) -> str:
+    """What a run stopped by SIGTERM prints."""
+    return (
+        f"stopped by {stopped['signal']} after step {stopped['step']}: checkpoint "
+        f"{stopped['checkpoint']}; run the same command again to resume from it."
+    )
+
+
+def nothing_to_train(cfg: Config, step: int) -> str | None:
+    """The message when the checkpoint a run resumes from is already at train.steps or past."""
+    if step < cfg.train.steps:
+        return None
+    return (
+        f"shardflow: nothing to train: the newest checkpoint in {cfg.output_dir() / 'checkpoints'} "
+        f"is at step {step} and train.steps={cfg.train.steps}; raise --train.steps to train "
+        "further, or use another run.out_dir for a new run."
+    )
 
 
 def main_train(argv: list[str]) -> int:
@@ -78,13 +167,18 @@ def main_train(argv: list[str]) -> int:
         prep = preflight(cfg, proc)
     except ConfigError as exc:
         return _fail(proc, exc)
+    done = nothing_to_train(cfg, prep.resume.step) if prep.resume.step is not None else None
+    if done:
+        if proc.is_main:
+            print(done, file=sys.stderr, flush=True)
+        return 0
     init_distributed(cfg, prep.device, proc)
-    try:
-        summary = train(cfg, prep, proc)
-    finally:
-        _finish_group()
+    summary = _run_all(proc, lambda: train(cfg, prep, proc))
+    if isinstance(summary, int):
+        return summary
     if proc.is_main:
-        print(summary_text(cfg, summary), flush=True)
+        stopped = summary.get("stopped")
+        print(stopped_text(stopped) if stopped else summary_text(cfg, summary), flush=True)
     return 0
 
 
@@ -125,17 +219,24 @@ def hyper_for(name: str, hyper: dict[str, Any], names: list[str]) -> dict[str, A
     return {k: v for k, v in hyper.items() if accepts_option(name, k)}
 
 
-def _variants(cfg: Config, names: list[str], lrs: list[float]) -> list[Config]:
+def _variants(cfg: Config, names: list[str], lrs: list[float], warn: bool = False) -> list[Config]:
+    """One config per optimizer and lr. ``[optim.hyper]`` and ``[[optim.groups]]`` keys go to
+    the optimizers that take them; a group key none of them takes is dropped with a warning
+    (``warn``) naming the nearest valid key."""
     base = cfg.output_dir()
-    out = []
+    out, notes = [], []
     for name in names:
+        groups, notes = groups_for(name, cfg.optim.groups, names)
         for lr in lrs or [cfg.optim.lr]:
             variant = copy.deepcopy(cfg)
             label = name if not lrs else f"{name}-lr{lr:g}"
             variant.optim.name, variant.optim.lr = name, lr
             variant.optim.hyper = hyper_for(name, cfg.optim.hyper, names)
+            variant.optim.groups = copy.deepcopy(groups)
             variant.run.name, variant.run.out_dir = label, str(base / label)
             out.append(variant)
+    if warn and notes:
+        warnings.warn("; ".join(notes), UserWarning, stacklevel=2)
     return out
 
 
@@ -166,23 +267,33 @@ def main_compare(argv: list[str]) -> int:
         for name in names:
             check_optimizer_name(name)
         lrs = [float(x) for x in args.lrs.split(",") if x.strip()] if args.lrs else []
-        variants = _variants(cfg, names, lrs)
+        variants = _variants(cfg, names, lrs, warn=proc.is_main)
         for variant in variants:
             variant.log.plot = False
         prep = preflight(variants[0], proc)
+        points = [prep.resume] + [check_run_dir(v, warn=proc.is_main) for v in variants[1:]]
     except ConfigError as exc:
         return _fail(proc, exc)
     except ValueError as exc:
         return _fail(proc, ConfigError(f"--lrs={args.lrs!r} must be numbers: {exc}"))
     init_distributed(cfg, prep.device, proc)
-    summaries = []
-    try:
-        for variant in variants:
-            summaries.append(train(variant, prep, proc))
-    finally:
-        _finish_group()
+
+    def run_variants() -> list[dict[str, Any]]:
+        summaries = []
+        for variant, point in zip(variants, points):
+            summaries.append(train(variant, dataclasses.replace(prep, resume=point), proc))
+            if "stopped" in summaries[-1]:
+                break
+        return summaries
+
+    summaries = _run_all(proc, run_variants)
+    if isinstance(summaries, int):
+        return summaries
     if proc.is_main:
-        write_comparison(cfg, variants, summaries)
+        if "stopped" in summaries[-1]:
+            print(stopped_text(summaries[-1]["stopped"]), flush=True)
+        else:
+            write_comparison(cfg, variants, summaries)
     return 0
 
 

@@ -14,6 +14,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import math
 import tomllib
 import types
 import typing
@@ -81,7 +82,9 @@ class DataConfig:
     val_fraction: float = 0.05
     """Share of files (chosen by a hash of their path) held out for validation."""
     max_bytes: int = 3_000_000
-    """Cap on the text read (bytes), so a big folder or the embedded corpus loads quickly."""
+    """Cap on the text read (bytes), so a big folder or the embedded corpus loads quickly; no
+    file is read further than this. Non-UTF-8 bytes are replaced (with a warning naming the
+    file); a file more than 30% replaced or NUL is skipped as binary."""
     max_doc_bytes: int = 65_536
     """Documents are cut to this many characters, so one huge file cannot dominate a split."""
     seq_len: int = 128
@@ -158,7 +161,8 @@ class CheckpointConfig:
     """Newest complete checkpoints kept; older ones are deleted."""
     resume: bool = True
     """Resume from the newest complete checkpoint in OUT_DIR/checkpoints, whatever world
-    size or placement saved it."""
+    size or placement saved it (the config's hyperparameters win over the checkpoint's; each
+    change is a warning). false with checkpoints in that folder is an error."""
     save_model: bool = True
     """Write the final weights to final/model.safetensors (Hugging Face models: their own
     names, with config.json and the tokenizer, so from_pretrained reads the folder)."""
@@ -440,6 +444,18 @@ def config_reference() -> str:
 
 def check_values(cfg: Config) -> None:
     """Raise :class:`ConfigError` for numbers out of range (types were checked on reading)."""
+    floats = {
+        "optim.lr": cfg.optim.lr,
+        "optim.weight_decay": cfg.optim.weight_decay,
+        "optim.grad_clip": cfg.optim.grad_clip,
+        "schedule.min_lr_ratio": cfg.schedule.min_lr_ratio,
+        "data.val_fraction": cfg.data.val_fraction,
+        "model.rope_theta": cfg.model.rope_theta,
+        "model.norm_eps": cfg.model.norm_eps,
+    }
+    for name, value in floats.items():
+        if not math.isfinite(value):
+            raise ConfigError(f"{name}={value} must be a finite number.")
     positive = {
         "run.nproc": cfg.run.nproc,
         "train.steps": cfg.train.steps,

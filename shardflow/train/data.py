@@ -5,13 +5,20 @@ document has a key (its relative path, plus ``#line`` for JSONL records); a hash
 it in the training or the validation split, so the split never depends on reading order. Batches
 are windows drawn with a generator seeded by (seed, step, micro-batch, rank): a resumed run draws
 exactly the batches the interrupted one would have.
+
+Files are read as UTF-8, at most ``data.max_bytes`` bytes of one file (a plain text file: at most
+the bytes its first ``max_doc_bytes`` characters can take). Bytes that are not UTF-8 become
+U+FFFD with a warning naming the file and the share replaced; a file with more than
+:data:`BINARY_FRACTION` of its characters replaced or NUL is binary and skipped, with a warning.
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import sysconfig
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +27,12 @@ import numpy as np
 import torch
 
 from shardflow.train.config import ConfigError, DataConfig
+
+BINARY_FRACTION = 0.3
+"""Share of replacement characters and NUL bytes above which a file is binary (skipped)."""
+
+WARNED_FILES = 5
+"""Files named in the decoding warnings; more are counted."""
 
 BYTE_EOS = 256
 """End-of-document token of the byte tokenizer (bytes are 0..255)."""
@@ -86,28 +99,68 @@ def _files_under(index: int, raw: str, suffixes: list[str]) -> list[tuple[str, P
     return [(p.relative_to(path).as_posix(), p) for p in found]
 
 
-def _documents(key: str, path: Path, text_field: str) -> Iterator[tuple[str, str]]:
-    text = path.read_text(encoding="utf-8", errors="replace")
-    if path.suffix != ".jsonl":
+def read_text(path: Path, limit: int) -> tuple[str, bool]:
+    """At most ``limit`` bytes of ``path`` as UTF-8 text, and whether the file is longer.
+
+    A byte that is not UTF-8 becomes U+FFFD; a character cut by the limit is dropped; line ends
+    are translated to "\\n" as ``open()`` in text mode does."""
+    with open(path, "rb") as fh:
+        raw = fh.read(limit + 1)
+    cut = len(raw) > limit
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    text = decoder.decode(raw[:limit], final=not cut)
+    return text.replace("\r\n", "\n").replace("\r", "\n"), cut
+
+
+def _not_text(text: str) -> float:
+    """Share of ``text`` that is U+FFFD (bytes that were not UTF-8) or NUL."""
+    return (text.count("\ufffd") + text.count("\x00")) / max(1, len(text))
+
+
+def _documents(
+    key: str, path: Path, cfg: DataConfig, notes: list[str]
+) -> Iterator[tuple[str, str]]:
+    jsonl = path.suffix == ".jsonl"
+    limit = cfg.max_bytes if jsonl else min(cfg.max_bytes, 4 * cfg.max_doc_bytes + 4)
+    text, cut = read_text(path, limit)
+    bad = _not_text(text)
+    if bad > BINARY_FRACTION:
+        notes.append(f"{path}: {bad:.0%} of its text is not UTF-8 or NUL; skipped as binary")
+        return
+    if bad:
+        notes.append(f"{path}: {bad:.2%} of its characters were not UTF-8 and became U+FFFD")
+    if not jsonl:
         yield key, text
         return
-    for line_no, line in enumerate(text.splitlines(), start=1):
+    lines = text.splitlines()
+    if cut and lines:
+        lines.pop()  # the record the byte limit cut
+    for line_no, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{path}:{line_no} is not valid JSON ({exc.msg}).") from exc
-        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+        if not isinstance(record, dict) or not isinstance(record.get(cfg.text_field), str):
             raise ConfigError(
-                f"{path}:{line_no} has no string field data.text_field={text_field!r}; "
+                f"{path}:{line_no} has no string field data.text_field={cfg.text_field!r}; "
                 "set data.text_field to the field holding the text."
             )
-        yield f"{key}#{line_no}", record[text_field]
+        yield f"{key}#{line_no}", record[cfg.text_field]
 
 
-def read_documents(cfg: DataConfig) -> tuple[list[tuple[str, str]], str]:
-    """(key, text) pairs, at most ``cfg.max_bytes`` of text, and a description of the source."""
+def _warn_decoding(notes: list[str]) -> None:
+    shown = "; ".join(notes[:WARNED_FILES])
+    more = f"; and {len(notes) - WARNED_FILES} more files" if len(notes) > WARNED_FILES else ""
+    warnings.warn(f"data: {shown}{more}.", UserWarning, stacklevel=3)
+
+
+def read_documents(cfg: DataConfig, *, warn: bool = True) -> tuple[list[tuple[str, str]], str]:
+    """(key, text) pairs, at most ``cfg.max_bytes`` of text, and a description of the source.
+
+    Binary files are skipped; with ``warn``, one warning names the files skipped or decoded
+    with replacement characters."""
     if cfg.paths:
         files = [f for i, raw in enumerate(cfg.paths) for f in _files_under(i, raw, cfg.extensions)]
         source = ", ".join(cfg.paths)
@@ -115,16 +168,20 @@ def read_documents(cfg: DataConfig) -> tuple[list[tuple[str, str]], str]:
         files = _stdlib_files()
         source = f"embedded corpus (Python standard library at {stdlib_root()})"
     files.sort(key=lambda item: stable_hash(item[0]))
-    docs, total = [], 0
+    docs, total, notes = [], 0, []
     for key, path in files:
-        for doc_key, text in _documents(key, path, cfg.text_field):
+        for doc_key, text in _documents(key, path, cfg, notes):
             if not text.strip():
                 continue
             text = text[: cfg.max_doc_bytes]
             docs.append((doc_key, text))
             total += len(text)
             if total >= cfg.max_bytes:
-                return docs, source
+                break
+        if total >= cfg.max_bytes:
+            break
+    if warn and notes:
+        _warn_decoding(notes)
     return docs, source
 
 
@@ -140,9 +197,11 @@ def _join(docs: list[str], encode: Callable[[str], np.ndarray], eos: int) -> tor
     return torch.from_numpy(np.concatenate(parts)) if parts else torch.zeros(0, dtype=torch.long)
 
 
-def load_corpus(cfg: DataConfig, tokenizer) -> Corpus:
-    """Read, split and tokenize the corpus; raise :class:`ConfigError` if it cannot train."""
-    docs, source = read_documents(cfg)
+def load_corpus(cfg: DataConfig, tokenizer, *, warn: bool = True) -> Corpus:
+    """Read, split and tokenize the corpus; raise :class:`ConfigError` if it cannot train.
+
+    ``warn``: warn about files skipped as binary or decoded with replacements (rank 0)."""
+    docs, source = read_documents(cfg, warn=warn)
     if not docs:
         raise ConfigError(
             f"the corpus ({source}) is empty: no non-blank text in files with suffixes "

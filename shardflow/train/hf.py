@@ -44,6 +44,26 @@ def check_hf_path(cfg: ModelConfig) -> Any:
     return hf_config
 
 
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+"""The weight files ``from_pretrained`` reads from a local folder (any one of them)."""
+
+
+def check_hf_weights(cfg: ModelConfig) -> None:
+    """Raise :class:`ConfigError` unless ``cfg.path`` holds the model's weights (a dry run needs
+    only config.json; training loads the weights)."""
+    path = Path(cfg.path).expanduser()
+    if not any((path / name).is_file() for name in WEIGHT_FILES):
+        raise ConfigError(
+            f"model.path={cfg.path!r} has config.json but no weights (none of "
+            f"{', '.join(WEIGHT_FILES)}); download the whole model folder."
+        )
+
+
 class HFTokenizer:
     """A Hugging Face tokenizer behind the small interface the data module uses."""
 

@@ -1,18 +1,27 @@
 """The training loop: preflight checks, model and optimizer set-up, steps, eval, checkpoints.
 
 :func:`preflight` runs on every rank before any collective and is deterministic, so bad input
-fails identically everywhere (rank 0 prints, every rank exits) instead of hanging a collective.
+fails identically everywhere (rank 0 prints, every rank exits) instead of hanging a collective:
+values, placement, backend, model folder, optimizer arguments and group keys (the optimizer is
+built once over small stand-ins), the run folder and the data.
+
+SIGTERM (what a scheduler sends before it kills a job; torchrun passes it to every worker) stops
+the run after the current step: the ranks agree on the step (one all-reduce of one flag per
+step), save a checkpoint there and return normally; a second SIGTERM kills at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import signal
 import time
+import uuid
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,12 +41,14 @@ from shardflow.train.model import build_decoder, check_model_config
 from shardflow.train.offload import OffloadOptimizer, master_copy
 from shardflow.train.optimizers import (
     build_run_optimizer,
+    check_optimizer,
     check_optimizer_name,
     clips_itself,
     state_bytes_per_param,
 )
 from shardflow.train.placement import (
     ProcessInfo,
+    check_backend,
     check_placement,
     gradient_sync,
     inner_model,
@@ -53,11 +64,15 @@ KILL_ENV = "SHARDFLOW_TEST_KILL_AT_STEP"
 
 @dataclass(slots=True)
 class Prepared:
-    """What preflight found: the device, tokenizer and corpus the run will use."""
+    """What preflight found: the device, tokenizer and corpus the run will use, and the
+    checkpoint it resumes from (``resume.step`` None: it starts afresh)."""
 
     device: torch.device
     tokenizer: Any
     corpus: Corpus
+    resume: ckpt.ResumePoint = dataclasses.field(
+        default_factory=lambda: ckpt.ResumePoint(None, None)
+    )
 
 
 def build_model(cfg: Config, device: str = "cpu") -> nn.Module:
@@ -115,10 +130,12 @@ def preflight(cfg: Config, proc: ProcessInfo) -> Prepared:
     check_placement(cfg, proc)
     check_optimizer_name(cfg.optim.name)
     device = resolve_device(cfg, proc)
+    check_backend(cfg, device)
     if cfg.model.kind == "hf":
-        from shardflow.train.hf import HFTokenizer, check_hf_path
+        from shardflow.train.hf import HFTokenizer, check_hf_path, check_hf_weights
 
         hf_config = check_hf_path(cfg.model)
+        check_hf_weights(cfg.model)
         tokenizer = HFTokenizer(cfg.model.path)
         vocab = getattr(hf_config, "vocab_size", tokenizer.vocab_size)
     else:
@@ -130,9 +147,11 @@ def preflight(cfg: Config, proc: ProcessInfo) -> Prepared:
             f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {vocab}; "
             "use the model's own tokenizer or raise model.vocab_size."
         )
-    route_params(build_model(cfg, "meta").named_parameters(), cfg.optim.groups)
-    corpus = load_corpus(cfg.data, tokenizer)
-    return Prepared(device, tokenizer, corpus)
+    groups = route_params(build_model(cfg, "meta").named_parameters(), cfg.optim.groups)
+    check_optimizer(cfg.optim, groups)
+    resume = ckpt.check_run_dir(cfg, warn=proc.is_main)
+    corpus = load_corpus(cfg.data, tokenizer, warn=proc.is_main)
+    return Prepared(device, tokenizer, corpus, resume)
 
 
 def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -180,6 +199,54 @@ def _mean_over_ranks(value: torch.Tensor) -> float:
         dist.all_reduce(value)
         value /= dist.get_world_size()
     return value.item()
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` is set on any rank (one all-reduce of one value; local without one)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+@dataclass(slots=True)
+class StopRequest:
+    """Set by the SIGTERM handler of :func:`stop_on_sigterm`."""
+
+    signal: str | None = None
+
+
+@contextlib.contextmanager
+def stop_on_sigterm() -> Iterator[StopRequest]:
+    """Turn the first SIGTERM into a :class:`StopRequest` (the loop saves and stops after the
+    current step); the handler then restores the default action, so a second SIGTERM kills.
+    Outside the main thread (where handlers cannot be set) nothing is installed."""
+    request = StopRequest()
+
+    def handler(signum: int, frame: Any) -> None:
+        request.signal = signal.Signals(signum).name
+        signal.signal(signum, signal.SIG_DFL)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield request
+        return
+    try:
+        yield request
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _shared_run_id(found: str | None) -> str:
+    """The run id: the resumed run's, else a new one made by rank 0 and sent to every rank."""
+    if found:
+        return found
+    box = [uuid.uuid4().hex[:12]]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _to_float(norm: torch.Tensor) -> float:
@@ -267,7 +334,13 @@ def _describe(
 
 
 def train(cfg: Config, prep: Prepared, proc: ProcessInfo) -> dict[str, Any]:
-    """Run the configured training; every rank calls it. Returns a summary (rank 0's numbers)."""
+    """Run the configured training; every rank calls it. Returns a summary (rank 0's numbers);
+    a run stopped by SIGTERM returns ``{"stopped": {"step", "signal", "checkpoint"}}``."""
+    with stop_on_sigterm() as stop:
+        return _train(cfg, prep, proc, stop)
+
+
+def _train(cfg: Config, prep: Prepared, proc: ProcessInfo, stop: StopRequest) -> dict[str, Any]:
     out = cfg.output_dir()
     device = prep.device
     mesh = process_group_for(cfg, device)
@@ -277,13 +350,19 @@ def train(cfg: Config, prep: Prepared, proc: ProcessInfo) -> dict[str, Any]:
 
     ck_dir = out / "checkpoints"
     start, tokens_seen = 0, 0
-    found = ckpt.resume(ck_dir, model=model, optimizer=optimizer) if cfg.checkpoint.resume else None
+    run_id = _shared_run_id(prep.resume.run_id)
+    found = None
+    if cfg.checkpoint.resume:
+        found = ckpt.resume(
+            ck_dir, model=model, optimizer=optimizer, run_id=run_id, warn=proc.is_main
+        )
     if found is not None:
         start, tokens_seen = int(found["step"]), int(found.get("tokens", 0))
     scheduler = lr_schedule(optimizer, cfg, base_lrs, start, warn=proc.is_main)
     if proc.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        ckpt.write_run_id(out, run_id)
     log = MetricsLog(
         out / "metrics.jsonl", enabled=proc.is_main, resume_step=start if found else None
     )
@@ -330,15 +409,21 @@ def train(cfg: Config, prep: Prepared, proc: ProcessInfo) -> dict[str, Any]:
             val = evaluate(model, cfg, prep.corpus, proc, device)
             log.write({"step": step, "val_loss": val})
             bar.note(f"step {step}: val_loss {val:.4f}")
-        if cfg.checkpoint.every and (step % cfg.checkpoint.every == 0 or last):
-            ckpt.save_step(
+        # every rank stops after the same step: a SIGTERM seen by any rank stops them all
+        stopping = not last and _any_rank(stop.signal is not None, device)
+        if stopping or (cfg.checkpoint.every and (step % cfg.checkpoint.every == 0 or last)):
+            saved = ckpt.save_step(
                 ck_dir,
                 step,
                 model=model,
                 optimizer=optimizer,
-                extra={"step": step, "tokens": tokens_seen},
+                extra={"step": step, "tokens": tokens_seen, "run_id": run_id},
                 keep=cfg.checkpoint.keep,
             )
+        if stopping:
+            bar.close()
+            by = stop.signal or "SIGTERM (to another rank)"
+            return {"stopped": {"step": step, "signal": by, "checkpoint": str(saved)}}
     bar.close()
     if cfg.checkpoint.save_model:
         hf_path = cfg.model.path if cfg.model.kind == "hf" else ""

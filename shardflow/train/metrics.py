@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
+
+FAIL_ENV = "SHARDFLOW_TEST_FAIL_METRICS_AT_STEP"
+"""Test hook: writing the metrics row of this step raises ``OSError(ENOSPC)`` (a full disk).
+Only rank 0 writes metrics, so the failure is rank-local, after the process group started."""
 
 
 class MetricsLog:
@@ -17,7 +24,7 @@ class MetricsLog:
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        rows = read_metrics(self.path) if resume_step is not None else []
+        rows = read_metrics(self.path, warn=False) if resume_step is not None else []
         kept = [r for r in rows if r.get("step", 0) <= (resume_step or 0)]
         with open(self.path, "w") as fh:
             for row in kept:
@@ -27,16 +34,44 @@ class MetricsLog:
         """Append one row (rank 0 only; other ranks ignore the call)."""
         if not self.enabled:
             return
+        if row.get("step") == int(os.environ.get(FAIL_ENV, "-1")):
+            raise OSError(errno.ENOSPC, f"No space left on device (injected by {FAIL_ENV})")
         with open(self.path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
 
 
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a metrics JSONL file ([] when it does not exist)."""
+class MetricsError(ValueError):
+    """A metrics JSONL file that cannot be read (a bad line before the last one)."""
+
+
+def read_metrics(path: str | Path, *, warn: bool = True) -> list[dict[str, Any]]:
+    """Rows of a metrics JSONL file ([] when it does not exist).
+
+    A last line that is not JSON (a write cut short by a crash or a full disk) is dropped, with a
+    warning when ``warn``; a bad line before it is a :class:`MetricsError` naming the line.
+    """
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [(n, line) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    rows = []
+    for i, (line_no, line) in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if i < len(lines) - 1:
+                raise MetricsError(
+                    f"{path}:{line_no} is not JSON ({exc.msg}); fix or delete that line."
+                ) from exc
+            if warn:
+                warnings.warn(
+                    f"{path}:{line_no}: the last line is cut short ({line[:40]!r}...); dropped.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            break
+        rows.append(row)
+    return rows
 
 
 class Progress:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from shardflow.train.config import ConfigError, OptimConfig
+from shardflow.train.config import ConfigError, GroupRule, OptimConfig, _nearest
 from shardflow.train.groups import RoutedGroup
 
 STATE_BYTES_PER_PARAM: dict[str, float] = {
@@ -82,6 +82,54 @@ def _find_parameter(name: str, key: str) -> inspect.Parameter | None:
     return None
 
 
+def option_names(name: str) -> list[str]:
+    """Every keyword optimizer ``name``'s constructor takes (up the MRO while ``**kwargs`` are
+    passed on), for naming the nearest valid one."""
+    names: set[str] = set()
+    for cls in optimizer_class(name).__mro__:
+        if "__init__" not in vars(cls) or cls is object:
+            continue
+        try:
+            params = inspect.signature(cls.__init__).parameters
+        except (TypeError, ValueError):
+            break
+        names |= {
+            k
+            for k, p in params.items()
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and k not in ("self", "params")
+        }
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            break
+    return sorted(names)
+
+
+@functools.cache
+def group_keys(name: str) -> tuple[str, ...]:
+    """The param-group keys of optimizer ``name`` (those of one built over a small parameter)."""
+    built = _factory(name)([torch.nn.Parameter(torch.zeros(2, 2))], lr=1e-3)
+    return tuple(sorted({k for g in built.param_groups for k in g} - {"params"}))
+
+
+def groups_for(
+    name: str, rules: list[GroupRule], names: list[str]
+) -> tuple[list[GroupRule], list[str]]:
+    """``rules`` with only the keys optimizer ``name`` takes (compare: a group key goes to the
+    optimizers of ``names`` that take it), and one note per key that none of ``names`` takes
+    (dropped for every run; the note names the nearest valid key)."""
+    kept, notes = [], []
+    for i, rule in enumerate(rules):
+        options = {k: v for k, v in rule.options.items() if k in group_keys(name)}
+        kept.append(GroupRule(pattern=rule.pattern, options=options))
+        for key in rule.options:
+            if not any(key in group_keys(n) for n in names):
+                valid = sorted({k for n in names for k in group_keys(n)})
+                notes.append(
+                    f"optim.groups[{i}].{key} is a param-group key of none of {names}; "
+                    f"dropped.{_nearest(key, valid)}"
+                )
+    return kept, notes
+
+
 def accepts_option(name: str, key: str) -> bool:
     """Whether optimizer ``name``'s constructor takes the keyword ``key``."""
     return _find_parameter(name, key) is not None
@@ -149,3 +197,51 @@ def build_run_optimizer(
             f"optim.name={cfg.name!r} rejected its arguments ({exc}); check [optim.hyper] and "
             "the keys of [[optim.groups]]."
         ) from exc
+
+
+def _tiny_groups(groups: list[RoutedGroup], with_options: bool) -> list[RoutedGroup]:
+    """``groups`` with one small parameter per distinct (ndim, dtype) of their parameters."""
+    tiny = []
+    for g in groups:
+        kinds = sorted({(p.ndim, p.dtype) for p in g.params}, key=str)
+        params = [torch.nn.Parameter(torch.zeros((4,) * nd, dtype=dt)) for nd, dt in kinds]
+        options = dict(g.options) if with_options else {}
+        tiny.append(
+            RoutedGroup(g.index, g.pattern, options, [f"p{i}" for i in range(len(params))], params)
+        )
+    return tiny
+
+
+def check_optimizer(cfg: OptimConfig, groups: list[RoutedGroup]) -> None:
+    """Raise :class:`ConfigError` unless optimizer ``cfg.name`` takes ``cfg``'s arguments and
+    ``groups``' keys and values: every ``[optim.hyper]`` key is a constructor argument, every
+    ``[[optim.groups]]`` key is one of its param-group keys, and the constructor accepts the
+    values (it is built once over small stand-in parameters of the groups' shapes and dtypes,
+    on the CPU, before any process group starts). Each unknown key names the nearest valid one.
+    """
+    for key in cfg.hyper:
+        if not accepts_option(cfg.name, key):
+            raise ConfigError(
+                f"optim.hyper.{key} is not an argument of {cfg.name}."
+                f"{_nearest(key, option_names(cfg.name))}"
+            )
+
+    def build(tiny: list[RoutedGroup], where: str) -> torch.optim.Optimizer:
+        try:
+            return build_run_optimizer(cfg, tiny)
+        except ValueError as exc:
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError(f"{where}: {cfg.name} refused it: {exc}") from exc
+
+    build(_tiny_groups(groups, with_options=False), "[optim] / [optim.hyper]")
+    valid = list(group_keys(cfg.name))
+    for g in groups:
+        for key in g.options:
+            if key not in valid:
+                raise ConfigError(
+                    f"optim.groups[{g.index}].{key} is not a param-group key of {cfg.name}."
+                    f"{_nearest(key, valid)}"
+                )
+    if any(g.options for g in groups):
+        build(_tiny_groups(groups, with_options=True), "[[optim.groups]]")

@@ -70,6 +70,24 @@ def check_placement(cfg: Config, proc: ProcessInfo) -> None:
         )
 
 
+def check_backend(cfg: Config, device: torch.device) -> None:
+    """Raise :class:`ConfigError` when the collective backend cannot run on ``device``."""
+    if cfg.placement.kind in ("none", "offload"):
+        return
+    backend = cfg.placement.backend
+    if backend == "nccl" and device.type != "cuda":
+        raise ConfigError(
+            f"placement.backend='nccl' needs CUDA devices, but this run is on {device.type}; "
+            "use placement.backend='gloo' (or 'auto') on a CPU."
+        )
+    available = {"nccl": dist.is_nccl_available, "gloo": dist.is_gloo_available}
+    if backend in available and not available[backend]():
+        raise ConfigError(
+            f"placement.backend={backend!r} is not available in this torch build; "
+            "use placement.backend='auto'."
+        )
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -1,0 +1,396 @@
+"""The runtime under faults and bad input: every probe of issue 18 as a real launch, one table.
+
+Run (CPU, about 10 minutes on a busy 2-core machine; each probe is bounded by --timeout):
+
+    .venv/bin/python bench/faults.py                 # every probe
+    .venv/bin/python bench/faults.py -k sigterm -k nccl    # probes whose name holds a word
+
+Each probe launches ``launch/train.py`` on ``configs/quickstart.toml`` shrunk to a 0.09 M-param
+model (2 FSDP2 ranks under torchrun, or one process), in a folder of its own, and records the
+exit code, the seconds it took (and, for a failure or a signal during training, the seconds from
+that moment to the end of the job) and the first ``shardflow:`` line (or warning) it printed.
+Targets: a rank-local failure ends the whole job with the real message within 30 s; bad input is
+one message from rank 0 and exit code 2 (torchrun itself then exits 1, the workers' code is in
+its report); SIGTERM saves a checkpoint at the current step and the workers exit 0.
+
+Results go to ``bench/results/faults-<date>.md`` with the command and the machine.
+``tests/test_faults.py`` runs some of these probes and asserts their outcomes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from shardflow.train.metrics import FAIL_ENV  # noqa: E402  (rank 0's metrics write fails: ENOSPC)
+
+RESULTS = ROOT / "bench" / "results"
+CONFIG = ROOT / "configs" / "quickstart.toml"
+TRAIN = ROOT / "launch" / "train.py"
+
+TINY = [
+    "--model.dim", "64", "--model.n_layers", "2", "--model.n_heads", "4",
+    "--model.n_kv_heads", "2", "--model.ffn_dim", "128", "--model.max_seq_len", "32",
+    "--data.seq_len", "32", "--data.max_bytes", "200000", "--train.steps", "8",
+    "--train.micro_batch", "4", "--train.eval_every", "4", "--train.eval_batches", "2",
+    "--schedule.warmup_steps", "2", "--checkpoint.every", "4", "--log.progress", "false",
+    "--log.plot", "false",
+]  # fmt: skip
+"""The quickstart (2 ranks, FSDP2, DolphinFlow) shrunk to 0.09 M params and 8 steps."""
+
+ONE = ["--run.nproc", "1", "--placement.kind", "none"]
+"""Overrides for a one-process run (no torchrun)."""
+
+
+@dataclass
+class Outcome:
+    """One launch: exit code, seconds, and its output lines with the time each arrived."""
+
+    code: int
+    seconds: float
+    lines: list[tuple[float, str]]
+    trigger: float | None = None
+    """When the fault happened (a signal sent, a failure printed), seconds from the start."""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def output(self) -> str:
+        return "\n".join(line for _, line in self.lines)
+
+    @property
+    def after_trigger(self) -> float | None:
+        """Seconds from the fault to the end of the job."""
+        return None if self.trigger is None else self.seconds - self.trigger
+
+    @property
+    def worker_codes(self) -> list[int]:
+        """The failed workers' exit codes from torchrun's report ([] when none failed)."""
+        return [int(c) for c in re.findall(r"exitcode\s*:\s*(-?\d+)", self.output)]
+
+    def count(self, text: str) -> int:
+        return sum(text in line for _, line in self.lines)
+
+    def first_message(self) -> str:
+        """The first ``shardflow:`` line, else the first warning, else the last line."""
+        for _, line in self.lines:
+            if line.startswith("shardflow:") or line.startswith("stopped by"):
+                return line
+        for _, line in self.lines:
+            if "Warning:" in line:
+                return line[line.index("Warning:") :]
+        return self.lines[-1][1] if self.lines else ""
+
+    def time_of(self, pattern: str) -> float | None:
+        """When the first line matching ``pattern`` arrived."""
+        return next((t for t, line in self.lines if re.search(pattern, line)), None)
+
+
+def train_rows(out: Path) -> int:
+    """Training rows in ``out/metrics.jsonl`` so far (lines that parse)."""
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    rows = 0
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            rows += "loss" in json.loads(line)
+    return rows
+
+
+def launch(
+    out: Path,
+    args: list[str],
+    *,
+    nproc: int = 2,
+    env: dict[str, str] | None = None,
+    send: tuple[signal.Signals, int] | None = None,
+    timeout: float = 240,
+) -> Outcome:
+    """``launch/train.py`` on the tiny quickstart writing to ``out`` (torchrun with ``nproc``
+    ranks, plain python for 1); ``send=(signal, n)`` sends the signal to the launcher once
+    ``n`` training rows are in the metrics. Output lines are timestamped as they arrive; past
+    ``timeout`` the launch's process group is killed (code 124)."""
+    runner = [sys.executable]
+    if nproc > 1:
+        runner += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    cmd = [*runner, str(TRAIN), str(CONFIG), *TINY, "--run.out_dir", str(out)]
+    cmd += ONE if nproc == 1 else []
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    began = time.monotonic()
+    proc = subprocess.Popen(
+        [*cmd, *args],
+        cwd=ROOT,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    lines: list[tuple[float, str]] = []
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append((time.monotonic() - began, line.rstrip("\n")))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    trigger = None
+    code = None
+    while code is None:
+        code = proc.poll()
+        now = time.monotonic() - began
+        if code is None and now > timeout:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            code = 124
+            break
+        if send and trigger is None and train_rows(out) >= send[1]:
+            proc.send_signal(send[0])
+            trigger = time.monotonic() - began
+        time.sleep(0.05)
+    seconds = time.monotonic() - began
+    reader.join(timeout=5)
+    result = Outcome(code, seconds, lines, trigger)
+    if trigger is None:
+        result.trigger = result.time_of(r"^shardflow: (rank \d+ failed|error)")
+    return result
+
+
+# ------------------------------------------------------------------------------------- probes
+
+
+def _file_where_out_dir_goes(tmp: Path) -> Outcome:
+    (tmp / "blocker").write_text("a file, not a folder\n")
+    return launch(tmp / "blocker" / "run", [])
+
+
+def _metrics_full_disk(tmp: Path) -> Outcome:
+    return launch(tmp / "run", [], env={FAIL_ENV: "3"})
+
+
+def _sigint(tmp: Path) -> Outcome:
+    return launch(tmp / "run", ["--train.steps", "400"], send=(signal.SIGINT, 3))
+
+
+def _sigterm_then_restart(tmp: Path) -> Outcome:
+    out = tmp / "run"
+    stopped = launch(
+        out, ["--train.steps", "400", "--checkpoint.every", "0"], send=(signal.SIGTERM, 3)
+    )
+    held = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
+    stopped.notes.append(f"checkpoints after SIGTERM: {held}")
+    again = launch(out, ["--train.steps", str(_step_of(stopped) + 2)])
+    resumed = re.search(r"resumed from step \d+", again.output)
+    stopped.notes.append(
+        f"restart: exit {again.code}, {resumed.group(0) if resumed else 'did not resume'}"
+    )
+    return stopped
+
+
+def _step_of(outcome: Outcome) -> int:
+    found = re.search(r"after step (\d+)", outcome.output)
+    return int(found.group(1)) if found else 0
+
+
+def _truncated_metrics(tmp: Path) -> Outcome:
+    out = tmp / "run"
+    first = launch(out, ["--train.steps", "4"], nproc=1)
+    with open(out / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 5, "loss": 4.1, "lr"')  # a write cut short
+    again = launch(out, ["--train.steps", "6"], nproc=1)
+    again.notes.append(f"first run exit {first.code}; rows after resume: {train_rows(out)}")
+    return again
+
+
+def _corrupt_metrics(tmp: Path) -> Outcome:
+    out = tmp / "run"
+    launch(out, ["--train.steps", "4"], nproc=1)
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    lines[1] = lines[1][:10]
+    (out / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    return launch(out, ["--train.steps", "6"])
+
+
+def _changed_hyperparameters(tmp: Path) -> Outcome:
+    out = tmp / "run"
+    launch(out, ["--train.steps", "4"], nproc=1)
+    changed = ["--optim.weight_decay", "0.05", "--optim.hyper.momentum", "0.8"]
+    return launch(out, ["--train.steps", "6", *changed], nproc=1)
+
+
+def _resume_false_in_used_folder(tmp: Path) -> Outcome:
+    out = tmp / "run"
+    launch(out, ["--train.steps", "4"], nproc=1)
+    return launch(out, ["--checkpoint.resume", "false"])
+
+
+def _resume_at_the_end(tmp: Path) -> Outcome:
+    out = tmp / "run"
+    launch(out, ["--train.steps", "4"], nproc=1)
+    return launch(out, ["--train.steps", "4"])
+
+
+def _another_runs_checkpoint(tmp: Path) -> Outcome:
+    out = tmp / "run"
+    launch(out, ["--train.steps", "4"], nproc=1)
+    (out / "run.json").write_text('{"run_id": "someone-else"}\n')
+    return launch(out, ["--train.steps", "6"])
+
+
+def _bad(args: list[str]) -> Callable[[Path], Outcome]:
+    return lambda tmp: launch(tmp / "run", args)
+
+
+def _hf_without_weights(tmp: Path) -> Outcome:
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2,
+    )  # fmt: skip
+    config.save_pretrained(tmp / "hf")
+    return launch(tmp / "run", ["--model.kind", "hf", "--model.path", str(tmp / "hf")])
+
+
+def _latin1_and_binary(tmp: Path) -> Outcome:
+    data = tmp / "data"
+    data.mkdir()
+    for i in range(20):
+        (data / f"doc{i}.txt").write_text(f"plain text document {i}. " * 200)
+    (data / "latin1.txt").write_bytes("café déjà vu, naïve façade. ".encode("latin-1") * 300)
+    (data / "blob.txt").write_bytes(bytes(range(256)) * 200)
+    return launch(tmp / "run", ["--data.paths", str(data), "--train.steps", "2"], nproc=1)
+
+
+def _huge_file(tmp: Path) -> Outcome:
+    big = tmp / "big.txt"
+    line = ("the quick brown fox jumps over the lazy dog " * 20 + "\n").encode()
+    with open(big, "wb") as fh:
+        for _ in range((1 << 30) // len(line)):
+            fh.write(line)
+    args = ["--data.paths", str(big), "--data.max_bytes", "100000", "--train.steps", "2"]
+    args += ["--data.val_fraction", "0.2"]
+    wrapped = [
+        "-c",
+        "import resource, runpy, sys; sys.argv = sys.argv[1:]; "
+        "code = 0\ntry: runpy.run_path(sys.argv[0], run_name='__main__')\n"
+        "except SystemExit as e: code = e.code\n"
+        "print('peak RSS MiB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n"
+        "sys.exit(code)",
+    ]
+    out = tmp / "run"
+    cmd = [sys.executable, *wrapped, str(TRAIN), str(CONFIG), *TINY, *ONE, "--run.out_dir"]
+    began = time.monotonic()
+    done = subprocess.run(
+        [*cmd, str(out), *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    lines = [(0.0, line) for line in (done.stdout + done.stderr).splitlines()]
+    result = Outcome(done.returncode, time.monotonic() - began, lines)
+    rss = re.search(r"peak RSS MiB (\d+)", done.stdout)
+    result.notes.append(
+        f"1 GiB file, data.max_bytes=100000: peak RSS {rss.group(1) if rss else '?'} MiB"
+    )
+    big.unlink()
+    return result
+
+
+PROBES: dict[str, tuple[str, Callable[[Path], Outcome]]] = {
+    "rank0-metrics-full-disk": ("rank 0 fails after the process group started (ENOSPC on metrics)", _metrics_full_disk),
+    "sigint": ("Ctrl-C: SIGINT to torchrun at step 3", _sigint),
+    "sigterm": ("SIGTERM to torchrun at step 3, then the same command again", _sigterm_then_restart),
+    "out-dir-under-file": ("run.out_dir under a file", _file_where_out_dir_goes),
+    "metrics-truncated": ("last line of metrics.jsonl cut short, restart (1 process)", _truncated_metrics),
+    "metrics-corrupt": ("a line before the last of metrics.jsonl is not JSON, restart", _corrupt_metrics),
+    "resume-changed-hyper": ("restart with weight_decay 0.05, momentum 0.8 (1 process)", _changed_hyperparameters),
+    "resume-false-used-dir": ("checkpoint.resume=false in a folder with checkpoints", _resume_false_in_used_folder),
+    "resume-at-end": ("restart when the newest checkpoint is at train.steps", _resume_at_the_end),
+    "resume-other-run": ("run.json names another run than the checkpoints", _another_runs_checkpoint),
+    "group-key-misspelled": ("[[optim.groups]] key ortho_mod", _bad(["--optim.groups", '[{pattern = "embed|norm", ortho_mod = "none"}, {pattern = ".*"}]'])),
+    "group-key-adamw": ("group key ortho_mode with optim.name=adamw", _bad(["--optim.name", "adamw"])),
+    "group-key-factored": ("group key ortho_mode with optim.name=factored_adam", _bad(["--optim.name", "factored_adam"])),
+    "hyper-misspelled": ("--optim.hyper.betaa2 0.99", _bad(["--optim.hyper.betaa2", "0.99"])),
+    "hyper-beta2": ("--optim.hyper.beta2 1.5", _bad(["--optim.hyper.beta2", "1.5"])),
+    "lr-nan": ("--optim.lr nan", _bad(["--optim.lr", "nan"])),
+    "hf-no-weights": ("model.kind=hf, a folder with config.json and no weights", _hf_without_weights),
+    "nccl-on-cpu": ("placement.backend=nccl on a CPU", _bad(["--placement.backend", "nccl"])),
+    "data-latin1-binary": ("data: a Latin-1 file and a binary file among text (1 process)", _latin1_and_binary),
+    "data-huge-file": ("data: one 1 GiB text file, data.max_bytes=100000 (1 process)", _huge_file),
+}  # fmt: skip
+"""Probe key -> (what it does, function(tmp folder) -> Outcome)."""
+
+
+def row(name: str, what: str, outcome: Outcome) -> str:
+    workers = outcome.worker_codes
+    code = f"{outcome.code}" + (f" (workers {sorted(set(workers))})" if workers else "")
+    seconds = f"{outcome.seconds:.1f}"
+    if outcome.after_trigger is not None:
+        seconds += f" ({outcome.after_trigger:.1f} after the fault)"
+    message = outcome.first_message().replace("|", "\\|")
+    if len(message) > 260:
+        message = message[:257] + "..."
+    notes = "; ".join(outcome.notes).replace("|", "\\|")
+    return f"| {name} | {what} | {code} | {seconds} | {message} | {notes} |"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("-k", action="append", default=[], help="run probes whose key holds this")
+    parser.add_argument("--out", default="", help="results file (default bench/results/...)")
+    args = parser.parse_args()
+    import tempfile
+
+    chosen = {k: v for k, v in PROBES.items() if not args.k or any(w in k for w in args.k)}
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="shardflow-faults-") as tmp:
+        for key, (what, probe) in chosen.items():
+            folder = Path(tmp) / key
+            folder.mkdir()
+            outcome = probe(folder)
+            rows.append(row(key, what, outcome))
+            print(rows[-1], flush=True)
+    date = datetime.date.today().isoformat()
+    path = Path(args.out) if args.out else RESULTS / f"faults-{date}.md"
+    command = "python bench/faults.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    import torch
+
+    header = [
+        f"# Faults and bad input, {date}",
+        "",
+        f"Command: `{command.strip()}` (from the repository root)",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores ({platform.processor() or 'cpu'}), "
+        f"{platform.system()} {platform.release()}, Python {platform.python_version()}, "
+        f"torch {torch.__version__}, gloo; shared with other jobs, so seconds are loose.",
+        "",
+        "Exit code: the launcher's (torchrun exits 1 whenever a worker fails, and on a signal; "
+        "the failed workers' codes from its report in parentheses). Seconds: the whole launch, "
+        "including ~10-20 s of start-up; for a fault during training, also from the fault (the "
+        "signal sent, or the failing rank's message) to the end of the job.",
+        "",
+        "| probe | what | exit code | seconds | first message | notes |",
+        "|---|---|---|---|---|---|",
+    ]
+    path.write_text("\n".join(header + rows) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
