@@ -7,7 +7,10 @@ A subclass supplies three things:
 - ``_init_state(param, local, group, state)``: create the state of one parameter from its local
   tensor, eagerly, at construction (so ``state_dict()`` keys are the same on every rank);
 - ``_update_group(group, items, ops)``: apply one step to the parameters of a group, given
-  :class:`Item` records (local param, scratch fp32 gradient already clipped, state).
+  :class:`Item` records (local param, scratch fp32 gradient already clipped, state). With
+  bf16/fp16 weights it may be called more than once per group and step, on consecutive chunks
+  of the items (their fp32 working copies are bounded, see ``_working_copy_chunks``): a
+  per-group sum over the step accumulates across calls.
 
 A rule that only reads the gradient may set ``scratch_grads = False``: it then gets the raw
 local gradients (never to be written) with the clip factor in ``Item.grad_scale`` and saves the
@@ -151,8 +154,8 @@ class ShardFlowOptimizer(torch.optim.Optimizer):
         self.foreach = backend.check_foreach(foreach)
         self.gradient_clipping = gradient_clipping
         self.process_group = process_group
-        self.nonfinite_steps = 0
         self.grads_reduced = grads_reduced
+        self.nonfinite_steps = 0
         """How many steps were skipped because a gradient held NaN or inf."""
         self._constructed = False
         super().__init__(params, defaults)
@@ -385,13 +388,31 @@ class ShardFlowOptimizer(torch.optim.Optimizer):
                 for p, g in zip(params, grads)
             ]
             seen = [None if it.state is self.state[it.param] else dict(it.state) for it in items]
-            weights = self._working_copies(group, items)
-            self._update_group(group, items, ops)
-            self._store_weights(group, weights)
+            for chunk in self._working_copy_chunks(items):
+                weights = self._working_copies(group, chunk)
+                self._update_group(group, chunk, ops)
+                self._store_weights(group, weights)
             for it, before in zip(items, seen):
                 self._store_state(it, before)
         self.placement.after_update(self)
         self._after_step(loss)
+
+    def _working_copy_chunks(self, items: list[Item]) -> list[list[Item]]:
+        """``items`` cut where their fp32 working copies would pass
+        :data:`~shardflow.ops.precision.WORKING_COPY_ELEMENTS` (one chunk without bf16/fp16
+        weights). Cut by global sizes, so every rank of a sharded placement cuts alike."""
+        chunks: list[list[Item]] = [[]]
+        size = 0
+        for it in items:
+            n = 0
+            if it.local.dtype in lowp.LOW_PRECISION:
+                n = self.placement.global_shape(it.param).numel()
+            if chunks[-1] and size + n > lowp.WORKING_COPY_ELEMENTS:
+                chunks.append([])
+                size = 0
+            chunks[-1].append(it)
+            size += n
+        return chunks
 
     def _working_copies(
         self, group: dict[str, Any], items: list[Item]

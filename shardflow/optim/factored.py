@@ -696,7 +696,6 @@ class _Factored(ShardFlowOptimizer):
     def _is_factored(self, param: Tensor, group: dict[str, Any]) -> bool:
         return bool(group["factored"]) and param.ndim >= 2
 
-
     # -- the step ------------------------------------------------------------------------------
 
     def _update_group(self, group: dict[str, Any], items: list[Item], ops: ListOps) -> None:
@@ -1381,7 +1380,10 @@ class FactoredProdigy(_Factored):
             s.mul_(beta3).add_(g, alpha=weight)
             sums.append(torch.stack([(g * (it.state["p0"].to(g.dtype) - x)).sum(), s.abs().sum()]))
         index = next(i for i, g in enumerate(self.param_groups) if g is group)
-        self._pending[index] = (torch.stack(sums).double().sum(0), items[0].grad.device)
+        total = torch.stack(sums).double().sum(0)
+        if index in self._pending:  # a later chunk of the group's parameters (base.py)
+            total = total + self._pending[index][0]
+        self._pending[index] = (total, items[0].grad.device)
 
     def _after_step(self, loss: Any) -> None:
         """``d ← max(d, min(d̂, d·growth_rate))`` per group, from one ``sum_over_model`` of every
