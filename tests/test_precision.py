@@ -306,7 +306,7 @@ def test_chunked_working_copies_give_the_same_step(record, monkeypatch):
 
     whole = run()
     calls = []
-    monkeypatch.setattr(lowp, "WORKING_COPY_ELEMENTS", 100)
+    monkeypatch.setattr(lowp, "WORKING_COPY_FRACTION", 1e-6)
     cls = type(record.factory([torch.nn.Parameter(torch.zeros(2))]))
     original = cls._update_group
 

@@ -150,10 +150,10 @@ def add_stochastic_(
 PRECISIONS = ("kahan", "sr", "nearest")
 """How an update reaches a low-precision weight (see the module docstring)."""
 
-WORKING_COPY_ELEMENTS = 1 << 26
-"""Most weight elements whose fp32 working copies exist at once (256 MiB): a step over more
-low-precision weights than this updates them in chunks, so the copies stay a bounded transient
-instead of 4 B per parameter."""
+WORKING_COPY_FRACTION = 0.25
+"""Share of a group's low-precision weight elements whose fp32 working copies exist at once: the
+group is updated in chunks (about four), so the copies cost about 1 B per parameter, not 4 (a
+chunk holds at least one whole parameter: a parameter larger than the share is one chunk)."""
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 """Weight dtypes that get an fp32 working copy and a :data:`PRECISIONS` write-back."""

@@ -398,16 +398,21 @@ class ShardFlowOptimizer(torch.optim.Optimizer):
         self._after_step(loss)
 
     def _working_copy_chunks(self, items: list[Item]) -> list[list[Item]]:
-        """``items`` cut where their fp32 working copies would pass
-        :data:`~shardflow.ops.precision.WORKING_COPY_ELEMENTS` (one chunk without bf16/fp16
-        weights). Cut by global sizes, so every rank of a sharded placement cuts alike."""
+        """``items`` cut so that their fp32 working copies at once hold at most
+        :data:`~shardflow.ops.precision.WORKING_COPY_FRACTION` of the group's low-precision
+        elements (one chunk without bf16/fp16 weights). Cut by global sizes, so every rank of a
+        sharded placement cuts alike."""
+        sizes = [
+            self.placement.global_shape(it.param).numel()
+            if it.local.dtype in lowp.LOW_PRECISION
+            else 0
+            for it in items
+        ]
+        budget = sum(sizes) * lowp.WORKING_COPY_FRACTION
         chunks: list[list[Item]] = [[]]
         size = 0
-        for it in items:
-            n = 0
-            if it.local.dtype in lowp.LOW_PRECISION:
-                n = self.placement.global_shape(it.param).numel()
-            if chunks[-1] and size + n > lowp.WORKING_COPY_ELEMENTS:
+        for it, n in zip(items, sizes):
+            if chunks[-1] and size + n > budget:
                 chunks.append([])
                 size = 0
             chunks[-1].append(it)
