@@ -88,8 +88,14 @@ class Outcome:
         return sum(text in line for _, line in self.lines)
 
     def first_message(self) -> str:
-        """The first ``shardflow:`` line, else the first warning, else the last line."""
-        for _, line in self.lines:
+        """The first ``shardflow:`` line (a failure's: with its exception's line), else the
+        first warning, else the last line."""
+        for i, (_, line) in enumerate(self.lines):
+            if line.startswith("shardflow:") and line.endswith("failed:"):
+                error = next(
+                    (x for _, x in self.lines[i:] if re.match(r"[\w.]+(Error|Exception)\b", x)), ""
+                )
+                return f"{line} ... {error}"
             if line.startswith("shardflow:") or line.startswith("stopped by"):
                 return line
         for _, line in self.lines:
@@ -260,13 +266,13 @@ def _bad(args: list[str]) -> Callable[[Path], Outcome]:
 
 
 def _hf_without_weights(tmp: Path) -> Outcome:
-    import transformers
-
-    config = transformers.LlamaConfig(
-        vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2,
-    )  # fmt: skip
-    config.save_pretrained(tmp / "hf")
+    (tmp / "hf").mkdir()
+    config = {
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 300,
+        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2,
+    }  # fmt: skip
+    (tmp / "hf" / "config.json").write_text(json.dumps(config))
     return launch(tmp / "run", ["--model.kind", "hf", "--model.path", str(tmp / "hf")])
 
 
@@ -307,7 +313,8 @@ def _huge_file(tmp: Path) -> Outcome:
     result = Outcome(done.returncode, time.monotonic() - began, lines)
     rss = re.search(r"peak RSS MiB (\d+)", done.stdout)
     result.notes.append(
-        f"1 GiB file, data.max_bytes=100000: peak RSS {rss.group(1) if rss else '?'} MiB"
+        f"1 GiB file, data.max_bytes=100000: peak RSS {rss.group(1) if rss else '?'} MiB "
+        "(reading the whole file would take at least 1024)"
     )
     big.unlink()
     return result

@@ -226,11 +226,13 @@ def test_resume_at_train_steps_says_so_and_reports_nothing_as_this_run(tmp_path,
         ),
         (
             ["--optim.name", "adamw"],
-            r"optim\.groups\[0\]\.ortho_mode is not a param-group key of adamw\. Valid keys: ",
+            r"optim\.groups\[0\]\.ortho_mode is not a param-group key of adamw\. Only "
+            r"dolphinflow, whiteflow take it; remove it from that group",
         ),
         (
             ["--optim.name", "factored_adam"],
-            r"optim\.groups\[0\]\.ortho_mode is not a param-group key of factored_adam",
+            r"optim\.groups\[0\]\.ortho_mode is not a param-group key of factored_adam\. Only "
+            r"dolphinflow, whiteflow take it",
         ),
         (
             ["--optim.hyper.betaa2", "0.99"],
@@ -238,12 +240,12 @@ def test_resume_at_train_steps_says_so_and_reports_nothing_as_this_run(tmp_path,
         ),
         (
             ["--optim.hyper.beta2", "1.5"],
-            r"\[optim\] / \[optim\.hyper\]: dolphinflow refused it: beta2=1\.5 is invalid",
+            r"\[optim\] / \[optim\.hyper\]: dolphinflow refused a value: beta2=1\.5 is invalid",
         ),
         (["--optim.lr", "nan"], r"optim\.lr=nan must be a finite number"),
         (
             ["--optim.groups", '[{pattern = "embed", momentum = 2.0}, {pattern = ".*"}]'],
-            r"\[\[optim\.groups\]\]: dolphinflow refused it: momentum=2\.0 is invalid",
+            r"\[\[optim\.groups\]\]: dolphinflow refused a value: momentum=2\.0 is invalid",
         ),
         (
             ["--run.nproc", "2", "--placement.kind", "ddp", "--placement.backend", "nccl"],

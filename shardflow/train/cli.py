@@ -28,9 +28,8 @@ from typing import Any
 
 import torch.distributed as dist
 
-from shardflow.train.ckpt import check_run_dir
 from shardflow.train.config import Config, ConfigError, load_config
-from shardflow.train.loop import preflight, train
+from shardflow.train.loop import check_variant, preflight, train
 from shardflow.train.metrics import plot_losses, read_metrics
 from shardflow.train.optimizers import (
     accepts_option,
@@ -90,17 +89,17 @@ def _failed(proc: ProcessInfo, exc: BaseException) -> int:
     connections close, so every rank ends within seconds. One process: the process group is
     destroyed and the caller re-raises (a :class:`ConfigError` becomes exit code 2)."""
     several = dist.is_initialized() and dist.get_world_size() > 1
-    who = f"rank {proc.rank}" if several else "shardflow"
+    who = f"shardflow: rank {proc.rank}" if several else "shardflow"
     if isinstance(exc, ConfigError):
         code = _fail(proc, exc)
     elif isinstance(exc, KeyboardInterrupt):
         code = 130
-        print(f"shardflow: {who}: interrupted (SIGINT)", file=sys.stderr, flush=True)
+        print(f"{who}: interrupted (SIGINT)", file=sys.stderr, flush=True)
     elif several and any(text in str(exc) for text in PEER_GONE):
         code = 1
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(
-            f"shardflow: {who} stopped: a collective failed because another rank's process "
+            f"{who} stopped: a collective failed because another rank's process "
             f"ended (its error is above): {type(exc).__name__}: {first}",
             file=sys.stderr,
             flush=True,
@@ -109,7 +108,7 @@ def _failed(proc: ProcessInfo, exc: BaseException) -> int:
         code = 1
         if several:
             text = "".join(traceback.format_exception(exc))
-            print(f"shardflow: {who} failed:\n{text}", file=sys.stderr, flush=True)
+            print(f"{who} failed:\n{text}", file=sys.stderr, flush=True)
     if several:
         sys.stdout.flush()
         os._exit(code)
@@ -271,7 +270,7 @@ def main_compare(argv: list[str]) -> int:
         for variant in variants:
             variant.log.plot = False
         prep = preflight(variants[0], proc)
-        points = [prep.resume] + [check_run_dir(v, warn=proc.is_main) for v in variants[1:]]
+        points = [prep.resume] + [check_variant(v, proc) for v in variants[1:]]
     except ConfigError as exc:
         return _fail(proc, exc)
     except ValueError as exc:

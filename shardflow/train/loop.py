@@ -154,6 +154,15 @@ def preflight(cfg: Config, proc: ProcessInfo) -> Prepared:
     return Prepared(device, tokenizer, corpus, resume)
 
 
+def check_variant(cfg: Config, proc: ProcessInfo) -> ckpt.ResumePoint:
+    """What :func:`preflight` checks that differs between the runs of a comparison (optimizer,
+    its arguments and groups, run folder), for every run after the first."""
+    check_optimizer_name(cfg.optim.name)
+    groups = route_params(build_model(cfg, "meta").named_parameters(), cfg.optim.groups)
+    check_optimizer(cfg.optim, groups)
+    return ckpt.check_run_dir(cfg, warn=proc.is_main)
+
+
 def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
     """Linear warm-up to 1 over ``warmup`` steps, then cosine down to ``min_ratio`` at ``total``."""
     if warmup and step <= warmup:

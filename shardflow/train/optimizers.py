@@ -110,6 +110,12 @@ def group_keys(name: str) -> tuple[str, ...]:
     return tuple(sorted({k for g in built.param_groups for k in g} - {"params"}))
 
 
+def _eager_optimizers() -> list[str]:
+    """Registered optimizers that are classes (cheap to build; a lazy factory, such as
+    DolphinFlow8bit's, would import its extra)."""
+    return [n for n in known_optimizers() if isinstance(_factory(n), type)]
+
+
 def groups_for(
     name: str, rules: list[GroupRule], names: list[str]
 ) -> tuple[list[GroupRule], list[str]]:
@@ -232,16 +238,23 @@ def check_optimizer(cfg: OptimConfig, groups: list[RoutedGroup]) -> None:
         except ValueError as exc:
             if isinstance(exc, ConfigError):
                 raise
-            raise ConfigError(f"{where}: {cfg.name} refused it: {exc}") from exc
+            raise ConfigError(f"{where}: {cfg.name} refused a value: {exc}") from exc
 
     build(_tiny_groups(groups, with_options=False), "[optim] / [optim.hyper]")
     valid = list(group_keys(cfg.name))
     for g in groups:
         for key in g.options:
-            if key not in valid:
-                raise ConfigError(
-                    f"optim.groups[{g.index}].{key} is not a param-group key of {cfg.name}."
-                    f"{_nearest(key, valid)}"
-                )
+            if key in valid:
+                continue
+            others = [n for n in _eager_optimizers() if key in group_keys(n)]
+            hint = (
+                f" Only {', '.join(others)} take it; remove it from that group (or drop every "
+                "group: --optim.groups '[]')."
+                if others
+                else _nearest(key, valid)
+            )
+            raise ConfigError(
+                f"optim.groups[{g.index}].{key} is not a param-group key of {cfg.name}.{hint}"
+            )
     if any(g.options for g in groups):
         build(_tiny_groups(groups, with_options=True), "[[optim.groups]]")
