@@ -699,8 +699,10 @@ class _Factored(ShardFlowOptimizer):
     # -- the step ------------------------------------------------------------------------------
 
     def _update_group(self, group: dict[str, Any], items: list[Item], ops: ListOps) -> None:
-        fused = {id(it) for it in items if self._fuses(group, it)}
-        native = {id(it) for it in items if id(it) not in fused and self._native(group, it)}
+        fused = {id(it) for it in items if ops.compiled and self._fuses(group, it)}
+        native = {
+            id(it) for it in items if ops.native and not ops.compiled and self._native(group, it)
+        }
         # the compiled pass and the native kernel read the raw gradient (clip factor folded in);
         # every other path, and ⊥Grad (which rewrites the gradient), works in a scratch copy
         raw = fused | native
@@ -733,15 +735,14 @@ class _Factored(ShardFlowOptimizer):
         self._finish_columns(group, items, ordered, rounded)
 
     def _fuses(self, group: dict[str, Any], it: Item) -> bool:
-        """Whether this matrix takes the compiled path (:func:`fused_factored_update`): when
-        ``compiled`` says so (None: on CUDA), for fp32/bf16 weights, non-empty, contiguous,
-        with a column count divisible by 8 (whole sign bytes) and 32-bit element indices."""
+        """Whether this matrix can take the compiled path (:func:`fused_factored_update`, when
+        the step's backend is compiled: ``compiled=True``, or None on CUDA): fp32/bf16 weights,
+        non-empty, contiguous, with a column count divisible by 8 (whole sign bytes) and 32-bit
+        element indices."""
         local = it.local
-        want = self.compiled if self.compiled is not None else local.device.type == "cuda"
         cols = self._cols(it.param)
         return (
-            bool(want)
-            and self._is_factored(it.param, group)
+            self._is_factored(it.param, group)
             and local.dtype in (torch.float32, torch.bfloat16)
             and local.numel() > 0
             and local.is_contiguous()
@@ -788,13 +789,12 @@ class _Factored(ShardFlowOptimizer):
         return [c.reshape(-1) for c in partial]
 
     def _native(self, group: dict[str, Any], it: Item) -> bool:
-        """Whether this matrix takes the native CPU kernel (:mod:`.factored_native`): unless
-        ``compiled=True``, for FactoredAdam's plain rule (no AdEMAMix, atan2, Grams) on fp32
-        CPU weights and gradients, contiguous and non-empty, with contiguous state, where the
-        kernel is available."""
+        """Whether this matrix can take the native CPU kernel (:mod:`.factored_native`, when the
+        step's backend is native: the CPU default): FactoredAdam's plain rule (no AdEMAMix,
+        atan2, Grams) on fp32 CPU weights and gradients, contiguous and non-empty, with
+        contiguous state, where the kernel is available."""
         return (
             self.native_rule
-            and self.compiled is not True
             and self._is_factored(it.param, group)
             and not (group["ademamix"] or group["atan2"] or group["grams"])
             and it.local.numel() > 0

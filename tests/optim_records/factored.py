@@ -1,5 +1,6 @@
-from optim_table import OptimRecord
+from optim_table import BackendCheck, OptimRecord
 
+from shardflow.ops.native import factored as factored_native
 from shardflow.optim.factored import FactoredAdam, FactoredAdopt, FactoredProdigy
 
 _COMMON_INVALID = [
@@ -32,6 +33,10 @@ RECORDS = [
             {"lr": 1e-2, "orthograd": True, "grams": True, "gradient_clipping": 1.0},
         ],
         invalid=_COMMON_INVALID,
+        # the native kernel takes FactoredAdam's plain rule on factored fp32 matrices (the first
+        # config; the others run the torch path under both backends): the same operations in
+        # C, fp32 sums in another order (tests/test_factored_native.py)
+        backends={"native": BackendCheck(available=factored_native.available)},
     ),
     OptimRecord(
         name="FactoredAdopt",
