@@ -10,6 +10,7 @@ import pytest
 import torch
 from test_factored_reference import Reference
 
+from shardflow.ops.precision import add_stochastic_, random_bits, round_bf16_stochastic
 from shardflow.optim.factored import (
     FactoredAdam,
     FactoredAdopt,
@@ -21,7 +22,6 @@ from shardflow.optim.factored import (
     unpack_signs,
 )
 from shardflow.optim.memory import estimate_state_footprint, state_footprint
-from shardflow.ops.precision import add_stochastic_, random_bits, round_bf16_stochastic
 
 CLASSES = {"adam": FactoredAdam, "adopt": FactoredAdopt, "prodigy": FactoredProdigy}
 SHAPES = [(6, 5), (4, 3, 2), (7,), (1, 9)]
