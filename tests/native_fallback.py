@@ -9,9 +9,11 @@ import pytest
 
 from shardflow.ops.native import dolphinflow as dolphinflow_native
 from shardflow.ops.native import factored as factored_native
+from shardflow.ops.native import kahan as kahan_native
 from shardflow.ops.native import norm as norm_native
 from shardflow.ops.native import quant8 as quant8_native
 from shardflow.ops.native import rounding as rounding_native
+from shardflow.ops.native import whiteflow as whiteflow_native
 from shardflow.ops.native.build import NativeLibrary
 
 
@@ -25,7 +27,16 @@ def check_off_switch_and_failed_build(
     once (naming the torch path), leaves no partial file in the cache, and ``torch_path()`` (which
     asserts its own result) runs; afterwards the kernel is available again. The other kernels
     are loaded first, so that only ``library`` meets the failing compiler."""
-    for other in (dolphinflow_native, factored_native, norm_native, quant8_native, rounding_native):
+    kernels = (
+        dolphinflow_native,
+        factored_native,
+        kahan_native,
+        norm_native,
+        quant8_native,
+        rounding_native,
+        whiteflow_native,
+    )
+    for other in kernels:
         other._library()
     try:
         library.cache_clear()

@@ -49,11 +49,17 @@ class ListOps:
         return f"ListOps(foreach={self.foreach}, compiled={self.compiled}, native={self.native})"
 
     def clone_scaled(self, xs: Sequence[Tensor], scale: float, dtype: torch.dtype) -> list[Tensor]:
-        """New tensors ``x · scale`` in ``dtype`` (the scratch copy an update works in)."""
-        if self.foreach and xs:
-            out = [x.to(dtype) for x in xs] if xs[0].dtype != dtype else list(xs)
-            return torch._foreach_mul(out, scale)
-        return [x.to(dtype) * scale for x in xs]
+        """New tensors ``x · scale`` in ``dtype`` (the scratch copy an update works in): one
+        pass where no conversion is needed or ``scale`` is 1, else a conversion and an in-place
+        multiply (no third tensor)."""
+        if not xs:
+            return []
+        if scale != 1.0 and all(x.dtype == dtype for x in xs):
+            return torch._foreach_mul(list(xs), scale) if self.foreach else [x * scale for x in xs]
+        out = [x.to(dtype, copy=True) for x in xs]
+        if scale != 1.0:
+            self.mul_(out, scale)
+        return out
 
     def mul_(self, xs: Sequence[Tensor], s: Scalars) -> None:
         if not xs:

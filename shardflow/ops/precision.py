@@ -36,6 +36,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from shardflow.ops.native import kahan as native_kahan
 from shardflow.ops.native import rounding as native_rounding
 
 _M32 = 0xFFFFFFFF
@@ -166,6 +167,8 @@ def is_low_precision(t: Tensor) -> bool:
 def working_copy(w: Tensor, compensation: Tensor | None = None) -> Tensor:
     """A new fp32 tensor holding the value of the low-precision weight ``w`` (``w + c`` with a
     Kahan compensation buffer ``c``)."""
+    if native_kahan.usable(w, compensation):
+        return native_kahan.load(w, compensation)  # the same bits, one pass in C
     x = w.to(torch.float32, copy=True)
     if compensation is not None:
         x.add_(compensation)
@@ -188,7 +191,13 @@ def store_weight_(
     ``offset`` being the global flat index of ``w``'s first element (so a row shard rounds as
     the whole tensor would).
     """
-    if precision == "kahan":
+    if (
+        precision in ("kahan", "nearest")
+        and x.is_contiguous()
+        and native_kahan.usable(w, compensation)
+    ):
+        native_kahan.store(x, w, compensation if precision == "kahan" else None)  # one pass in C
+    elif precision == "kahan":
         w.copy_(x)
         compensation.copy_(x.sub_(w))  # exact in fp32: x and round(x) are neighbours
     elif precision == "sr":
