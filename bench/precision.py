@@ -150,6 +150,7 @@ def _run(args: argparse.Namespace, name: str, dtype: torch.dtype, precision: str
     from shardflow.train.model import build_decoder  # noqa: PLC0415
 
     cfg = load_config(args.config)
+    cfg.run.seed = args.seed
     torch.manual_seed(cfg.run.seed)
     compute = build_decoder(cfg.model)
     compute.reset_parameters(cfg.run.seed)
@@ -196,7 +197,7 @@ def convergence_bench(args: argparse.Namespace) -> str:
         f"# bf16 weights: convergence per precision ({datetime.date.today()})",
         "",
         f"Command: `python -m bench.precision convergence --optimizers {args.optimizers} "
-        f"--lr {args.lr} --steps {args.steps} --precisions {args.precisions}`",
+        f"--lr {args.lr} --steps {args.steps} --precisions {args.precisions} --seed {args.seed}`",
         f"Machine: {_machine()}; torch {torch.__version__}, {torch.get_num_threads()} threads.",
         f"Model and data: {Path(args.config).name}'s model and corpus in one process (byte "
         "tokens, the Python standard library), its warm-up + cosine schedule, the same batches "
@@ -238,6 +239,7 @@ def main() -> int:
     conv.add_argument("--optimizers", default=CONVERGENCE_OPTIMIZERS)
     conv.add_argument("--lr", type=float, default=3e-3)
     conv.add_argument("--eval-batches", type=int, default=8)
+    conv.add_argument("--seed", type=int, default=0, help="weights' init and batch order")
     conv.add_argument("--steps", type=int, default=200)
     conv.add_argument("--precisions", default=",".join(PRECISIONS))
     for p in (step, conv):
