@@ -2,7 +2,7 @@
 
 The setting that defeats round-to-nearest: bf16/fp16 weights near 1 and an lr of 1e-4, so each
 step moves a weight by about a tenth of a half-ulp (bf16's half-ulp at 1 is 2⁻⁸ ≈ 3.9e-3, fp16's
-2⁻¹¹ ≈ 4.9e-4). 100 steps; the same start and batches in fp32 are the reference ``Δref``.
+2⁻¹¹ ≈ 4.9e-4). 60 steps; the same start and batches in fp32 are the reference ``Δref``.
 
 How the low-precision run's total move ``Δ`` compares (the documented factor): its projection on
 the reference, ``k = ⟨Δ, Δref⟩ / ‖Δref‖²``, is within [0.8, 1.25] with ``precision="kahan"`` (the
@@ -24,8 +24,8 @@ from optim_table import all_records, skip_reason
 import shardflow
 from shardflow.ops import precision as lowp
 
-STEPS, LR = 100, 2e-4
-HYPER = {"FactoredProdigy": {"lr": 1.0, "d0": 2e-5, "growth_rate": 1.0}}
+STEPS, LR = 60, 2e-4
+HYPER = {"FactoredProdigy": {"lr": 1.0, "d0": 4e-5, "growth_rate": 1.0}}
 """Per-record overrides of the tiny step (Prodigy's step is ``lr·d``: d held at ``d0``)."""
 
 RECORDS = [r for r in all_records()]
@@ -66,8 +66,15 @@ def _move(record, dtype: torch.dtype, precision: str | None) -> torch.Tensor:
     return torch.cat([p.detach().float().flatten() for p in params]) - start
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("record", RECORDS, ids=lambda r: r.name)
+LOW_CASES = [(r, torch.bfloat16) for r in RECORDS] + [
+    (r, torch.float16) for r in RECORDS if r.name in ("DolphinFlow", "FactoredAdam")
+]
+"""bf16 for every optimizer; fp16 (the same code path, another rounding) for two."""
+
+
+@pytest.mark.parametrize(
+    ("record", "dtype"), LOW_CASES, ids=[f"{r.name}-{str(d)[6:]}" for r, d in LOW_CASES]
+)
 def test_tiny_updates_accumulate_in_low_precision_weights(record, dtype):
     if skip_reason(record):
         pytest.skip(skip_reason(record))
