@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run ShardFlow's test suite (set-up included): the README's test command, and what CI runs.
 #
-#   bash launch/test.sh [pytest args]     # ~5-10 min on 2 CPU cores; no GPU needed
+#   bash launch/test.sh [pytest args]     # ~13 min of tests on 2 CPU cores (+2 min set-up once); no GPU
 #
 # Distributed tests start real gloo processes on this machine (free ports chosen at run time).
 set -euo pipefail
