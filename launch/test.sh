@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run ShardFlow's test suite (set-up included): the README's test command, and what CI runs.
 #
-#   bash launch/test.sh [pytest args]     # ~13 min of tests on 2 CPU cores (+2 min set-up once); no GPU
+#   bash launch/test.sh [pytest args]     # 10-13 min of tests on 2 CPU cores (+2 min set-up once); no GPU
 #
 # Distributed tests start real gloo processes on this machine (free ports chosen at run time).
 set -euo pipefail
