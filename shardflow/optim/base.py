@@ -226,9 +226,10 @@ class ShardFlowOptimizer(torch.optim.Optimizer):
             return group["weight_decay"] / group["max_lr"]
         return group["weight_decay"]
 
-    def _stores_weight(self, group: dict[str, Any], local: Tensor) -> bool:
-        """Whether the rule writes this low-precision weight itself, as ``precision_of`` says
-        (then it gets the weight, not an fp32 working copy). Default: no."""
+    def _stores_weight(self, group: dict[str, Any], item: Item, ops: ListOps) -> bool:
+        """Whether the rule reads and writes this low-precision weight itself this step, as
+        ``precision_of`` says (then ``item.local`` is the weight, not an fp32 working copy, and
+        a Kahan compensation is ``item.state["kahan"]`` as usual). Default: no."""
         return False
 
     def _init_group_state(self, group: dict[str, Any]) -> None:
@@ -239,7 +240,7 @@ class ShardFlowOptimizer(torch.optim.Optimizer):
                 continue
             local = self.placement.local(p)
             self._init_state(p, local, group, state)
-            if self.precision_of(p, group) == "kahan" and not self._stores_weight(group, local):
+            if self.precision_of(p, group) == "kahan":
                 state["kahan"] = torch.zeros_like(local)
             for key, value in state.items():
                 state[key] = self.placement.wrap_state(p, value, self.state_layout.get(key, ""))
@@ -389,7 +390,7 @@ class ShardFlowOptimizer(torch.optim.Optimizer):
             ]
             seen = [None if it.state is self.state[it.param] else dict(it.state) for it in items]
             for chunk in self._working_copy_chunks(items):
-                weights = self._working_copies(group, chunk)
+                weights = self._working_copies(group, chunk, ops)
                 self._update_group(group, chunk, ops)
                 self._store_weights(group, weights)
             for it, before in zip(items, seen):
@@ -420,13 +421,14 @@ class ShardFlowOptimizer(torch.optim.Optimizer):
         return chunks
 
     def _working_copies(
-        self, group: dict[str, Any], items: list[Item]
+        self, group: dict[str, Any], items: list[Item], ops: ListOps
     ) -> list[tuple[Item, Tensor]]:
-        """Give each low-precision item an fp32 working copy as ``local``; returns the pairs
-        ``(item, weight)`` to write back (:meth:`_store_weights`)."""
+        """Give each low-precision item an fp32 working copy as ``local`` (unless the rule
+        stores it itself, :meth:`_stores_weight`); returns the pairs ``(item, weight)`` to write
+        back (:meth:`_store_weights`)."""
         out = []
         for it in items:
-            if it.local.dtype not in lowp.LOW_PRECISION or self._stores_weight(group, it.local):
+            if it.local.dtype not in lowp.LOW_PRECISION or self._stores_weight(group, it, ops):
                 continue
             out.append((it, it.local))
             it.local = lowp.working_copy(it.local, it.state.get("kahan"))

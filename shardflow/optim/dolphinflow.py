@@ -55,6 +55,7 @@ import torch
 from torch import Tensor
 
 from shardflow.ops import backend, compiling
+from shardflow.ops import precision as lowp
 from shardflow.ops.compiling import compile_once, each
 from shardflow.ops.listops import ListOps
 from shardflow.ops.native import dolphinflow as dolphinflow_native
@@ -297,20 +298,54 @@ class DolphinFlow(ShardFlowOptimizer):
         if self.loss_schedule is not None and loss is not None:
             self.loss_schedule.observe(loss)
 
-    def _reads_raw(self, group: dict[str, Any], it_param: Tensor, grad: Tensor) -> bool:
+    def _reads_raw(
+        self, group: dict[str, Any], it_param: Tensor, grad: Tensor, ops: ListOps
+    ) -> bool:
         """Whether the fused pass reads this element-wise/vector gradient raw (no scratch copy,
         the clip factor applied in the pass): every backend's rule reads ``g`` without writing
         it, so all do, except where the step-by-step route needs the direction in ``g``
         (no ``adaptive_lr``, a trust region) or dynamic momentum applies ⊥Grad to the gradient
-        itself; gradients of other dtypes are copied to fp32 first."""
+        itself; gradients of other dtypes are copied to fp32 first, except where the native
+        kernel reads them with the weight (:meth:`_stores_weight`)."""
+        return self._fusable(group, it_param) and (
+            grad.dtype in _RAW_DTYPES or self._native_weight(group, it_param, grad, ops)
+        )
+
+    def _fusable(self, group: dict[str, Any], param: Tensor) -> bool:
+        """Whether this parameter's step is one pass of the rule with the gradient read raw."""
         return (
             not self.scratch_grads
             and group["adaptive_lr"]
             and group["trust_region"] is None
             and not group["dynamic_momentum"]
-            and grad.dtype in _RAW_DTYPES
-            and self.route(it_param, group) in ("vector", "elementwise")
+            and self.route(param, group) in ("vector", "elementwise")
         )
+
+    def _native_weight(
+        self, group: dict[str, Any], param: Tensor, grad: Tensor, ops: ListOps
+    ) -> bool:
+        """Whether the native kernel updates this bf16 weight in place this step: it reads the
+        weight with its Kahan compensation and the raw gradient (bf16 or fp32) and writes the
+        weight back (Kahan, or round to nearest) in the same pass — no fp32 working copy and
+        no fp32 gradient copy (:func:`shardflow.ops.native.dolphinflow.step`)."""
+        local = self.placement.local(param)
+        if (
+            not ops.native
+            or ops.compiled
+            or local.dtype != torch.bfloat16
+            or self.precision_of(param, group) not in ("kahan", "nearest")
+            or not self._fusable(group, param)
+        ):
+            return False
+        if self.route(param, group) == "vector" and _rowwise_1d(group, local):
+            return False  # as in _rule_native: the torch path takes it
+        state = self.placement.state_view(self.state[param])
+        return dolphinflow_native.takes_bf16(
+            local, grad, state.get("kahan")
+        ) and dolphinflow_native.usable(state["exp_avg"], state.get("exp_avg_sq"))
+
+    def _stores_weight(self, group: dict[str, Any], item: Item, ops: ListOps) -> bool:
+        return self._native_weight(group, item.param, item.grad, ops)
 
     def _local_sq_norm(self, collected: list[Collected], ops: ListOps) -> Tensor:
         """The clipping norm's ``Σ‖g‖²``, with the ⊥Grad row sums of the raw-read vector
@@ -326,7 +361,7 @@ class DolphinFlow(ShardFlowOptimizer):
                 if (
                     g.numel() > 0
                     and self.route(p, group) == "vector"
-                    and self._reads_raw(group, p, g)
+                    and self._reads_raw(group, p, g, ops)
                 ):
                     vector.append((p, g))
                 elif _streams_well(g) and ops.compiled:
@@ -339,7 +374,8 @@ class DolphinFlow(ShardFlowOptimizer):
         if vector:
             params, grads = zip(*vector)
             weights = [self.placement.local(p) for p in params]
-            sums = _row_sums(list(grads), weights, ops)
+            comps = [self.placement.state_view(self.state[p]).get("kahan") for p in params]
+            sums = _row_sums(list(grads), weights, ops, comps)
             self._row_sums = dict(zip(params, sums))
             total = total + torch.cat([s[:, 2] for s in sums]).double().sum()
         return total
@@ -349,7 +385,7 @@ class DolphinFlow(ShardFlowOptimizer):
         routes = {it.param: self.route(it.param, group) for it in items}
         fusable = group["adaptive_lr"] and group["trust_region"] is None
         fused = [it for it in items if fusable and routes[it.param] in ("vector", "elementwise")]
-        raw = {id(it) for it in fused if self._reads_raw(group, it.param, it.grad)}
+        raw = {id(it) for it in fused if self._reads_raw(group, it.param, it.grad, ops)}
         if not self.scratch_grads:
             _make_scratch([it for it in items if id(it) not in raw], ops)
         rest = [
@@ -500,9 +536,14 @@ class DolphinFlow(ShardFlowOptimizer):
         w, g, m = it.local.detach(), it.grad, it.state["exp_avg"]
         v = it.state.get("exp_avg_sq") if group["adaptive_lr"] else None
         fold = folds.get(id(it))
-        if not dolphinflow_native.usable(w, g, m, v, *(fold or ())):
+        comp = None
+        if w.dtype in lowp.LOW_PRECISION:  # the weight itself (_stores_weight said so)
+            comp = it.state.get("kahan")
+        elif not dolphinflow_native.usable(w, g):
             return False
-        if fold is not None and group["vector_mode"] == "rowwise" and w.ndim < 2:
+        if not dolphinflow_native.usable(m, v, *(fold or ())):
+            return False
+        if fold is not None and _rowwise_1d(group, w):
             return False  # a 1-D weight's "rows" are one (the fold has one pair): as flat
         dolphinflow_native.step(
             w,
@@ -514,6 +555,7 @@ class DolphinFlow(ShardFlowOptimizer):
             nesterov=group["nesterov"],
             adaptive=group["adaptive_lr"],
             out=g if direction else None,
+            compensation=comp,
         )
         return True
 
@@ -614,7 +656,8 @@ class DolphinFlow(ShardFlowOptimizer):
         sums = [self._row_sums.pop(it.param, None) for it in items]
         todo = [i for i, x in enumerate(sums) if x is None]
         grads, weights = [items[i].grad for i in todo], [items[i].local for i in todo]
-        for i, x in zip(todo, _row_sums(grads, weights, ops)):
+        comps = [items[i].state.get("kahan") for i in todo]
+        for i, x in zip(todo, _row_sums(grads, weights, ops, comps)):
             sums[i] = x
         if not rowwise:  # the flat sums: over the rows, then over the ranks holding rows
             flat = torch.cat([x.sum(0, keepdim=True) for x in sums])
@@ -706,6 +749,11 @@ class DolphinFlow(ShardFlowOptimizer):
                 p.add_(u.to(p.dtype), alpha=-lr)
         else:
             ops.add_(locals_, updates, alpha=-lr)
+
+
+def _rowwise_1d(group: dict[str, Any], w: Tensor) -> bool:
+    """Rowwise ⊥Grad on a 1-D weight: its "rows" are one (the fold has one pair)."""
+    return group["vector_mode"] == "rowwise" and w.ndim < 2
 
 
 def _state_dtype(local: Tensor) -> torch.dtype:
@@ -882,16 +930,29 @@ def _streams_well(g: Tensor) -> bool:
     return g.numel() >= LARGE and g.is_contiguous() and g.dtype in _RAW_DTYPES
 
 
-def _row_sums(grads: list[Tensor], weights: list[Tensor], ops: ListOps) -> list[Tensor]:
+def _row_sums(
+    grads: list[Tensor],
+    weights: list[Tensor],
+    ops: ListOps,
+    comps: list[Tensor | None] | None = None,
+) -> list[Tensor]:
     """Row-wise ⊥Grad sums of each pair on the step's backend: through
     :func:`~shardflow.ops.compiling.each` when compiling (except empty shards: a 0-row tensor
-    would be a graph of its own), the native kernel where it takes the pair, else torch's ops."""
+    would be a graph of its own), the native kernel where it takes the pair, else torch's ops.
+    A low-precision weight counts with its Kahan compensation (``comps``, None: none)."""
+    comps = comps or [None] * len(weights)
     weights = [w.detach() for w in weights]
     out: list[Tensor | None] = [None] * len(grads)
     if ops.native and not ops.compiled:
-        for i, (g, w) in enumerate(zip(grads, weights)):
-            if g.numel() and dolphinflow_native.usable(g, w):
-                out[i] = dolphinflow_native.row_sums(g, w)
+        for i, (g, w, c) in enumerate(zip(grads, weights, comps)):
+            if g.numel() and (
+                dolphinflow_native.usable(g, w) or dolphinflow_native.takes_bf16(w, g, c)
+            ):
+                out[i] = dolphinflow_native.row_sums(g, w, c)
+    weights = [
+        lowp.working_copy(w, c) if w.dtype in lowp.LOW_PRECISION and o is None else w
+        for w, c, o in zip(weights, comps, out)
+    ]
     if ops.compiled:
         full = [i for i, g in enumerate(grads) if g.numel()]
         done = each(orthograd_sums_each, [grads[i] for i in full], [weights[i] for i in full])

@@ -130,6 +130,9 @@ class DolphinFlow8bit(DolphinFlow):
 
     # -- the step ---------------------------------------------------------------------------
 
+    def _stores_weight(self, group: dict[str, Any], item: Item, ops: ListOps) -> bool:
+        return False  # the 8-bit passes work on fp32 working copies of bf16 weights
+
     def _update_group(self, group: dict[str, Any], items: list[Item], ops: ListOps) -> None:
         """DolphinFlow's update, chunk by chunk (see the module docstring for who dequantizes)."""
         for chunk in self._chunks(items):

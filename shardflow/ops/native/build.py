@@ -77,7 +77,7 @@ CSRC = Path(__file__).parent / "csrc"
 FLAGS = ["-O3", "-mavx2", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC"]
 """Compiler flags: no contraction into fused multiply-adds unless the source asks for one."""
 
-I64, PTR = ctypes.c_int64, ctypes.c_void_p
+I32, I64, PTR = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p
 
 PARALLEL_ELEMENTS = 2**16
 """Below this many values a loop runs on the calling thread (waking the pool costs a few µs):

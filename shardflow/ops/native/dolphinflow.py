@@ -32,7 +32,7 @@ import ctypes
 import torch
 from torch import Tensor
 
-from shardflow.ops.native.build import FLAGS, I64, PTR, NativeLibrary, ptr
+from shardflow.ops.native.build import FLAGS, I32, I64, PTR, NativeLibrary, ptr
 
 PIECE = 1 << 14
 """Values per unit of work of one thread (the C file's ``PIECE``)."""
@@ -61,10 +61,10 @@ _library = NativeLibrary(
     "dolphinflow",
     "dolphinflow.c",
     {
-        # n, cols, w, g, m, v, fa, fb, fold_stride, out, rule
-        "sfd_step": [I64, I64, *[PTR] * 6, I64, PTR, PTR],
-        # rows, cols, g, w, out
-        "sfd_row_sums": [I64, I64, PTR, PTR, PTR],
+        # n, cols, w, wc, w_bytes, g, g_bytes, m, v, fa, fb, fold_stride, out, rule
+        "sfd_step": [I64, I64, PTR, PTR, I32, PTR, I32, PTR, PTR, PTR, PTR, I64, PTR, PTR],
+        # rows, cols, g, g_bytes, w, wc, w_bytes, out
+        "sfd_row_sums": [I64, I64, PTR, I32, PTR, PTR, I32, PTR],
     },
     fallback="DolphinFlow uses the torch path (slower, the same rule)",
     flags=FLAGS,
@@ -80,10 +80,30 @@ def available() -> bool:
 
 def usable(*tensors: Tensor | None) -> bool:
     """Whether the kernel takes these tensors (None: absent): CPU, contiguous, fp32."""
-    return available() and all(
-        t is None or (t.device.type == "cpu" and t.is_contiguous() and t.dtype == torch.float32)
-        for t in tensors
+    return available() and all(t is None or _plain(t, torch.float32) for t in tensors)
+
+
+def takes_bf16(w: Tensor, g: Tensor, compensation: Tensor | None) -> bool:
+    """Whether the kernel reads and writes the weight ``w`` itself: ``w`` and ``g`` CPU,
+    contiguous, fp32 or bf16 (one of them bf16), ``compensation`` None or bf16 of ``w``'s shape
+    (the moments and fold are checked by :func:`usable`)."""
+    return (
+        available()
+        and any(t.dtype == torch.bfloat16 for t in (w, g))
+        and all(_plain(t, torch.float32) or _plain(t, torch.bfloat16) for t in (w, g))
+        and (
+            compensation is None
+            or (_plain(compensation, torch.bfloat16) and compensation.shape == w.shape)
+        )
     )
+
+
+def _plain(t: Tensor, dtype: torch.dtype) -> bool:
+    return t.device.type == "cpu" and t.is_contiguous() and t.dtype == dtype
+
+
+def _bytes(t: Tensor) -> int:
+    return t.element_size()
 
 
 def step(
@@ -97,13 +117,17 @@ def step(
     nesterov: bool,
     adaptive: bool = True,
     out: Tensor | None = None,
+    compensation: Tensor | None = None,
 ) -> None:
     """DolphinFlow's element-wise step (the reference rule) on one parameter, in place.
 
-    ``w, g, m, v`` (``v`` None without ``adaptive``) and ``out`` are :func:`usable`, of one
-    shape, whose first dimension is the rows of ``fold``'s coefficients ``(a, b)`` (one value per
-    row, or one for all); ``scalars`` as :data:`RULE_FIELDS`. ``out`` given: the direction is
-    written there and ``w`` only read.
+    ``m, v`` (``v`` None without ``adaptive``), the fold and ``out`` are :func:`usable`; ``w``
+    and ``g`` fp32 or bf16 (:func:`takes_bf16`), all of one shape, whose first dimension is the
+    rows of ``fold``'s coefficients ``(a, b)`` (one value per row, or one for all); ``scalars``
+    as :data:`RULE_FIELDS`. ``out`` given: the direction is written there and ``w`` only read.
+    A bf16 ``w`` is read as ``w + compensation`` and written back as
+    :func:`shardflow.ops.precision.store_weight_` does — Kahan with a ``compensation``, round to
+    nearest without — in the same pass: no fp32 working copy.
     """
     n = w.numel()
     if not n:
@@ -112,19 +136,24 @@ def step(
     fa, fb = (None, None) if fold is None else fold
     stride = 0 if fold is None or fold[0].numel() == 1 else 1
     r = rule(scalars, nesterov=nesterov, adaptive=adaptive)
+    wc = compensation if w.dtype == torch.bfloat16 else None
     _library().sfd_step(
-        n, cols, ptr(w), ptr(g), ptr(m), ptr(v), ptr(fa), ptr(fb), stride, ptr(out),
-        ctypes.byref(r),
+        n, cols, ptr(w), ptr(wc), _bytes(w), ptr(g), _bytes(g), ptr(m), ptr(v), ptr(fa),
+        ptr(fb), stride, ptr(out), ctypes.byref(r),
     )  # fmt: skip
 
 
-def row_sums(g: Tensor, w: Tensor) -> Tensor:
-    """``(⟨g,w⟩, ‖w‖², ‖g‖²)`` of each row of ``g`` and ``w`` (:func:`usable`, one shape, rows
-    along dim 0; a 1-D tensor is one row): a ``(rows, 3)`` fp32 tensor, summed in fp64."""
+def row_sums(g: Tensor, w: Tensor, compensation: Tensor | None = None) -> Tensor:
+    """``(⟨g,w⟩, ‖w‖², ‖g‖²)`` of each row of ``g`` and ``w`` (:func:`usable`, or fp32/bf16 as
+    :func:`takes_bf16` says; a bf16 ``w`` counts as ``w + compensation``), of one shape, rows
+    along dim 0 (a 1-D tensor is one row): a ``(rows, 3)`` fp32 tensor, summed in fp64."""
     rows = g.shape[0] if g.ndim >= 2 else 1
     out = torch.empty(rows, 3, dtype=torch.float32)
+    wc = compensation if w.dtype == torch.bfloat16 else None
     if g.numel():
-        _library().sfd_row_sums(rows, g.numel() // rows, ptr(g), ptr(w), ptr(out))
+        _library().sfd_row_sums(
+            rows, g.numel() // rows, ptr(g), _bytes(g), ptr(w), ptr(wc), _bytes(w), ptr(out)
+        )
     elif rows:
         out.zero_()
     return out
