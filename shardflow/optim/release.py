@@ -198,6 +198,24 @@ def make_buckets(
     return _explicit(params, buckets)
 
 
+def module_buckets(model: nn.Module) -> list[list[Tensor]]:
+    """Buckets that follow the model's blocks: each element of every ``nn.ModuleList`` (a
+    decoder layer) is one bucket; every other parameter (embeddings, final norm, head) is its
+    own. Gradients alive at once: about one block's (the runtime's choice)."""
+    seen: set[int] = set()
+    out: list[list[Tensor]] = []
+    for module in model.modules():
+        if not isinstance(module, nn.ModuleList):
+            continue
+        for block in module:
+            params = [p for p in block.parameters() if id(p) not in seen]
+            seen.update(id(p) for p in params)
+            if params:
+                out.append(params)
+    out += [[p] for p in model.parameters() if id(p) not in seen]
+    return out
+
+
 def _capped(params: list[Tensor], cap: int) -> list[list[Tensor]]:
     out: list[list[Tensor]] = [[]]
     size = 0
