@@ -148,7 +148,7 @@ class TrainConfig:
     """Micro-batches accumulated per optimizer step."""
     gradient_release: bool = False
     """Update each decoder block inside backward as its gradients land and free them
-    (shardflow.prepare_for_gradient_release; ShardFlow optimizers, placement none, grad_accum 1;
+    (shardflow.prepare_for_gradient_release; ShardFlow optimizers, placement none or ddp, grad_accum 1;
     optim.grad_clip clips each block by its own norm)."""
     eval_every: int = 50
     """Validation loss every N steps and at the end (0 = never)."""
@@ -505,11 +505,11 @@ def check_values(cfg: Config) -> None:
 
 def _check_release(cfg: Config) -> None:
     """What ``train.gradient_release = true`` needs (it updates during backward)."""
-    if cfg.placement.kind != "none":
+    if cfg.placement.kind not in ("none", "ddp"):
         raise ConfigError(
-            f"train.gradient_release=true with placement.kind={cfg.placement.kind!r}: the runtime "
-            "releases gradients on one process only so far (the library also runs it on the "
-            "DDP-aware owner plan); set placement.kind='none' or gradient_release=false."
+            f"train.gradient_release=true with placement.kind={cfg.placement.kind!r}: gradient "
+            "release runs with placement 'none' or 'ddp' (the owner plan) so far; set one of "
+            "them or gradient_release=false."
         )
     if cfg.train.grad_accum != 1:
         raise ConfigError(
