@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import statistics
 import sys
 import time
@@ -144,6 +145,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per contender")
     parser.add_argument("--convergence", type=int, default=0, help="steps (0: skip)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--modes", default="vector,matrix", help="DolphinFlow ortho_modes")
+    parser.add_argument("--tag", default="", help="suffix of the results file name")
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -161,7 +164,8 @@ def main(argv: list[str] | None = None) -> None:
         "release/ordinary | step s, ordinary | step s, release | time ratio |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for mode in ("vector", "matrix"):
+    modes = args.modes.split(",")
+    for mode in modes:
         r = memory_and_time(corpus, args.layers, mode, args.steps)
         (pm, pt), (rm, rt) = r["plain"], r["release"]
         mib = 2**20
@@ -178,11 +182,12 @@ def main(argv: list[str] | None = None) -> None:
             "| mode | ordinary | release | release/ordinary - 1 |",
             "|---|---|---|---|",
         ]
-        for mode in ("vector", "matrix"):
+        for mode in modes:
             a, b = convergence(corpus, args.layers, mode, args.convergence)
             lines.append(f"| {mode} | {a:.4f} | {b:.4f} | {b / a - 1:+.2%} |")
             print(lines[-1], flush=True)
-    out = Path(args.out) / f"release-{tag}-{datetime.date.today()}.md"
+    lines.append(f"\nLoad average at the end: {os.getloadavg()[0]:.1f} (other jobs share the CPU).")
+    out = Path(args.out) / f"release-{tag}{args.tag}-{datetime.date.today()}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")
