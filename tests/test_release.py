@@ -244,3 +244,31 @@ def test_bad_release_arguments_name_the_value():
         shardflow.DolphinFlow(model.parameters(), gradient_release="yes")
     with pytest.raises(ValueError, match="needs a ShardFlow optimizer"):
         prepare_for_gradient_release(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+@pytest.mark.parametrize("precision", ["kahan", "sr"])
+@pytest.mark.parametrize(
+    "factory",
+    [
+        lambda ps, **kw: shardflow.DolphinFlow(ps, lr=1e-2, ortho_mode="matrix", **kw),
+        lambda ps, **kw: shardflow.FactoredAdam(ps, lr=1e-2, **kw),
+    ],
+    ids=["DolphinFlow-matrix", "FactoredAdam"],
+)
+def test_bf16_weights_release_equals_the_ordinary_step(factory, precision):
+    """bf16 weights reach the rule as fp32 working copies per bucket; Kahan buffers and the
+    stochastic-rounding streams (keyed by parameter index and step) are the same."""
+
+    def run(release):
+        model = _model().to(torch.bfloat16)
+        opt = factory(model.parameters(), precision=precision, gradient_clipping=None)
+        if release:
+            prepare_for_gradient_release(model, opt)
+        for step in range(4):
+            x, y = _batch(step)
+            torch.nn.functional.mse_loss(model(x.bfloat16()).float(), y).backward()
+            opt.step()
+            opt.zero_grad()
+        return _params(model)
+
+    _assert_same(run(False), run(True))
