@@ -347,9 +347,9 @@ class ShardFlowOptimizer(torch.optim.Optimizer):
         self.nonfinite_steps += 1
         if self.nonfinite_steps == 1:
             warnings.warn(
-                f"{type(self).__name__}: a gradient holds NaN or inf; the step was skipped "
-                "(weights and state untouched). Further skips are counted in "
-                "optimizer.nonfinite_steps without another warning.",
+                f"{type(self).__name__}: a gradient holds NaN or inf; the step (under gradient "
+                "release: that bucket) was skipped (weights and state untouched). Further skips "
+                "are counted in optimizer.nonfinite_steps without another warning.",
                 RuntimeWarning,
                 stacklevel=3,
             )
