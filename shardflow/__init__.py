@@ -17,6 +17,8 @@ from shardflow.optim import (
     build_optimizer,
     optimizer_names,
     param_groups,
+    prepare_for_gradient_release,
+    remove_gradient_release,
 )
 
 __version__ = "0.1.0"
@@ -43,4 +45,6 @@ __all__ = [
     "build_optimizer",
     "optimizer_names",
     "param_groups",
+    "prepare_for_gradient_release",
+    "remove_gradient_release",
 ]

@@ -114,6 +114,13 @@ class LocalPlacement:
     def before_update(self, optimizer: torch.optim.Optimizer) -> None:
         """Called at the start of ``step``: make gradients of owned parameters ready."""
 
+    def before_bucket(self, params: Sequence[Tensor]) -> None:
+        """Gradient release: called before a bucket's update (``params``, the same on every
+        rank): make those gradients ready on their owners (the update reads :meth:`grad`)."""
+
+    def after_bucket(self) -> None:
+        """Gradient release: called after a bucket's update."""
+
     def after_update(self, optimizer: torch.optim.Optimizer, updated: bool = True) -> None:
         """Called at the end of ``step`` (``updated=False`` when it was skipped, on every rank
         alike): make updated parameters visible where they are needed."""

@@ -295,8 +295,18 @@ class ReplicatedPlacement(LocalPlacement):
         if updated:
             self._gather_params()
 
-    def _reduce_grads(self) -> dict[int, Tensor | None]:
-        """Average every gradient on its owner: one all-to-all per gradient dtype.
+    def before_bucket(self, params: Sequence[Tensor]) -> None:
+        """Gradient release: average this bucket's gradients on their owners (one all-to-all
+        per dtype); the all-gather of the weights waits for ``after_update`` (the step)."""
+        if not self.grads_reduced:
+            self._reduced = self._reduce_grads({self._i(p) for p in params})
+
+    def after_bucket(self) -> None:
+        self._reduced = None
+
+    def _reduce_grads(self, only: set[int] | None = None) -> dict[int, Tensor | None]:
+        """Average every gradient (of ``only``: parameter indices) on its owner: one
+        all-to-all per gradient dtype.
 
         Owner r's chunk of the send buffer holds the gradients of r's parameters, then one flag
         per parameter (1 where this rank has a gradient): a parameter no rank has a gradient for
@@ -304,10 +314,11 @@ class ReplicatedPlacement(LocalPlacement):
         """
         out: dict[int, Tensor | None] = {}
         w = self.world_size
-        for dtype in sorted({p.dtype for p in self.params}, key=str):
+        chosen = range(len(self.params)) if only is None else sorted(only)
+        for dtype in sorted({self.params[i].dtype for i in chosen}, key=str):
             chunks, splits = [], []
             for r in range(w):
-                idx = [i for i in self._owned_by[r] if self.params[i].dtype == dtype]
+                idx = [i for i in self._owned_by[r] if _picked(self.params[i], i, dtype, only)]
                 parts = [_flat_grad(self.params[i]) for i in idx]
                 flags = [1.0 if self.params[i].grad is not None else 0.0 for i in idx]
                 parts.append(torch.tensor(flags, dtype=dtype, device=self._device))
@@ -317,7 +328,7 @@ class ReplicatedPlacement(LocalPlacement):
             recv = comm.all_to_all(torch.cat(chunks), splits, [mine] * w, self.group)
             acc = torch.float64 if dtype == torch.float64 else torch.float32
             total = recv.view(w, mine).to(acc).sum(0).div_(w)
-            idx = [i for i in self._owned_by[self.rank] if self.params[i].dtype == dtype]
+            idx = [i for i in self._owned_by[self.rank] if _picked(self.params[i], i, dtype, only)]
             flags = total[-len(idx) :] if idx else total[:0]
             offset = 0
             for k, i in enumerate(idx):
@@ -354,6 +365,10 @@ class ReplicatedPlacement(LocalPlacement):
             f"DDP-aware owner plan over {self.world_size} ranks ({mode}); this is rank "
             f"{self.rank}\n{self.plan.describe('params', dict(enumerate(self.names)))}"
         )
+
+
+def _picked(p: Tensor, i: int, dtype: torch.dtype, only: set[int] | None) -> bool:
+    return p.dtype == dtype and (only is None or i in only)
 
 
 def _no_rows(t: Tensor) -> Tensor:

@@ -10,6 +10,11 @@ from shardflow.optim.base import ShardFlowOptimizer
 from shardflow.optim.dolphinflow import DolphinFlow
 from shardflow.optim.factored import FactoredAdam, FactoredAdopt, FactoredProdigy
 from shardflow.optim.memory import StateFootprint, estimate_state_footprint, state_footprint
+from shardflow.optim.release import (
+    GradientRelease,
+    prepare_for_gradient_release,
+    remove_gradient_release,
+)
 from shardflow.optim.registry import build_optimizer, optimizer_names, register_optimizer
 from shardflow.optim.routing import param_groups
 from shardflow.optim.schedule import LossAwareSchedule
@@ -50,6 +55,9 @@ __all__ = [
     "build_optimizer",
     "optimizer_names",
     "param_groups",
+    "prepare_for_gradient_release",
+    "remove_gradient_release",
+    "GradientRelease",
     "register_optimizer",
     "StateFootprint",
     "estimate_state_footprint",

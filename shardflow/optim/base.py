@@ -114,7 +114,9 @@ SHARED_ARGS_DOC = """
             (stochastic rounding, no state) or ``"nearest"`` (round to nearest: updates below
             half a unit in the last place are lost). No effect on fp32 weights.
         decouple_lr: fully decoupled weight decay: decay ``weight_decay·lr/max_lr`` per step
-            (``max_lr``: the group's lr at construction) instead of ``weight_decay·lr``."""
+            (``max_lr``: the group's lr at construction) instead of ``weight_decay·lr``.
+        gradient_release: update each parameter during ``backward`` as its gradient lands and
+            free the gradient (:mod:`shardflow.optim.release`; no global clipping)."""
 """The keyword arguments every ShardFlow optimizer takes, for the subclasses' docstrings."""
 
 
@@ -147,8 +149,10 @@ class ShardFlowOptimizer(torch.optim.Optimizer):
         gradient_clipping: float | None = None,
         precision: str | None = None,
         decouple_lr: bool = False,
+        gradient_release: bool = False,
     ) -> None:
         check_optional_positive("gradient_clipping", gradient_clipping)
+        check_bool("gradient_release", gradient_release)
         defaults = {**defaults, "precision": precision, "decouple_lr": decouple_lr}
         self._warned_precision = False
         self.foreach = backend.check_foreach(foreach)
@@ -166,6 +170,13 @@ class ShardFlowOptimizer(torch.optim.Optimizer):
             self._init_group_state(group)
         self._constructed = True
         self._warn_precision_without_effect()
+        self.release: Any = None
+        """The :class:`~shardflow.optim.release.GradientRelease` running this optimizer's updates
+        inside ``backward``, or None (the ordinary step)."""
+        if gradient_release:
+            from shardflow.optim.release import GradientRelease  # noqa: PLC0415 - cycle
+
+            GradientRelease(self)
 
     def _warn_precision_without_effect(self) -> None:
         """One warning when ``precision`` is set but no parameter is bf16/fp16 (a no-op)."""
@@ -292,12 +303,15 @@ class ShardFlowOptimizer(torch.optim.Optimizer):
             tensors, foreach=self.foreach, compiled=getattr(self, "compiled", None)
         )
 
-    def _collect(self) -> list[Collected]:
-        """Per group: the owned params that have a gradient and their local gradients."""
+    def _collect(self, only: set[Tensor] | None = None) -> list[Collected]:
+        """Per group: the owned params (of ``only``, None: all) that have a gradient and their
+        local gradients."""
         out = []
         for group in self.param_groups:
             params, grads = [], []
             for p in group["params"]:
+                if only is not None and p not in only:
+                    continue
                 grad = self.placement.grad(p)
                 if grad is None or not self.placement.owns(p):
                     continue
@@ -316,17 +330,16 @@ class ShardFlowOptimizer(torch.optim.Optimizer):
         """
         return _sum_sq([g for _, _, grads in collected for g in grads], ops)
 
-    def _grad_scale(self, collected: list[Collected], ops: ListOps) -> float | None:
-        """One reduction: the global gradient norm. None when it is not finite (skip the step)."""
+    def _grad_scale(
+        self, collected: list[Collected], ops: ListOps, max_norm: float | None
+    ) -> float | None:
+        """One reduction: the gradients' norm, and the clip factor to ``max_norm`` (None: no
+        clipping). None when the norm is not finite (skip the update)."""
         total = float(self.placement.sum_over_model(self._local_sq_norm(collected, ops)))
         self.last_grad_norm = norm = math.sqrt(total)
         if not math.isfinite(total):
             return None
-        scale = (
-            1.0
-            if self.gradient_clipping is None
-            else min(1.0, self.gradient_clipping / (norm + 1e-6))
-        )
+        scale = 1.0 if max_norm is None else min(1.0, max_norm / (norm + 1e-6))
         if getattr(self, "verbose", False):
             logger.info("%s: grad norm %.4g, clip scale %.4g", type(self).__name__, norm, scale)
         return scale
@@ -335,9 +348,9 @@ class ShardFlowOptimizer(torch.optim.Optimizer):
         self.nonfinite_steps += 1
         if self.nonfinite_steps == 1:
             warnings.warn(
-                f"{type(self).__name__}: a gradient holds NaN or inf; the step was skipped "
-                "(weights and state untouched). Further skips are counted in "
-                "optimizer.nonfinite_steps without another warning.",
+                f"{type(self).__name__}: a gradient holds NaN or inf; the step (under gradient "
+                "release: that bucket) was skipped (weights and state untouched). Further skips "
+                "are counted in optimizer.nonfinite_steps without another warning.",
                 RuntimeWarning,
                 stacklevel=3,
             )
@@ -349,9 +362,16 @@ class ShardFlowOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        with compile_settings() if self._may_compile() else contextlib.nullcontext():
-            self._step(loss)
+        with self.compile_context():
+            if self.release is not None:
+                self.release.finish_step(loss)
+            else:
+                self._step(loss)
         return loss
+
+    def compile_context(self) -> contextlib.AbstractContextManager:
+        """Dynamo's settings where this optimizer's passes may compile, else a no-op context."""
+        return compile_settings() if self._may_compile() else contextlib.nullcontext()
 
     def _may_compile(self) -> bool:
         """Whether this step may run ``torch.compile``d passes (``compiled=True``, or ``None``
@@ -363,14 +383,24 @@ class ShardFlowOptimizer(torch.optim.Optimizer):
     def _step(self, loss: Any) -> None:
         """The step proper: clip, skip on NaN/inf, update each group (see :meth:`step`)."""
         self.placement.before_update(self)
-        collected = self._collect()
+        updated = self._update_params(None, self.gradient_clipping)
+        self.placement.after_update(self, updated=updated)
+        if updated:
+            self._after_step(loss)
+
+    def _update_params(self, only: set[Tensor] | None, max_norm: float | None) -> bool:
+        """Update the parameters of ``only`` (None: all) that have a gradient, clipped to
+        ``max_norm`` by their joint norm (one ``sum_over_model``: every rank calls this alike).
+        A NaN/inf gradient among them skips them all, state untouched, and counts in
+        :attr:`nonfinite_steps`; returns whether they were updated. Gradient release
+        (:mod:`shardflow.optim.release`) calls this once per bucket."""
+        collected = self._collect(only)
         all_grads = [g for _, _, gs in collected for g in gs]
         ops = self._ops_for(all_grads)
-        scale = self._grad_scale(collected, ops)
+        scale = self._grad_scale(collected, ops, max_norm)
         if scale is None:
-            self.placement.after_update(self, updated=False)
             self._skip_nonfinite()
-            return
+            return False
         for group, params, grads in collected:
             if not params:
                 continue
@@ -395,8 +425,7 @@ class ShardFlowOptimizer(torch.optim.Optimizer):
                 self._store_weights(group, weights)
             for it, before in zip(items, seen):
                 self._store_state(it, before)
-        self.placement.after_update(self)
-        self._after_step(loss)
+        return True
 
     def _working_copy_chunks(self, items: list[Item]) -> list[list[Item]]:
         """``items`` cut so that their fp32 working copies at once hold at most
@@ -472,6 +501,13 @@ class ShardFlowOptimizer(torch.optim.Optimizer):
 
     def _after_step(self, loss: Any) -> None:
         """Hook run after a successful step (the loss-aware schedule uses it)."""
+
+    def had_grad(self, param: Tensor) -> bool:
+        """Whether ``param`` got a gradient this step (under gradient release, where it is freed
+        once applied: whether one landed)."""
+        if self.release is not None and self.release.stepped(param):
+            return True
+        return self.placement.grad(param) is not None
 
     # -- accounting -------------------------------------------------------------------------
 

@@ -178,6 +178,7 @@ class DolphinFlow(ShardFlowOptimizer):
         grads_reduced: bool = False,
         precision: str | None = None,
         decouple_lr: bool = False,
+        gradient_release: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -214,6 +215,7 @@ class DolphinFlow(ShardFlowOptimizer):
             grads_reduced=grads_reduced,
             precision=precision,
             decouple_lr=decouple_lr,
+            gradient_release=gradient_release,
         )
         self.loss_schedule = LossAwareSchedule(self) if loss_aware_schedule else None
 

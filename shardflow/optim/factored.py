@@ -1050,6 +1050,7 @@ _NOT_DEFAULTS = (
     "grads_reduced",
     "precision",
     "decouple_lr",
+    "gradient_release",
     "__class__",
 )
 
@@ -1122,6 +1123,7 @@ class FactoredAdam(_Factored):
         grads_reduced: bool = False,
         precision: str | None = None,
         decouple_lr: bool = False,
+        gradient_release: bool = False,
     ) -> None:
         defaults = _defaults(locals())
         super().__init__(
@@ -1133,6 +1135,7 @@ class FactoredAdam(_Factored):
             grads_reduced=grads_reduced,
             precision=precision,
             decouple_lr=decouple_lr,
+            gradient_release=gradient_release,
         )
 
     def _scalars(self, group: dict[str, Any], it: Item) -> StepScalars:
@@ -1193,6 +1196,7 @@ class FactoredAdopt(_Factored):
         grads_reduced: bool = False,
         precision: str | None = None,
         decouple_lr: bool = False,
+        gradient_release: bool = False,
     ) -> None:
         defaults = _defaults(locals())
         super().__init__(
@@ -1204,6 +1208,7 @@ class FactoredAdopt(_Factored):
             grads_reduced=grads_reduced,
             precision=precision,
             decouple_lr=decouple_lr,
+            gradient_release=gradient_release,
         )
 
     def _check_group(self, group: dict[str, Any]) -> None:
@@ -1297,6 +1302,7 @@ class FactoredProdigy(_Factored):
         grads_reduced: bool = False,
         precision: str | None = None,
         decouple_lr: bool = False,
+        gradient_release: bool = False,
     ) -> None:
         defaults = _defaults(locals())
         self._pending: dict[int, tuple[Tensor, torch.device]] = {}
@@ -1310,6 +1316,7 @@ class FactoredProdigy(_Factored):
             grads_reduced=grads_reduced,
             precision=precision,
             decouple_lr=decouple_lr,
+            gradient_release=gradient_release,
         )
 
     def _check_group(self, group: dict[str, Any]) -> None:
@@ -1412,6 +1419,6 @@ class FactoredProdigy(_Factored):
             d_hat = group["d_coef"] * numerator / l1
             d = max(d, min(d_hat, d * group["growth_rate"]))
         for p in group["params"]:  # on every rank: the copies of every parameter stepped
-            if self.placement.grad(p) is not None:  # (one without a gradient stays untouched)
+            if self.had_grad(p):  # (one without a gradient stays untouched)
                 self.state[p]["d"].fill_(d)
                 self.state[p]["d_numerator"].fill_(numerator)

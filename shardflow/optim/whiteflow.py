@@ -183,6 +183,7 @@ class WhiteFlow(ShardFlowOptimizer):
         grads_reduced: bool = False,
         precision: str | None = None,
         decouple_lr: bool = False,
+        gradient_release: bool = False,
     ) -> None:
         self.projections = ProjectionCache(projection_device)
         self.projection_device = projection_device
@@ -212,6 +213,7 @@ class WhiteFlow(ShardFlowOptimizer):
             grads_reduced=grads_reduced,
             precision=precision,
             decouple_lr=decouple_lr,
+            gradient_release=gradient_release,
         )
 
     # -- validation and state ---------------------------------------------------------------

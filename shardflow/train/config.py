@@ -146,6 +146,10 @@ class TrainConfig:
     """Sequences per rank per forward/backward."""
     grad_accum: int = 1
     """Micro-batches accumulated per optimizer step."""
+    gradient_release: bool = False
+    """Update each decoder block inside backward as its gradients land and free them
+    (shardflow.prepare_for_gradient_release; ShardFlow optimizers, placement none or ddp, grad_accum 1;
+    optim.grad_clip clips each block by its own norm)."""
     eval_every: int = 50
     """Validation loss every N steps and at the end (0 = never)."""
     eval_batches: int = 4
@@ -495,6 +499,29 @@ def check_values(cfg: Config) -> None:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} must be at least 2.")
     if cfg.model.kind == "hf" and not cfg.model.path:
         raise ConfigError("model.kind='hf' needs model.path, a local Hugging Face model folder.")
+    if cfg.train.gradient_release:
+        _check_release(cfg)
+
+
+def _check_release(cfg: Config) -> None:
+    """What ``train.gradient_release = true`` needs (it updates during backward)."""
+    if cfg.placement.kind not in ("none", "ddp"):
+        raise ConfigError(
+            f"train.gradient_release=true with placement.kind={cfg.placement.kind!r}: gradient "
+            "release runs with placement 'none' or 'ddp' (the owner plan) so far; set one of "
+            "them or gradient_release=false."
+        )
+    if cfg.train.grad_accum != 1:
+        raise ConfigError(
+            f"train.gradient_release=true with train.grad_accum={cfg.train.grad_accum}: release "
+            "applies each micro-batch's gradients as they land, so there is nothing to "
+            "accumulate; set grad_accum=1 (raise micro_batch instead) or gradient_release=false."
+        )
+    if cfg.optim.name.lower() == "adamw":
+        raise ConfigError(
+            "train.gradient_release=true with optim.name='adamw': release needs a ShardFlow "
+            "optimizer (dolphinflow, whiteflow, factored_adam, ...)."
+        )
 
 
 if __name__ == "__main__":  # python -m shardflow.train.config: the README's config reference

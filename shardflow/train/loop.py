@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from shardflow.optim.release import module_buckets, prepare_for_gradient_release
 from shardflow.train import ckpt
 from shardflow.train.config import Config, ConfigError, check_values
 from shardflow.train.data import ByteTokenizer, Corpus, load_corpus, sample_batch
@@ -116,6 +117,10 @@ def build_model_and_optimizer(
     groups = route_params(inner_model(model).named_parameters(), cfg.optim.groups)
     # DDP has averaged the gradients: the optimizer need not send them to their owners again
     optimizer = build_run_optimizer(cfg.optim, groups, mesh, grads_reduced=is_ddp(model))
+    if cfg.train.gradient_release:
+        inner = inner_model(model)
+        buckets = module_buckets(inner)
+        prepare_for_gradient_release(inner, optimizer, buckets=buckets, clipping="bucket")
     return model, optimizer, groups
 
 

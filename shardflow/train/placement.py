@@ -128,6 +128,12 @@ def place_model(model: nn.Module, cfg: Config, device: torch.device, mesh: Any) 
     kind = cfg.placement.kind
     if not any(p.is_meta for p in model.parameters()):
         model = model.to(device)
+    if kind == "ddp" and cfg.train.gradient_release:
+        # no DDP wrapper: it would average gradients after the release hooks ran; the
+        # optimizer's owner plan reduces each bucket. Start from rank 0's weights, as DDP does.
+        for tensor in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(tensor.data, src=0)
+        return model
     if kind == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
