@@ -34,7 +34,8 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from shardflow.train import ckpt
 from shardflow.train.config import Config, ConfigError, check_values
-from shardflow.train.data import ByteTokenizer, Corpus, load_corpus, sample_batch
+from shardflow.train.data import Batch, ByteTokenizer, Corpus, draw_batch, load_corpus
+from shardflow.train.instruct import IGNORE
 from shardflow.train.groups import RoutedGroup, route_params
 from shardflow.train.metrics import MetricsLog, Progress, plot_losses, read_metrics
 from shardflow.train.model import build_decoder, check_model_config
@@ -263,10 +264,14 @@ def _to_float(norm: torch.Tensor) -> float:
     return float(full() if full else norm)
 
 
-def token_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy in float32."""
-    logits = model(inputs)
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+def token_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Mean next-token cross-entropy in float32 over the targets that carry loss (instruction
+    data: the answers; ``IGNORE`` elsewhere). Packed rows pass each token's example (``docs``)
+    to the model, so that attention stays inside it."""
+    logits = model(batch.inputs) if batch.docs is None else model(batch.inputs, batch.docs)
+    return F.cross_entropy(
+        logits.float().flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE
+    )
 
 
 @torch.no_grad()
@@ -275,10 +280,10 @@ def evaluate(model: nn.Module, cfg: Config, corpus: Corpus, proc: ProcessInfo, d
     model.eval()
     total = torch.zeros((), device=device)
     for i in range(cfg.train.eval_batches):
-        x, y = sample_batch(
+        batch = draw_batch(
             corpus.val, cfg.data.seq_len, cfg.train.micro_batch, cfg.run.seed, "val", i, proc.rank
         )
-        total += token_loss(model, x.to(device), y.to(device))
+        total += token_loss(model, batch.to(device))
     model.train()
     return _mean_over_ranks(total / cfg.train.eval_batches)
 
@@ -292,7 +297,7 @@ def _train_step(model, optimizer, cfg: Config, corpus: Corpus, step: int, proc, 
     accum = cfg.train.grad_accum
     total = torch.zeros((), device=device)
     for micro in range(accum):
-        x, y = sample_batch(
+        batch = draw_batch(
             corpus.train,
             cfg.data.seq_len,
             cfg.train.micro_batch,
@@ -303,7 +308,7 @@ def _train_step(model, optimizer, cfg: Config, corpus: Corpus, step: int, proc, 
             proc.rank,
         )
         with gradient_sync(model, micro == accum - 1):
-            loss = token_loss(model, x.to(device), y.to(device))
+            loss = token_loss(model, batch.to(device))
             (loss / accum).backward()
         total += loss.detach()
     held = held_optimizer(optimizer)
@@ -319,6 +324,13 @@ def _train_step(model, optimizer, cfg: Config, corpus: Corpus, step: int, proc, 
     return _mean_over_ranks(total / accum), norm
 
 
+def _stream_text(corpus: Corpus) -> str:
+    return (
+        f"{corpus.source}: {len(corpus.train):,} train tokens ({corpus.train_docs} docs), "
+        f"{len(corpus.val):,} val tokens ({corpus.val_docs} docs)"
+    )
+
+
 def _describe(
     cfg: Config,
     model: nn.Module,
@@ -326,19 +338,24 @@ def _describe(
     prep: Prepared,
     proc: ProcessInfo,
     start: int,
+    run_id: str,
 ) -> str:
     n_params = sum(p.numel() for p in inner_model(model).parameters())
     tokens = cfg.train.micro_batch * cfg.data.seq_len * cfg.train.grad_accum * proc.world
     lines = [
         f"run {cfg.run.name}: {n_params / 1e6:.2f}M params, placement={cfg.placement.kind}, "
         f"{proc.world} rank(s) on {prep.device}, optimizer={cfg.optim.name}",
-        f"data: {prep.corpus.source}: {len(prep.corpus.train):,} train tokens "
-        f"({prep.corpus.train_docs} docs), {len(prep.corpus.val):,} val tokens "
-        f"({prep.corpus.val_docs} docs); {tokens:,} tokens/step",
+        f"data: {prep.corpus.summary or _stream_text(prep.corpus)}; {tokens:,} tokens/step",
     ]
     lines += [f"group {g.index} /{g.pattern}/ {g.options}: {len(g.names)} params" for g in groups]
     if start:
-        lines.append(f"resumed from step {start}")
+        lines.append(
+            f"resumed from step {start} of {cfg.train.steps}: run {run_id} "
+            f"({ckpt.describe_signature(ckpt.run_signature(cfg))}), checkpoint "
+            f"{prep.resume.checkpoint or cfg.output_dir() / 'checkpoints'}"
+        )
+    else:
+        lines.append(f"new run {run_id} in {cfg.output_dir()}")
     return "\n".join(lines)
 
 
@@ -359,9 +376,14 @@ def _train(cfg: Config, prep: Prepared, proc: ProcessInfo, stop: StopRequest) ->
 
     ck_dir = out / "checkpoints"
     start, tokens_seen = 0, 0
+    if cfg.run.overwrite and proc.is_main:  # before the run id's broadcast, which others await
+        deleted = ckpt.clear_run_dir(out)
+        if deleted:
+            print(f"run.overwrite: deleted {', '.join(deleted)} in {out}", flush=True)
     run_id = _shared_run_id(prep.resume.run_id)
+    signature = ckpt.run_signature(cfg)
     found = None
-    if cfg.checkpoint.resume:
+    if cfg.checkpoint.resume and not cfg.run.overwrite:
         found = ckpt.resume(
             ck_dir, model=model, optimizer=optimizer, run_id=run_id, warn=proc.is_main
         )
@@ -371,7 +393,7 @@ def _train(cfg: Config, prep: Prepared, proc: ProcessInfo, stop: StopRequest) ->
     if proc.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-        ckpt.write_run_id(out, run_id)
+        ckpt.write_run_id(out, run_id, signature)
     log = MetricsLog(
         out / "metrics.jsonl", enabled=proc.is_main, resume_step=start if found else None
     )
@@ -381,7 +403,7 @@ def _train(cfg: Config, prep: Prepared, proc: ProcessInfo, stop: StopRequest) ->
         main=proc.is_main,
         bar=cfg.log.progress,
         desc=cfg.run.name,
-        header=_describe(cfg, model, groups, prep, proc, start),
+        header=_describe(cfg, model, groups, prep, proc, start, run_id),
     )
 
     if start == 0 and cfg.train.eval_every:
@@ -426,7 +448,7 @@ def _train(cfg: Config, prep: Prepared, proc: ProcessInfo, stop: StopRequest) ->
                 step,
                 model=model,
                 optimizer=optimizer,
-                extra={"step": step, "tokens": tokens_seen, "run_id": run_id},
+                extra={"step": step, "tokens": tokens_seen, "run_id": run_id, "signature": signature},
                 keep=cfg.checkpoint.keep,
             )
         if stopping:

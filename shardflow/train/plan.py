@@ -154,6 +154,22 @@ def _owner_lines(cfg: Config, plan: tuple[OwnerPlan, str] | None, names: dict[in
     ]
 
 
+def _instruct_lines(cfg: Config) -> list[str]:
+    """Examples, tokens and the share carrying loss (instruction data; a Hugging Face model's
+    tokenizer is needed, so without its folder here they are left out)."""
+    from shardflow.train.instruct import plan_lines
+
+    if cfg.model.kind == "hf":
+        if not (Path(cfg.model.path).expanduser() / "config.json").is_file():
+            return [f"instruction data: not read (no tokenizer at model.path={cfg.model.path!r})"]
+        from shardflow.train.hf import HFTokenizer
+
+        return plan_lines(cfg.data, HFTokenizer(cfg.model.path))
+    from shardflow.train.data import ByteTokenizer
+
+    return plan_lines(cfg.data, ByteTokenizer())
+
+
 def dry_run(cfg: Config) -> str:
     """The plan of ``cfg`` as text; nothing is allocated and no process group is started."""
     from shardflow.train.loop import build_model
@@ -174,6 +190,8 @@ def dry_run(cfg: Config) -> str:
     missing = [p for p in cfg.data.paths if not Path(p).expanduser().exists()]
     data = ", ".join(cfg.data.paths) or "embedded corpus (Python standard library)"
     lines.append(f"data: {data}" + (f"  [not found here: {missing}]" if missing else ""))
+    if cfg.data.format == "instruct" and not missing:
+        lines += _instruct_lines(cfg)
     lines.append("param groups (first matching pattern wins):")
     for g in groups:
         mode = _ortho_mode(cfg, g)
