@@ -114,3 +114,15 @@ def test_the_shardflow_command(capsys):
     assert "unknown command 'fly'; use one of train, compare, plan" in capsys.readouterr().err
     for wrapper in ("train.py", "compare.py"):
         assert "sys.path" not in (ROOT / "launch" / wrapper).read_text()
+
+
+def test_summary_records_where_and_how_the_run_ran(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", *args_for(out, "--checkpoint.every", "0")]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["placement"] == "none" and summary["world_size"] == 1
+    assert summary["optimizer"] == "dolphinflow"
+    assert summary["precision"]["weights"] == "float32"
+    assert summary["run_id"] == json.loads((out / "run.json").read_text())["run_id"]
+    commit = summary["commit"]
+    assert commit is None or len(commit.removesuffix("+dirty")) == 40  # None outside git

@@ -76,6 +76,9 @@ class ModelConfig:
     """Built-in model: share the token embedding with the output head."""
     dtype: str = "float32"
     """Parameter dtype: "float32" or "bfloat16"."""
+    compile: bool = False
+    """torch.compile the model (nn.Module.compile, in place: parameter names and checkpoints
+    are unchanged); the first steps are slower while it compiles (on the CPU: a C compiler)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -144,7 +147,7 @@ class OptimConfig:
 class ScheduleConfig:
     warmup_steps: int = 10
     """Linear warm-up from 0 to the peak lr over this many steps (a torch LambdaLR of the step,
-    recomputed from the step on resume; a warning when it is longer than train.steps)."""
+    recomputed from the step on resume; a warning when it is not shorter than train.steps)."""
     min_lr_ratio: float = 0.1
     """Cosine decay ends at peak lr times this ratio on the last step."""
 

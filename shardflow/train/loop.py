@@ -37,7 +37,13 @@ from shardflow.train.config import Config, ConfigError, check_values
 from shardflow.train.data import Batch, ByteTokenizer, Corpus, draw_batch, load_corpus
 from shardflow.train.instruct import IGNORE
 from shardflow.train.groups import RoutedGroup, route_params
-from shardflow.train.metrics import MetricsLog, Progress, plot_losses, read_metrics
+from shardflow.train.metrics import (
+    MetricsLog,
+    Progress,
+    plot_losses,
+    read_metrics,
+    source_commit,
+)
 from shardflow.train.model import build_decoder, check_model_config
 from shardflow.train.offload import OffloadOptimizer, master_copy
 from shardflow.train.optimizers import (
@@ -112,12 +118,20 @@ def build_model_and_optimizer(
         model = place_model(cpu_model, cfg, device, mesh)
         groups = route_params(master.named_parameters(), cfg.optim.groups)
         optimizer = OffloadOptimizer(model, master, build_run_optimizer(cfg.optim, groups))
-        return model, optimizer, groups
+        return _compiled(model, cfg), optimizer, groups
     model = _placed_model(cfg, device, mesh)
     groups = route_params(inner_model(model).named_parameters(), cfg.optim.groups)
     # DDP has averaged the gradients: the optimizer need not send them to their owners again
     optimizer = build_run_optimizer(cfg.optim, groups, mesh, grads_reduced=is_ddp(model))
-    return model, optimizer, groups
+    return _compiled(model, cfg), optimizer, groups
+
+
+def _compiled(model: nn.Module, cfg: Config) -> nn.Module:
+    """``model.compile`` (torch.compile of its forward, in place: names, state dicts and
+    checkpoints are unchanged) when ``model.compile``; else ``model``."""
+    if cfg.model.compile:
+        model.compile()
+    return model
 
 
 def held_optimizer(optimizer: Any) -> torch.optim.Optimizer:
@@ -182,14 +196,14 @@ def lr_schedule(
     The lr is a function of the step alone, so a resumed run recomputes it from the step it
     resumes at (the checkpoint's lr values are overwritten): the same sequence as an
     uninterrupted run. ``scheduler.step()`` after each optimizer step moves it on. With
-    ``warn``, one warning when the warm-up is longer than the run (the peak is never reached).
+    ``warn``, one warning when the warm-up is not shorter than the run (no decay).
     """
     total, warmup = cfg.train.steps, cfg.schedule.warmup_steps
-    if warn and warmup > total:
+    if warn and warmup >= total:
         warnings.warn(
-            f"schedule.warmup_steps={warmup} is longer than the run (train.steps={total}): the "
-            f"learning rate rises to {total / warmup:.0%} of optim.lr at the last step, never "
-            "reaching its peak nor decaying; lower schedule.warmup_steps.",
+            f"schedule.warmup_steps={warmup} is not shorter than the run (train.steps={total}): "
+            f"the learning rate rises to {total / warmup:.0%} of optim.lr at the last step and "
+            "never decays; lower schedule.warmup_steps.",
             UserWarning,
             stacklevel=2,
         )
@@ -460,8 +474,13 @@ def _train(cfg: Config, prep: Prepared, proc: ProcessInfo, stop: StopRequest) ->
         hf_path = cfg.model.path if cfg.model.kind == "hf" else ""
         ckpt.export_model(inner_model(model), cfg.model, out / "final", hf_path)
     held = held_optimizer(optimizer)
-    state_b = state_bytes_per_param(cfg.optim.name, held)
-    return finish(cfg, out, proc, {"state_bytes_per_param": state_b})
+    facts = {
+        "state_bytes_per_param": state_bytes_per_param(cfg.optim.name, held),
+        "precision": {"weights": cfg.model.dtype, "optimizer": held.defaults.get("precision")},
+        "run_id": run_id,
+        "resumed_from_step": start or None,
+    }
+    return finish(cfg, out, proc, facts)
 
 
 def finish(
@@ -469,9 +488,11 @@ def finish(
 ) -> dict[str, Any]:
     """Summarise the metrics and draw the loss curve (rank 0).
 
-    ``summary.json`` also records the placement kind, the world size and ``facts`` (the run
-    adds the optimizer's state bytes per parameter: rank 0's measured figure for ShardFlow
-    optimizers, the table's for others)."""
+    ``summary.json`` also records the placement kind, the world size, the git commit of the
+    ShardFlow source (None outside a checkout) and ``facts`` (the run adds the optimizer's
+    state bytes per parameter — rank 0's measured figure for ShardFlow optimizers, the table's
+    for others —, the precision of the weights and of the optimizer's update, the run id and
+    the step it resumed from)."""
     if not proc.is_main:
         return {}
     rows = read_metrics(out / "metrics.jsonl")
@@ -485,6 +506,7 @@ def finish(
         "steps": cfg.train.steps,
         "placement": cfg.placement.kind,
         "world_size": proc.world,
+        "commit": source_commit(),
         **(facts or {}),
         "first_loss": train[0] if train else None,
         "final_loss": sum(tail) / len(tail) if tail else None,
