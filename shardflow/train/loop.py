@@ -36,7 +36,7 @@ from shardflow.train import ckpt
 from shardflow.train.config import Config, ConfigError, check_values
 from shardflow.train.data import Batch, ByteTokenizer, Corpus, draw_batch, load_corpus
 from shardflow.train.instruct import IGNORE
-from shardflow.train.groups import RoutedGroup, route_params
+from shardflow.train.groups import RoutedGroup, own_names, route_params
 from shardflow.train.metrics import (
     MetricsLog,
     Progress,
@@ -116,11 +116,11 @@ def build_model_and_optimizer(
         cpu_model = build_model(cfg, "cpu")
         master = master_copy(cpu_model, pin=device.type == "cuda")
         model = place_model(cpu_model, cfg, device, mesh)
-        groups = route_params(master.named_parameters(), cfg.optim.groups)
+        groups = route_params(own_names(master), cfg.optim.groups)
         optimizer = OffloadOptimizer(model, master, build_run_optimizer(cfg.optim, groups))
         return _compiled(model, cfg), optimizer, groups
     model = _placed_model(cfg, device, mesh)
-    groups = route_params(inner_model(model).named_parameters(), cfg.optim.groups)
+    groups = route_params(own_names(inner_model(model)), cfg.optim.groups)
     # DDP has averaged the gradients: the optimizer need not send them to their owners again
     optimizer = build_run_optimizer(cfg.optim, groups, mesh, grads_reduced=is_ddp(model))
     return _compiled(model, cfg), optimizer, groups
@@ -162,7 +162,7 @@ def preflight(cfg: Config, proc: ProcessInfo) -> Prepared:
             f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {vocab}; "
             "use the model's own tokenizer or raise model.vocab_size."
         )
-    groups = route_params(build_model(cfg, "meta").named_parameters(), cfg.optim.groups)
+    groups = route_params(own_names(build_model(cfg, "meta")), cfg.optim.groups)
     check_optimizer(cfg.optim, groups)
     resume = ckpt.check_run_dir(cfg, warn=proc.is_main)
     corpus = load_corpus(cfg.data, tokenizer, warn=proc.is_main)
@@ -173,7 +173,7 @@ def check_variant(cfg: Config, proc: ProcessInfo) -> ckpt.ResumePoint:
     """What :func:`preflight` checks that differs between the runs of a comparison (optimizer,
     its arguments and groups, run folder), for every run after the first."""
     check_optimizer_name(cfg.optim.name)
-    groups = route_params(build_model(cfg, "meta").named_parameters(), cfg.optim.groups)
+    groups = route_params(own_names(build_model(cfg, "meta")), cfg.optim.groups)
     check_optimizer(cfg.optim, groups)
     return ckpt.check_run_dir(cfg, warn=proc.is_main)
 

@@ -20,7 +20,7 @@ import torch
 from shardflow.distributed.placement import plan_inputs
 from shardflow.distributed.plan import OwnerPlan, replicated_plan, sharded_plan
 from shardflow.train.config import Config, check_values
-from shardflow.train.groups import RoutedGroup, route_params
+from shardflow.train.groups import RoutedGroup, own_names, route_params
 from shardflow.train.optimizers import (
     ORTHOGONALIZING,
     accepts_process_group,
@@ -177,7 +177,7 @@ def dry_run(cfg: Config) -> str:
     check_values(cfg)
     check_optimizer_name(cfg.optim.name)
     model = build_model(cfg, "meta")
-    groups = route_params(model.named_parameters(), cfg.optim.groups)
+    groups = route_params(own_names(model), cfg.optim.groups)
     n_params = sum(p.numel() for p in model.parameters())
     lines = [
         f"DRY RUN {cfg.run.name}: {n_params / 1e9:.3f}B params "
