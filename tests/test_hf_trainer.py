@@ -106,3 +106,17 @@ def test_accelerator_prepare_save_state_and_load_state(tmp_path):
     assert fresh != pytest.approx(after_save[0], rel=1e-3)
     # the first loss needs the saved weights, the second also the saved moments and step count
     assert resumed == pytest.approx(after_save, rel=1e-5)
+
+
+def test_runtime_routes_a_hf_model_by_its_own_names():
+    """``shardflow train`` wraps a Hugging Face model (CausalLM, ``inner``); its
+    ``[[optim.groups]]`` patterns still see the model's own names."""
+    from shardflow.train.config import GroupRule
+    from shardflow.train.groups import own_names, route_params
+    from shardflow.train.hf import CausalLM
+
+    wrapped = CausalLM(tiny_llama())
+    rules = [GroupRule(pattern=r"^model\.embed_tokens|^lm_head"), GroupRule(pattern=".*")]
+    groups = route_params(own_names(wrapped), rules)
+    assert groups[0].names == ["model.embed_tokens.weight", "lm_head.weight"]
+    assert not any(n.startswith("inner.") for g in groups for n in g.names)

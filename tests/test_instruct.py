@@ -81,7 +81,9 @@ def test_packing_keeps_examples_whole_and_the_loss_inside_answers():
         starts = [0] + [j for j in range(1, len(docs)) if docs[j] != docs[j - 1]]
         for s in starts[1:]:
             assert targets[s - 1] == IGNORE  # the first token of an example is never a target
-    assert (packed.docs >= 0).sum() + len(packed.inputs) >= packed.tokens  # the last token of a row is input-less
+    assert (packed.docs >= 0).sum() + len(
+        packed.inputs
+    ) >= packed.tokens  # the last token of a row is input-less
 
 
 def test_a_long_example_is_cut_and_one_without_answer_left_is_dropped():
@@ -128,7 +130,9 @@ def test_bad_records_name_the_line_and_the_forms(tmp_path):
 def test_stdlib_set_is_docstring_to_signature():
     records = stdlib_signatures(20_000)
     assert len(records) > 100
-    assert all(r["completion"].startswith("def ") and r["completion"].endswith(":") for _, r in records)
+    assert all(
+        r["completion"].startswith("def ") and r["completion"].endswith(":") for _, r in records
+    )
     assert all(": " in r["prompt"] and r["prompt"].endswith("\n") for _, r in records)
     assert not any("test" in key.split(":")[0] for key, _ in records)
 
@@ -155,7 +159,9 @@ def write_records(path: Path, n: int) -> Path:
     """``n`` prompt/completion records: a word and its reverse."""
     words = [f"w{i:03d}{'abcdefgh'[i % 8]}" for i in range(n)]
     path.write_text(
-        "".join(json.dumps({"prompt": f"reverse {w}: ", "completion": w[::-1]}) + "\n" for w in words)
+        "".join(
+            json.dumps({"prompt": f"reverse {w}: ", "completion": w[::-1]}) + "\n" for w in words
+        )
     )
     return path
 
@@ -176,7 +182,9 @@ def test_instruct_run_learns_the_answers(tmp_path):
     args += ["--train.steps", "16", "--train.eval_every", "8", "--log.plot", "false"]
     args += ["--checkpoint.every", "0", "--checkpoint.save_model", "false"]
     assert main_train(args) == 0
-    vals = [r["val_loss"] for r in read_metrics(tmp_path / "tiny" / "metrics.jsonl") if "val_loss" in r]
+    vals = [
+        r["val_loss"] for r in read_metrics(tmp_path / "tiny" / "metrics.jsonl") if "val_loss" in r
+    ]
     assert vals[-1] < 0.8 * vals[0], vals
 
 

@@ -10,7 +10,6 @@ import tomllib
 from pathlib import Path
 
 from bench.faults import CONFIG, ONE, TINY
-
 from shardflow.cli import main
 from shardflow.train.config import load_config, split_overrides
 from shardflow.train.metrics import read_metrics
@@ -91,7 +90,9 @@ def test_compare_writes_to_a_folder_of_its_own(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = [str(CONFIG), *TINY, *ONE, "--train.steps", "2", "--checkpoint.every", "0"]
     assert main(["train", *args]) == 0
-    assert main(["compare", *args, "--optimizers", "adamw,dolphinflow", "--optim.groups", "[]"]) == 0
+    assert (
+        main(["compare", *args, "--optimizers", "adamw,dolphinflow", "--optim.groups", "[]"]) == 0
+    )
     compared = tmp_path / "runs" / "quickstart-compare"
     assert (compared / "compare.md").is_file() and (compared / "adamw" / "summary.json").is_file()
     assert not (tmp_path / "runs" / "quickstart" / "compare.md").exists()

@@ -7,15 +7,17 @@ import json
 import shutil
 
 import pytest
-from bench.faults import CONFIG, ONE, TINY
 from safetensors.torch import load_file
 
+from bench.faults import CONFIG, ONE, TINY
 from shardflow.cli import main
 from shardflow.train.metrics import read_metrics
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")
+@pytest.mark.skipif(
+    shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler"
+)
 def test_compiled_model_trains_like_eager(tmp_path):
     args = [str(CONFIG), *TINY, *ONE, "--train.steps", "3", "--train.eval_every", "0"]
     args += ["--checkpoint.every", "3"]

@@ -212,9 +212,7 @@ def _chat_segments(record: dict, tokenizer: Any, where: str) -> list[tuple[str, 
 
     def render(messages: list[dict], prompt: bool = False) -> str:
         try:
-            return inner.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=prompt
-            )
+            return inner.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
         except Exception as exc:  # the template's own error (jinja), e.g. roles out of order
             raise ConfigError(f"{where}: the chat template refused the messages: {exc}") from exc
 

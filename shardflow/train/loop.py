@@ -35,8 +35,8 @@ from torch.optim.lr_scheduler import LambdaLR
 from shardflow.train import ckpt
 from shardflow.train.config import Config, ConfigError, check_values
 from shardflow.train.data import Batch, ByteTokenizer, Corpus, draw_batch, load_corpus
-from shardflow.train.instruct import IGNORE
 from shardflow.train.groups import RoutedGroup, own_names, route_params
+from shardflow.train.instruct import IGNORE
 from shardflow.train.metrics import (
     MetricsLog,
     Progress,
@@ -462,7 +462,12 @@ def _train(cfg: Config, prep: Prepared, proc: ProcessInfo, stop: StopRequest) ->
                 step,
                 model=model,
                 optimizer=optimizer,
-                extra={"step": step, "tokens": tokens_seen, "run_id": run_id, "signature": signature},
+                extra={
+                    "step": step,
+                    "tokens": tokens_seen,
+                    "run_id": run_id,
+                    "signature": signature,
+                },
                 keep=cfg.checkpoint.keep,
             )
         if stopping:
