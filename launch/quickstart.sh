@@ -11,10 +11,11 @@
 # Prints:       the plan, a progress bar (loss, lr, tokens/s), validation losses, and a summary
 #               with the losses and where the files are.
 # Writes:       runs/quickstart/{metrics.jsonl,loss.png,summary.json,checkpoints/,final/}
-#               A rerun resumes from the newest checkpoint; delete runs/quickstart to start over.
+#               A rerun resumes the same run from its newest checkpoint (nothing to train once
+#               done); --run.overwrite starts over, --run.name NAME trains in runs/NAME.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # one thread per rank (2 ranks on 2 cores)
 exec .venv/bin/python -m torch.distributed.run --standalone --nproc-per-node 2 \
-  launch/train.py configs/quickstart.toml "$@"
+  -m shardflow.cli train configs/quickstart.toml "$@"

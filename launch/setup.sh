@@ -16,7 +16,7 @@ fi
 if ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null; then
   .venv/bin/python -m pip install --quiet "torch==$TORCH_VERSION"
 fi
-if ! .venv/bin/python -c "import shardflow, pytest, xdist, safetensors, bitsandbytes, transformers, matplotlib, tqdm" 2>/dev/null; then
+if ! .venv/bin/python -c "import shardflow, pytest, xdist, safetensors, bitsandbytes, transformers, accelerate, matplotlib, tqdm" 2>/dev/null; then
   .venv/bin/python -m pip install --quiet -e ".[bnb,hf,plot,progress,test,dev]"
 fi
 .venv/bin/python -c "import torch, sys; v = torch.__version__.split('+')[0]; sys.exit(0 if v == '$TORCH_VERSION' else f'torch {v} replaced torch $TORCH_VERSION')"

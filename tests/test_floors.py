@@ -1,6 +1,7 @@
 """The package's floors: each imports only the floors below it, and no Python file holds C.
 
-Floors, bottom up: ``ops`` (torch only), ``distributed``, ``optim``, ``checkpoint``, ``train``.
+Floors, bottom up: ``ops`` (torch only), ``distributed``, ``optim``, ``checkpoint``, ``train``,
+``cli`` (the ``shardflow`` command).
 Read from the source (every ``import`` and ``from … import`` statement, at any depth in the
 module), so an import inside a function counts too.
 """
@@ -13,7 +14,19 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "shardflow"
-FLOORS = ["ops", "distributed", "optim", "checkpoint", "train"]
+FLOORS = ["ops", "distributed", "optim", "checkpoint", "train", "cli"]
+"""Bottom up. Each is a folder (``shardflow/train``) or a module (``shardflow/cli.py``, the
+``shardflow`` command, the top floor: nothing in the package imports it)."""
+
+
+def _files(floor: str) -> list[Path]:
+    """The Python files of ``floor``: a folder's, at any depth, or the one module."""
+    folder = PACKAGE / floor
+    if folder.is_dir():
+        return sorted(folder.rglob("*.py"))
+    module = PACKAGE / f"{floor}.py"
+    assert module.is_file(), f"floor {floor!r} is neither {folder} nor {module}"
+    return [module]
 
 
 def _imports(path: Path) -> set[str]:
@@ -46,7 +59,7 @@ def _floor(module: str) -> int | None:
 def test_a_floor_imports_only_floors_below(floor: str) -> None:
     level = FLOORS.index(floor)
     upward = []
-    for path in sorted((PACKAGE / floor).rglob("*.py")):
+    for path in _files(floor):
         for module in _imports(path):
             target = _floor(module)
             if target is not None and target > level:
@@ -89,3 +102,4 @@ def test_the_checker_sees_an_upward_import(tmp_path: Path) -> None:
         probe.unlink()
     assert "shardflow.optim.base" in found and "shardflow.train.loop" in found
     assert _floor("shardflow.optim.base") > FLOORS.index("ops")
+    assert _floor("shardflow.cli") > _floor("shardflow.train.cli")  # the command is the top

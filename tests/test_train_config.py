@@ -253,16 +253,18 @@ def test_lr_schedule_is_a_lambda_lr_and_resumes_from_the_step():
     assert resumed == full[4:]
 
 
-def test_warmup_longer_than_the_run_warns_once():
+def test_warmup_not_shorter_than_the_run_warns_once():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
     with pytest.warns(
-        UserWarning, match=r"schedule\.warmup_steps=20 is longer than the run"
+        UserWarning, match=r"schedule\.warmup_steps=20 is not shorter than the run"
     ) as got:
         lr_schedule(opt, schedule_cfg(steps=8, warmup=20), [0.1])
     assert len(got) == 1 and "40% of optim.lr" in str(got[0].message)
+    with pytest.warns(UserWarning, match=r"100% of optim\.lr at the last step and never decays"):
+        lr_schedule(opt, schedule_cfg(steps=8, warmup=8), [0.1])  # warm-up = steps: no decay
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        lr_schedule(opt, schedule_cfg(steps=8, warmup=8), [0.1])
+        lr_schedule(opt, schedule_cfg(steps=8, warmup=7), [0.1])
         lr_schedule(opt, schedule_cfg(steps=8, warmup=20), [0.1], warn=False)  # other ranks
 
 

@@ -20,9 +20,11 @@ With placement "offload" the checkpoint holds the host-side master weights and o
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import math
 import os
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +53,24 @@ __all__ = [
 ]
 
 RUN_FILE = "run.json"
-"""The run folder's identity, ``{"run_id": ...}``, written by rank 0 when a run starts afresh."""
+"""The run folder's identity, ``{"run_id": ..., "signature": ...}``, written by rank 0."""
+
+RUN_OUTPUTS = (
+    "checkpoints",
+    "final",
+    "metrics.jsonl",
+    "summary.json",
+    "config.json",
+    RUN_FILE,
+    "loss.png",
+)
+"""What a run writes in its folder; ``run.overwrite`` deletes these (and nothing else)."""
+
+SIGNATURE_FIELDS = (
+    "kind", "path", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size",
+    "rope_theta", "norm_eps", "tie_embeddings", "dtype",
+)  # fmt: skip
+"""The [model] fields that make a checkpoint another model's when they change."""
 
 STATE_KEYS = frozenset({"initial_lr", "lr_scale"})
 """Param-group keys that are training state (the lr schedules'), restored from a checkpoint;
@@ -186,19 +205,97 @@ class ResumePoint:
 
     step: int | None
     run_id: str | None
+    checkpoint: str | None = None
+    """The checkpoint folder resumed from."""
+
+
+def run_signature(cfg: Config) -> dict[str, Any]:
+    """What makes a checkpoint this run's besides its id: the model (its shape-defining [model]
+    fields; a Hugging Face model's folder and dtype) and the optimizer's name. Hyperparameters
+    (lr, decay, ...), steps, data and placement may change on resume; these may not."""
+    fields = ("kind", "path", "dtype") if cfg.model.kind == "hf" else SIGNATURE_FIELDS
+    model = {name: getattr(cfg.model, name) for name in fields}
+    return {"model": model, "optimizer": cfg.optim.name.lower()}
+
+
+def describe_signature(signature: dict[str, Any]) -> str:
+    """``dolphinflow on builtin dim=256 n_layers=7 ...`` for messages."""
+    model = signature.get("model", {})
+    shape = ", ".join(f"{k}={v}" for k, v in model.items() if k not in ("kind", "path"))
+    where = f" {model['path']}" if model.get("path") else ""
+    return f"{signature.get('optimizer')} on the {model.get('kind')} model{where} ({shape})"
+
+
+def signature_changes(saved: dict[str, Any], mine: dict[str, Any]) -> list[str]:
+    """``optim.name: 'dolphinflow' -> 'factored_adam'``, one line per field that differs."""
+    changes = []
+    if saved.get("optimizer") != mine["optimizer"]:
+        changes.append(f"optim.name: {saved.get('optimizer')!r} -> {mine['optimizer']!r}")
+    for key, value in mine["model"].items():
+        old = saved.get("model", {}).get(key)
+        if old != value:
+            changes.append(f"model.{key}: {old!r} -> {value!r}")
+    return changes
+
+
+def read_run_file(out: Path) -> dict[str, Any]:
+    """``out/run.json`` ({} when there is none or it cannot be read)."""
+    try:
+        found = json.loads((out / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
 
 
 def read_run_id(out: Path) -> str | None:
     """The run id in ``out/run.json`` (None when there is none)."""
-    try:
-        return json.loads((out / RUN_FILE).read_text()).get("run_id")
-    except (OSError, ValueError, AttributeError):
-        return None
+    return read_run_file(out).get("run_id")
 
 
-def write_run_id(out: Path, run_id: str) -> None:
-    """Record ``run_id`` as the run folder's identity (rank 0)."""
-    (out / RUN_FILE).write_text(json.dumps({"run_id": run_id}) + "\n")
+def write_run_id(out: Path, run_id: str, signature: dict[str, Any] | None = None) -> None:
+    """Record ``run_id`` (and the run's :func:`run_signature`) as the folder's identity (rank 0)."""
+    record = {"run_id": run_id, **({"signature": signature} if signature else {})}
+    (out / RUN_FILE).write_text(json.dumps(record) + "\n")
+
+
+def clear_run_dir(out: Path) -> list[str]:
+    """Delete what a run wrote in ``out`` (:data:`RUN_OUTPUTS`; rank 0, for ``run.overwrite``);
+    returns the names deleted."""
+    deleted = []
+    for name in RUN_OUTPUTS:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        else:
+            continue
+        deleted.append(name)
+    return deleted
+
+
+def stamped_dir(out: Path, now: datetime.datetime | None = None) -> Path:
+    """``out`` with a UTC time suffix, ``runs/q-20261207-231502``, not yet existing (a ``-2``,
+    ``-3``, ... is added when two launches share the second)."""
+    now = now or datetime.datetime.now(datetime.UTC)
+    base = out.with_name(f"{out.name}-{now:%Y%m%d-%H%M%S}")
+    candidate, n = base, 1
+    while candidate.exists():
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return candidate
+
+
+def resolve_out_dir(cfg: Config) -> None:
+    """With ``run.timestamped``: rank 0 picks :func:`stamped_dir` and every rank takes it (one
+    broadcast; call after the process group started); ``run.out_dir`` then names it and
+    ``run.timestamped`` is cleared, so config.json records the folder the run used."""
+    if not cfg.run.timestamped:
+        return
+    box = [str(stamped_dir(cfg.output_dir()))]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    cfg.run.out_dir, cfg.run.timestamped = box[0], False
 
 
 def _saved_extra(found: Path) -> dict[str, Any]:
@@ -241,16 +338,29 @@ def _check_writable(out: Path) -> None:
             )
 
 
+CHOICES = (
+    "train in a folder of its own (--run.name NEW or --run.out_dir runs/NEW; add "
+    "--run.timestamped for a fresh folder on every launch), or start afresh here with "
+    "--run.overwrite (deletes that run's checkpoints, metrics and final weights)"
+)
+"""What a run that may not use its folder can do instead (the end of each such error)."""
+
+
 def check_run_dir(cfg: Config, *, warn: bool = True) -> ResumePoint:
     """Check the run folder before any process group starts; raise :class:`ConfigError`.
 
-    The folder can be written; with ``checkpoint.resume`` and a checkpoint to resume from, the
-    metrics file can be read (a last line cut short is dropped, with a warning when ``warn``)
-    and the newest checkpoint belongs to the folder's run; without it, the checkpoint folder must be empty (a new run there would
-    prune, and later resume, the old run's checkpoints).
+    The folder can be written. A checkpoint in it is resumed only when it is this run's: the
+    folder's run id (``run.json``) and the same :func:`run_signature` (model and optimizer);
+    the metrics file must then be readable (a last line cut short is dropped, with a warning
+    when ``warn``). A folder that holds another run — another signature, checkpoints with
+    ``checkpoint.resume=false``, or a run without a checkpoint to resume from — is an error
+    naming the choices (:data:`CHOICES`), unless ``run.overwrite`` (the run then deletes it,
+    :func:`clear_run_dir`) or ``run.timestamped`` (a fresh folder beside it).
     """
     out = cfg.output_dir()
     _check_writable(out)
+    if cfg.run.overwrite or cfg.run.timestamped:
+        return ResumePoint(None, None)
     ck_dir = out / "checkpoints"
     held = sorted(p.name for p in ck_dir.iterdir()) if ck_dir.is_dir() else []
     if not cfg.checkpoint.resume:
@@ -258,21 +368,50 @@ def check_run_dir(cfg: Config, *, warn: bool = True) -> ResumePoint:
             raise ConfigError(
                 f"checkpoint.resume=false, but {str(ck_dir)!r} holds another run's checkpoints "
                 f"({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}); delete that folder, "
-                "use another run.out_dir, or set checkpoint.resume=true to continue that run."
+                "use another run.out_dir, set checkpoint.resume=true to continue that run, or "
+                "--run.overwrite to replace it."
             )
+        _check_no_other_run(out)
         return ResumePoint(None, None)
     found = latest(ck_dir)
     if found is None:
+        _check_no_other_run(out)
         return ResumePoint(None, None)
+    extra, mine = _saved_extra(found), read_run_id(out)
+    if mine is not None:
+        _check_run_id(found, mine)
+    _check_signature(cfg, found, extra.get("signature") or read_run_file(out).get("signature"))
     try:
         read_metrics(out / "metrics.jsonl", warn=warn)
     except (MetricsError, OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"the run's metrics cannot be read: {exc}") from exc
-    extra, mine = _saved_extra(found), read_run_id(out)
-    if mine is not None:
-        _check_run_id(found, mine)
     step = int(extra.get("step", found.name.rpartition("_")[2]))
-    return ResumePoint(step, extra.get("run_id") or mine)
+    return ResumePoint(step, extra.get("run_id") or mine, str(found))
+
+
+def _check_signature(cfg: Config, found: Path, saved: dict[str, Any] | None) -> None:
+    """The checkpoint ``found`` was saved by this model and optimizer (older checkpoints, which
+    carry no signature, pass)."""
+    if not saved:
+        return
+    changes = signature_changes(saved, run_signature(cfg))
+    if changes:
+        raise ConfigError(
+            f"{str(cfg.output_dir())!r} holds another run ({describe_signature(saved)}; "
+            f"newest checkpoint {found.name}), not this config's: {'; '.join(changes)}. It is "
+            f"not resumed. Choose: {CHOICES}."
+        )
+
+
+def _check_no_other_run(out: Path) -> None:
+    """A folder where a run wrote metrics but left no checkpoint to resume holds another run
+    (a new one would silently replace its results)."""
+    if read_run_id(out) is None or not (out / "metrics.jsonl").is_file():
+        return
+    raise ConfigError(
+        f"{str(out)!r} holds the results of run {read_run_id(out)!r} and no checkpoint to "
+        f"resume it from, so a new run there would replace them. Choose: {CHOICES}."
+    )
 
 
 def _is_main() -> bool:

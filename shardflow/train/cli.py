@@ -1,4 +1,4 @@
-"""Command lines behind launch/train.py and launch/compare.py.
+"""The ``shardflow train|compare|plan`` commands (:mod:`shardflow.cli`; launch/ wraps them).
 
 Exit codes: 0 done (or stopped by SIGTERM with a checkpoint, or nothing left to train), 1 a
 failure during training, 2 bad input (config, data, model, launch, run folder), 130 interrupted
@@ -28,6 +28,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from shardflow.train import ckpt
 from shardflow.train.config import Config, ConfigError, load_config
 from shardflow.train.loop import check_variant, preflight, train
 from shardflow.train.metrics import plot_losses, read_metrics
@@ -151,18 +152,31 @@ def nothing_to_train(cfg: Config, step: int) -> str | None:
     )
 
 
-def main_train(argv: list[str]) -> int:
-    """``launch/train.py CONFIG [--dry-run] [--section.field VALUE ...]``."""
-    args, overrides = _parser("train", compare=False).parse_known_args(argv)
+def main_plan(argv: list[str]) -> int:
+    """``shardflow plan CONFIG [--section.field VALUE ...]``: the dry run (nothing allocated, no
+    process group)."""
+    args, overrides = _parser("shardflow plan", compare=False).parse_known_args(argv)
     proc = process_info()
     try:
         cfg = load_config(args.config, overrides)
-        if args.dry_run:
-            from shardflow.train.plan import dry_run
+        from shardflow.train.plan import dry_run
 
-            if proc.is_main:
-                print(dry_run(cfg), flush=True)
-            return 0
+        text = dry_run(cfg)
+    except ConfigError as exc:
+        return _fail(proc, exc)
+    if proc.is_main:
+        print(text, flush=True)
+    return 0
+
+
+def main_train(argv: list[str]) -> int:
+    """``shardflow train CONFIG [--dry-run] [--section.field VALUE ...]``."""
+    args, overrides = _parser("shardflow train", compare=False).parse_known_args(argv)
+    if args.dry_run:
+        return main_plan([a for a in argv if a != "--dry-run"])
+    proc = process_info()
+    try:
+        cfg = load_config(args.config, overrides)
         prep = preflight(cfg, proc)
     except ConfigError as exc:
         return _fail(proc, exc)
@@ -172,6 +186,7 @@ def main_train(argv: list[str]) -> int:
             print(done, file=sys.stderr, flush=True)
         return 0
     init_distributed(cfg, prep.device, proc)
+    ckpt.resolve_out_dir(cfg)
     summary = _run_all(proc, lambda: train(cfg, prep, proc))
     if isinstance(summary, int):
         return summary
@@ -222,7 +237,7 @@ def _variants(cfg: Config, names: list[str], lrs: list[float], warn: bool = Fals
     """One config per optimizer and lr. ``[optim.hyper]`` and ``[[optim.groups]]`` keys go to
     the optimizers that take them; a group key none of them takes is dropped with a warning
     (``warn``) naming the nearest valid key."""
-    base = cfg.output_dir()
+    base = compare_dir(cfg)
     out, notes = [], []
     for name in names:
         groups, notes = groups_for(name, cfg.optim.groups, names)
@@ -256,12 +271,19 @@ def summary_table(summaries: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def compare_dir(cfg: Config) -> Path:
+    """A comparison's own folder: ``run.out_dir`` when set, else ``runs/NAME-compare`` (never
+    the folder a plain run of the same config writes to)."""
+    return Path(cfg.run.out_dir or f"runs/{cfg.run.name}-compare")
+
+
 def main_compare(argv: list[str]) -> int:
-    """``launch/compare.py CONFIG --optimizers a,b [--lrs x,y] [--section.field VALUE ...]``."""
-    args, overrides = _parser("compare", compare=True).parse_known_args(argv)
+    """``shardflow compare CONFIG --optimizers a,b [--lrs x,y] [--section.field VALUE ...]``."""
+    args, overrides = _parser("shardflow compare", compare=True).parse_known_args(argv)
     proc = process_info()
     try:
         cfg = load_config(args.config, overrides)
+        cfg.run.out_dir = str(compare_dir(cfg))
         names = [n.strip().lower() for n in args.optimizers.split(",") if n.strip()]
         for name in names:
             check_optimizer_name(name)
@@ -276,6 +298,11 @@ def main_compare(argv: list[str]) -> int:
     except ValueError as exc:
         return _fail(proc, ConfigError(f"--lrs={args.lrs!r} must be numbers: {exc}"))
     init_distributed(cfg, prep.device, proc)
+    if cfg.run.timestamped:
+        ckpt.resolve_out_dir(cfg)
+        for variant in variants:
+            variant.run.out_dir = str(Path(cfg.run.out_dir) / variant.run.name)
+            variant.run.timestamped = False
 
     def run_variants() -> list[dict[str, Any]]:
         summaries = []

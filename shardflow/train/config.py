@@ -32,7 +32,14 @@ class RunConfig:
     name: str = "run"
     """Run name, used in plot legends and as the default output folder name."""
     out_dir: str = ""
-    """Folder for metrics, checkpoints, plots and the saved model ("" = runs/NAME)."""
+    """Folder for metrics, checkpoints, plots and the saved model ("" = runs/NAME; compare:
+    runs/NAME-compare)."""
+    timestamped: bool = False
+    """Write to a fresh folder, OUT_DIR-YYYYMMDD-HHMMSS (UTC, rank 0's clock), instead of
+    OUT_DIR itself: every launch is a new run."""
+    overwrite: bool = False
+    """Start afresh in OUT_DIR even when it holds another run: that run's checkpoints, metrics,
+    summary and final weights are deleted first (other files are left alone)."""
     seed: int = 0
     """Seed for model initialisation and batch sampling; the same seed gives the same run."""
     nproc: int = 1
@@ -69,6 +76,9 @@ class ModelConfig:
     """Built-in model: share the token embedding with the output head."""
     dtype: str = "float32"
     """Parameter dtype: "float32" or "bfloat16"."""
+    compile: bool = False
+    """torch.compile the model (nn.Module.compile, in place: parameter names and checkpoints
+    are unchanged); the first steps are slower while it compiles (on the CPU: a C compiler)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -89,6 +99,10 @@ class DataConfig:
     """Documents are cut to this many characters, so one huge file cannot dominate a split."""
     seq_len: int = 128
     """Tokens per training sequence."""
+    format: str = "text"
+    """"text" (documents, causal-LM loss on every token) or "instruct" (JSONL records
+    {"prompt", "completion"} or {"messages": [...]}, loss on the answers only, examples packed
+    per row; empty paths = docstring -> signature pairs from the standard library)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -133,7 +147,7 @@ class OptimConfig:
 class ScheduleConfig:
     warmup_steps: int = 10
     """Linear warm-up from 0 to the peak lr over this many steps (a torch LambdaLR of the step,
-    recomputed from the step on resume; a warning when it is longer than train.steps)."""
+    recomputed from the step on resume; a warning when it is not shorter than train.steps)."""
     min_lr_ratio: float = 0.1
     """Cosine decay ends at peak lr times this ratio on the last step."""
 
@@ -213,6 +227,7 @@ SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fiel
 CHOICES: dict[str, tuple[str, ...]] = {
     "run.device": ("auto", "cpu", "cuda"),
     "model.kind": ("builtin", "hf"),
+    "data.format": ("text", "instruct"),
     "model.dtype": ("float32", "bfloat16"),
     "placement.kind": ("none", "ddp", "fsdp", "offload"),
     "placement.backend": ("auto", "gloo", "nccl"),
@@ -341,8 +356,16 @@ def _parse_value(text: str) -> Any:
         return text
 
 
+def _is_flag(key: str) -> bool:
+    """Whether ``key`` ("section.field") names a bool field (which may be given without a value)."""
+    section, _, name = key.partition(".")
+    cls = SECTIONS.get(section)
+    return cls is not None and typing.get_type_hints(cls).get(name) is bool
+
+
 def split_overrides(argv: list[str]) -> list[tuple[str, str]]:
-    """``--a.b 1 --c.d=x`` → [("a.b", "1"), ("c.d", "x")]."""
+    """``--a.b 1 --c.d=x --run.overwrite`` → [("a.b", "1"), ("c.d", "x"), ("run.overwrite",
+    "true")]: a bool field given alone means true."""
     pairs = []
     i = 0
     while i < len(argv):
@@ -353,6 +376,9 @@ def split_overrides(argv: list[str]) -> list[tuple[str, str]]:
             )
         if "=" in arg:
             key, text = arg[2:].split("=", 1)
+            i += 1
+        elif _is_flag(arg[2:]) and (i + 1 >= len(argv) or argv[i + 1].startswith("--")):
+            key, text = arg[2:], "true"  # a bool field alone: --run.overwrite
             i += 1
         else:
             if i + 1 >= len(argv):

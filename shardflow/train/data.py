@@ -22,6 +22,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -57,11 +58,14 @@ class ByteTokenizer:
 class Corpus:
     """Token streams for training and validation, documents joined by the eos token."""
 
-    train: torch.Tensor
-    val: torch.Tensor
+    train: Any
+    """A token stream (data.format "text"), or packed examples (``instruct.Packed``)."""
+    val: Any
     train_docs: int
     val_docs: int
     source: str
+    summary: str = ""
+    """What the run's header says of the data ("" : token and document counts)."""
 
 
 def stable_hash(*parts: object) -> int:
@@ -200,7 +204,12 @@ def _join(docs: list[str], encode: Callable[[str], np.ndarray], eos: int) -> tor
 def load_corpus(cfg: DataConfig, tokenizer, *, warn: bool = True) -> Corpus:
     """Read, split and tokenize the corpus; raise :class:`ConfigError` if it cannot train.
 
-    ``warn``: warn about files skipped as binary or decoded with replacements (rank 0)."""
+    ``warn``: warn about files skipped as binary or decoded with replacements (rank 0).
+    ``data.format = "instruct"``: :func:`shardflow.train.instruct.load_instruct`."""
+    if cfg.format == "instruct":
+        from shardflow.train.instruct import load_instruct
+
+        return load_instruct(cfg, tokenizer, warn=warn)
     docs, source = read_documents(cfg, warn=warn)
     if not docs:
         raise ConfigError(
@@ -233,3 +242,27 @@ def sample_batch(
     starts = torch.randint(0, len(tokens) - seq_len - 1, (batch,), generator=gen)
     rows = torch.stack([tokens[s : s + seq_len + 1] for s in starts.tolist()])
     return rows[:, :-1], rows[:, 1:]
+
+
+@dataclass(slots=True)
+class Batch:
+    """One micro-batch: inputs and targets (batch, seq_len); ``docs`` (packed instruction
+    rows): each input token's example, so attention can stay inside it (None for text)."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    docs: torch.Tensor | None = None
+
+    def to(self, device: Any) -> Batch:
+        docs = None if self.docs is None else self.docs.to(device)
+        return Batch(self.inputs.to(device), self.targets.to(device), docs)
+
+
+def draw_batch(split: Any, seq_len: int, batch: int, *key: object) -> Batch:
+    """A micro-batch of ``split``: windows of a token stream (:func:`sample_batch`), or rows of
+    packed examples, drawn by a generator seeded by ``key``."""
+    if isinstance(split, torch.Tensor):
+        return Batch(*sample_batch(split, seq_len, batch, *key))
+    gen = torch.Generator().manual_seed(stable_hash(*key) % (2**63))
+    rows = torch.randint(0, len(split.inputs), (batch,), generator=gen)
+    return Batch(split.inputs[rows], split.targets[rows], split.docs[rows])

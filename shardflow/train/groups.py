@@ -27,6 +27,15 @@ class RoutedGroup:
         return {"params": self.params, **self.options}
 
 
+def own_names(model: torch.nn.Module) -> Iterable[tuple[str, torch.nn.Parameter]]:
+    """``model``'s parameters under the names its own model gives them, which routing patterns
+    are written against: a wrapper holding the real model as ``inner`` (a Hugging Face model,
+    :class:`~shardflow.train.hf.CausalLM`) is looked through, so ``^model\\.embed_tokens``
+    matches, not ``inner.model.embed_tokens``."""
+    inner = getattr(model, "inner", None)
+    return (inner if isinstance(inner, torch.nn.Module) else model).named_parameters()
+
+
 def _compile(index: int, rule: GroupRule) -> re.Pattern:
     try:
         return re.compile(rule.pattern)

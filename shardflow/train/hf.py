@@ -85,6 +85,10 @@ class HFTokenizer:
         """Token ids of ``text`` without special tokens."""
         return np.asarray(self.inner.encode(text, add_special_tokens=False), dtype=np.int64)
 
+    def decode(self, ids: list[int]) -> str:
+        """Text of ``ids``, special tokens included."""
+        return self.inner.decode(ids)
+
 
 class CausalLM(nn.Module):
     """A Hugging Face causal LM that maps tokens to logits, like the built-in decoder."""
@@ -98,7 +102,9 @@ class CausalLM(nn.Module):
         lists = [m for m in self.inner.modules() if isinstance(m, nn.ModuleList) and len(m)]
         return list(max(lists, key=len)) if lists else []
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, docs: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits. ``docs`` (packed instruction rows) is not passed on: a Hugging Face model
+        attends across the examples of a row; the loss does not cross them."""
         return self.inner(input_ids=tokens, use_cache=False).logits
 
 

@@ -35,9 +35,16 @@ from torch.optim.lr_scheduler import LambdaLR
 from shardflow.optim.release import module_buckets, prepare_for_gradient_release
 from shardflow.train import ckpt
 from shardflow.train.config import Config, ConfigError, check_values
-from shardflow.train.data import ByteTokenizer, Corpus, load_corpus, sample_batch
-from shardflow.train.groups import RoutedGroup, route_params
-from shardflow.train.metrics import MetricsLog, Progress, plot_losses, read_metrics
+from shardflow.train.data import Batch, ByteTokenizer, Corpus, draw_batch, load_corpus
+from shardflow.train.groups import RoutedGroup, own_names, route_params
+from shardflow.train.instruct import IGNORE
+from shardflow.train.metrics import (
+    MetricsLog,
+    Progress,
+    plot_losses,
+    read_metrics,
+    source_commit,
+)
 from shardflow.train.model import build_decoder, check_model_config
 from shardflow.train.offload import OffloadOptimizer, master_copy
 from shardflow.train.optimizers import (
@@ -110,18 +117,26 @@ def build_model_and_optimizer(
         cpu_model = build_model(cfg, "cpu")
         master = master_copy(cpu_model, pin=device.type == "cuda")
         model = place_model(cpu_model, cfg, device, mesh)
-        groups = route_params(master.named_parameters(), cfg.optim.groups)
+        groups = route_params(own_names(master), cfg.optim.groups)
         optimizer = OffloadOptimizer(model, master, build_run_optimizer(cfg.optim, groups))
-        return model, optimizer, groups
+        return _compiled(model, cfg), optimizer, groups
     model = _placed_model(cfg, device, mesh)
-    groups = route_params(inner_model(model).named_parameters(), cfg.optim.groups)
+    groups = route_params(own_names(inner_model(model)), cfg.optim.groups)
     # DDP has averaged the gradients: the optimizer need not send them to their owners again
     optimizer = build_run_optimizer(cfg.optim, groups, mesh, grads_reduced=is_ddp(model))
     if cfg.train.gradient_release:
         inner = inner_model(model)
         buckets = module_buckets(inner)
         prepare_for_gradient_release(inner, optimizer, buckets=buckets, clipping="bucket")
-    return model, optimizer, groups
+    return _compiled(model, cfg), optimizer, groups
+
+
+def _compiled(model: nn.Module, cfg: Config) -> nn.Module:
+    """``model.compile`` (torch.compile of its forward, in place: names, state dicts and
+    checkpoints are unchanged) when ``model.compile``; else ``model``."""
+    if cfg.model.compile:
+        model.compile()
+    return model
 
 
 def held_optimizer(optimizer: Any) -> torch.optim.Optimizer:
@@ -152,7 +167,7 @@ def preflight(cfg: Config, proc: ProcessInfo) -> Prepared:
             f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {vocab}; "
             "use the model's own tokenizer or raise model.vocab_size."
         )
-    groups = route_params(build_model(cfg, "meta").named_parameters(), cfg.optim.groups)
+    groups = route_params(own_names(build_model(cfg, "meta")), cfg.optim.groups)
     check_optimizer(cfg.optim, groups)
     resume = ckpt.check_run_dir(cfg, warn=proc.is_main)
     corpus = load_corpus(cfg.data, tokenizer, warn=proc.is_main)
@@ -163,7 +178,7 @@ def check_variant(cfg: Config, proc: ProcessInfo) -> ckpt.ResumePoint:
     """What :func:`preflight` checks that differs between the runs of a comparison (optimizer,
     its arguments and groups, run folder), for every run after the first."""
     check_optimizer_name(cfg.optim.name)
-    groups = route_params(build_model(cfg, "meta").named_parameters(), cfg.optim.groups)
+    groups = route_params(own_names(build_model(cfg, "meta")), cfg.optim.groups)
     check_optimizer(cfg.optim, groups)
     return ckpt.check_run_dir(cfg, warn=proc.is_main)
 
@@ -186,14 +201,14 @@ def lr_schedule(
     The lr is a function of the step alone, so a resumed run recomputes it from the step it
     resumes at (the checkpoint's lr values are overwritten): the same sequence as an
     uninterrupted run. ``scheduler.step()`` after each optimizer step moves it on. With
-    ``warn``, one warning when the warm-up is longer than the run (the peak is never reached).
+    ``warn``, one warning when the warm-up is not shorter than the run (no decay).
     """
     total, warmup = cfg.train.steps, cfg.schedule.warmup_steps
-    if warn and warmup > total:
+    if warn and warmup >= total:
         warnings.warn(
-            f"schedule.warmup_steps={warmup} is longer than the run (train.steps={total}): the "
-            f"learning rate rises to {total / warmup:.0%} of optim.lr at the last step, never "
-            "reaching its peak nor decaying; lower schedule.warmup_steps.",
+            f"schedule.warmup_steps={warmup} is not shorter than the run (train.steps={total}): "
+            f"the learning rate rises to {total / warmup:.0%} of optim.lr at the last step and "
+            "never decays; lower schedule.warmup_steps.",
             UserWarning,
             stacklevel=2,
         )
@@ -268,10 +283,14 @@ def _to_float(norm: torch.Tensor) -> float:
     return float(full() if full else norm)
 
 
-def token_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy in float32."""
-    logits = model(inputs)
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+def token_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Mean next-token cross-entropy in float32 over the targets that carry loss (instruction
+    data: the answers; ``IGNORE`` elsewhere). Packed rows pass each token's example (``docs``)
+    to the model, so that attention stays inside it."""
+    logits = model(batch.inputs) if batch.docs is None else model(batch.inputs, batch.docs)
+    return F.cross_entropy(
+        logits.float().flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE
+    )
 
 
 @torch.no_grad()
@@ -280,10 +299,10 @@ def evaluate(model: nn.Module, cfg: Config, corpus: Corpus, proc: ProcessInfo, d
     model.eval()
     total = torch.zeros((), device=device)
     for i in range(cfg.train.eval_batches):
-        x, y = sample_batch(
+        batch = draw_batch(
             corpus.val, cfg.data.seq_len, cfg.train.micro_batch, cfg.run.seed, "val", i, proc.rank
         )
-        total += token_loss(model, x.to(device), y.to(device))
+        total += token_loss(model, batch.to(device))
     model.train()
     return _mean_over_ranks(total / cfg.train.eval_batches)
 
@@ -297,7 +316,7 @@ def _train_step(model, optimizer, cfg: Config, corpus: Corpus, step: int, proc, 
     accum = cfg.train.grad_accum
     total = torch.zeros((), device=device)
     for micro in range(accum):
-        x, y = sample_batch(
+        batch = draw_batch(
             corpus.train,
             cfg.data.seq_len,
             cfg.train.micro_batch,
@@ -308,7 +327,7 @@ def _train_step(model, optimizer, cfg: Config, corpus: Corpus, step: int, proc, 
             proc.rank,
         )
         with gradient_sync(model, micro == accum - 1):
-            loss = token_loss(model, x.to(device), y.to(device))
+            loss = token_loss(model, batch.to(device))
             (loss / accum).backward()
         total += loss.detach()
     held = held_optimizer(optimizer)
@@ -324,6 +343,13 @@ def _train_step(model, optimizer, cfg: Config, corpus: Corpus, step: int, proc, 
     return _mean_over_ranks(total / accum), norm
 
 
+def _stream_text(corpus: Corpus) -> str:
+    return (
+        f"{corpus.source}: {len(corpus.train):,} train tokens ({corpus.train_docs} docs), "
+        f"{len(corpus.val):,} val tokens ({corpus.val_docs} docs)"
+    )
+
+
 def _describe(
     cfg: Config,
     model: nn.Module,
@@ -331,19 +357,24 @@ def _describe(
     prep: Prepared,
     proc: ProcessInfo,
     start: int,
+    run_id: str,
 ) -> str:
     n_params = sum(p.numel() for p in inner_model(model).parameters())
     tokens = cfg.train.micro_batch * cfg.data.seq_len * cfg.train.grad_accum * proc.world
     lines = [
         f"run {cfg.run.name}: {n_params / 1e6:.2f}M params, placement={cfg.placement.kind}, "
         f"{proc.world} rank(s) on {prep.device}, optimizer={cfg.optim.name}",
-        f"data: {prep.corpus.source}: {len(prep.corpus.train):,} train tokens "
-        f"({prep.corpus.train_docs} docs), {len(prep.corpus.val):,} val tokens "
-        f"({prep.corpus.val_docs} docs); {tokens:,} tokens/step",
+        f"data: {prep.corpus.summary or _stream_text(prep.corpus)}; {tokens:,} tokens/step",
     ]
     lines += [f"group {g.index} /{g.pattern}/ {g.options}: {len(g.names)} params" for g in groups]
     if start:
-        lines.append(f"resumed from step {start}")
+        lines.append(
+            f"resumed from step {start} of {cfg.train.steps}: run {run_id} "
+            f"({ckpt.describe_signature(ckpt.run_signature(cfg))}), checkpoint "
+            f"{prep.resume.checkpoint or cfg.output_dir() / 'checkpoints'}"
+        )
+    else:
+        lines.append(f"new run {run_id} in {cfg.output_dir()}")
     return "\n".join(lines)
 
 
@@ -364,9 +395,14 @@ def _train(cfg: Config, prep: Prepared, proc: ProcessInfo, stop: StopRequest) ->
 
     ck_dir = out / "checkpoints"
     start, tokens_seen = 0, 0
+    if cfg.run.overwrite and proc.is_main:  # before the run id's broadcast, which others await
+        deleted = ckpt.clear_run_dir(out)
+        if deleted:
+            print(f"run.overwrite: deleted {', '.join(deleted)} in {out}", flush=True)
     run_id = _shared_run_id(prep.resume.run_id)
+    signature = ckpt.run_signature(cfg)
     found = None
-    if cfg.checkpoint.resume:
+    if cfg.checkpoint.resume and not cfg.run.overwrite:
         found = ckpt.resume(
             ck_dir, model=model, optimizer=optimizer, run_id=run_id, warn=proc.is_main
         )
@@ -376,7 +412,7 @@ def _train(cfg: Config, prep: Prepared, proc: ProcessInfo, stop: StopRequest) ->
     if proc.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-        ckpt.write_run_id(out, run_id)
+        ckpt.write_run_id(out, run_id, signature)
     log = MetricsLog(
         out / "metrics.jsonl", enabled=proc.is_main, resume_step=start if found else None
     )
@@ -386,7 +422,7 @@ def _train(cfg: Config, prep: Prepared, proc: ProcessInfo, stop: StopRequest) ->
         main=proc.is_main,
         bar=cfg.log.progress,
         desc=cfg.run.name,
-        header=_describe(cfg, model, groups, prep, proc, start),
+        header=_describe(cfg, model, groups, prep, proc, start, run_id),
     )
 
     if start == 0 and cfg.train.eval_every:
@@ -431,7 +467,12 @@ def _train(cfg: Config, prep: Prepared, proc: ProcessInfo, stop: StopRequest) ->
                 step,
                 model=model,
                 optimizer=optimizer,
-                extra={"step": step, "tokens": tokens_seen, "run_id": run_id},
+                extra={
+                    "step": step,
+                    "tokens": tokens_seen,
+                    "run_id": run_id,
+                    "signature": signature,
+                },
                 keep=cfg.checkpoint.keep,
             )
         if stopping:
@@ -443,8 +484,13 @@ def _train(cfg: Config, prep: Prepared, proc: ProcessInfo, stop: StopRequest) ->
         hf_path = cfg.model.path if cfg.model.kind == "hf" else ""
         ckpt.export_model(inner_model(model), cfg.model, out / "final", hf_path)
     held = held_optimizer(optimizer)
-    state_b = state_bytes_per_param(cfg.optim.name, held)
-    return finish(cfg, out, proc, {"state_bytes_per_param": state_b})
+    facts = {
+        "state_bytes_per_param": state_bytes_per_param(cfg.optim.name, held),
+        "precision": {"weights": cfg.model.dtype, "optimizer": held.defaults.get("precision")},
+        "run_id": run_id,
+        "resumed_from_step": start or None,
+    }
+    return finish(cfg, out, proc, facts)
 
 
 def finish(
@@ -452,9 +498,11 @@ def finish(
 ) -> dict[str, Any]:
     """Summarise the metrics and draw the loss curve (rank 0).
 
-    ``summary.json`` also records the placement kind, the world size and ``facts`` (the run
-    adds the optimizer's state bytes per parameter: rank 0's measured figure for ShardFlow
-    optimizers, the table's for others)."""
+    ``summary.json`` also records the placement kind, the world size, the git commit of the
+    ShardFlow source (None outside a checkout) and ``facts`` (the run adds the optimizer's
+    state bytes per parameter — rank 0's measured figure for ShardFlow optimizers, the table's
+    for others —, the precision of the weights and of the optimizer's update, the run id and
+    the step it resumed from)."""
     if not proc.is_main:
         return {}
     rows = read_metrics(out / "metrics.jsonl")
@@ -468,6 +516,7 @@ def finish(
         "steps": cfg.train.steps,
         "placement": cfg.placement.kind,
         "world_size": proc.world,
+        "commit": source_commit(),
         **(facts or {}),
         "first_loss": train[0] if train else None,
         "final_loss": sum(tail) / len(tail) if tail else None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -13,6 +14,27 @@ from typing import Any
 FAIL_ENV = "SHARDFLOW_TEST_FAIL_METRICS_AT_STEP"
 """Test hook: writing the metrics row of this step raises ``OSError(ENOSPC)`` (a full disk).
 Only rank 0 writes metrics, so the failure is rank-local, after the process group started."""
+
+
+def source_commit() -> str | None:
+    """The git commit of the ShardFlow source that runs (``+dirty`` when its tracked files
+    differ from it); None outside a git checkout (an installed wheel) or without git."""
+    root = Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(
+                ["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if not commit:
+        return None
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return f"{commit}+dirty" if dirty else commit
 
 
 class MetricsLog:

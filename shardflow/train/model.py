@@ -58,7 +58,9 @@ class Attention(nn.Module):
         self.v = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
         self.o = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -68,7 +70,10 @@ class Attention(nn.Module):
         if repeat > 1:
             k = k.repeat_interleave(repeat, dim=1)
             v = v.repeat_interleave(repeat, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -95,8 +100,10 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.dim, cfg.ffn_dim)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -134,16 +141,27 @@ class Decoder(nn.Module):
             with torch.no_grad():
                 param.copy_(_like(param, values.to(param.dtype)))
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, docs: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of ``tokens`` (batch, seq). ``docs`` (batch, seq), packed examples: each
+        token's example index; attention then stays inside each example (block-diagonal
+        causal mask). Rotary embeddings are relative, so positions need no reset."""
         head_dim = self.cfg.dim // self.cfg.n_heads
         cos, sin = rotary_tables(head_dim, tokens.shape[1], self.cfg.rope_theta)
         cos, sin = cos.to(tokens.device), sin.to(tokens.device)
+        mask = None if docs is None else document_mask(docs)
         x = self.embed(tokens)
         for block in self.layers:
-            x = block(x, cos, sin)
+            x = block(x, cos, sin, mask)
         x = self.norm(x)
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(x, weight)
+
+
+def document_mask(docs: torch.Tensor) -> torch.Tensor:
+    """(batch, 1, seq, seq) boolean attention mask: causal, and only within the same example."""
+    t = docs.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=docs.device).tril()
+    return (docs[:, None, :, None] == docs[:, None, None, :]) & causal
 
 
 def _like(param: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

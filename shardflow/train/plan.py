@@ -21,7 +21,7 @@ from shardflow.distributed.placement import plan_inputs
 from shardflow.distributed.plan import OwnerPlan, replicated_plan, sharded_plan
 from shardflow.optim.release import module_buckets
 from shardflow.train.config import Config, check_values
-from shardflow.train.groups import RoutedGroup, route_params
+from shardflow.train.groups import RoutedGroup, own_names, route_params
 from shardflow.train.optimizers import (
     ORTHOGONALIZING,
     accepts_process_group,
@@ -155,6 +155,22 @@ def _owner_lines(cfg: Config, plan: tuple[OwnerPlan, str] | None, names: dict[in
     ]
 
 
+def _instruct_lines(cfg: Config) -> list[str]:
+    """Examples, tokens and the share carrying loss (instruction data; a Hugging Face model's
+    tokenizer is needed, so without its folder here they are left out)."""
+    from shardflow.train.instruct import plan_lines
+
+    if cfg.model.kind == "hf":
+        if not (Path(cfg.model.path).expanduser() / "config.json").is_file():
+            return [f"instruction data: not read (no tokenizer at model.path={cfg.model.path!r})"]
+        from shardflow.train.hf import HFTokenizer
+
+        return plan_lines(cfg.data, HFTokenizer(cfg.model.path))
+    from shardflow.train.data import ByteTokenizer
+
+    return plan_lines(cfg.data, ByteTokenizer())
+
+
 def dry_run(cfg: Config) -> str:
     """The plan of ``cfg`` as text; nothing is allocated and no process group is started."""
     from shardflow.train.loop import build_model
@@ -162,7 +178,7 @@ def dry_run(cfg: Config) -> str:
     check_values(cfg)
     check_optimizer_name(cfg.optim.name)
     model = build_model(cfg, "meta")
-    groups = route_params(model.named_parameters(), cfg.optim.groups)
+    groups = route_params(own_names(model), cfg.optim.groups)
     n_params = sum(p.numel() for p in model.parameters())
     lines = [
         f"DRY RUN {cfg.run.name}: {n_params / 1e9:.3f}B params "
@@ -175,6 +191,8 @@ def dry_run(cfg: Config) -> str:
     missing = [p for p in cfg.data.paths if not Path(p).expanduser().exists()]
     data = ", ".join(cfg.data.paths) or "embedded corpus (Python standard library)"
     lines.append(f"data: {data}" + (f"  [not found here: {missing}]" if missing else ""))
+    if cfg.data.format == "instruct" and not missing:
+        lines += _instruct_lines(cfg)
     lines.append("param groups (first matching pattern wins):")
     for g in groups:
         mode = _ortho_mode(cfg, g)
