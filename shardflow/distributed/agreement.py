@@ -56,13 +56,17 @@ def groups_difference(signatures: list[GroupSignature]) -> str | None:
     return None
 
 
-def tiles_difference(tiles: list[list[Any]], names: list[str]) -> str | None:
-    """The first parameter whose Newton-Schulz tiles differ from rank 0's, or None."""
+def tiles_difference(tiles: list[list[Any]], names: list[list[str]]) -> str | None:
+    """The first parameter whose Newton-Schulz tiles differ from rank 0's, or None (``tiles``
+    and ``names``: every rank's, in rank order; a name that differs is shown with both)."""
     for r, theirs in enumerate(tiles[1:], start=1):
         for i, (a, b) in enumerate(zip(tiles[0], theirs)):
             if a != b:
+                name = repr(names[0][i])
+                if names[r][i] != names[0][i]:
+                    name += f" on rank 0, {names[r][i]!r} on rank {r}"
                 return (
-                    f"parameter {i} ({names[i]!r}) is orthogonalized {_tile(a)} on rank 0 and "
+                    f"parameter {i} ({name}) is orthogonalized {_tile(a)} on rank 0 and "
                     f"{_tile(b)} on rank {r}"
                 )
     return None

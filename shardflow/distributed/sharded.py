@@ -91,7 +91,7 @@ def make_placement(
     local_rows = [_local_rows(p) for p in params]
     hyper = group_signature(param_groups)
     gathered = comm.all_gather_object(
-        (problem, signature, local_rows, hyper, tiles), group, world
+        (problem, signature, local_rows, hyper, tiles, names), group, world
     )
     _raise_if_any(gathered, names)
     rows = [[gathered[r][2][i] for r in range(world)] for i in range(len(params))]
@@ -224,7 +224,7 @@ def _raise_if_any(gathered: list, names: list[str]) -> None:
             "the param groups the same way on every rank)."
         )
     detail = groups_difference([g[3] for g in gathered]) or tiles_difference(
-        [g[4] for g in gathered], names
+        [g[4] for g in gathered], [g[5] for g in gathered]
     )
     if detail is not None:
         raise disagreement_error(detail)
