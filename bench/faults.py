@@ -13,6 +13,11 @@ Targets: a rank-local failure ends the whole job with the real message within 30
 one message from rank 0 and exit code 2 (torchrun itself then exits 1, the workers' code is in
 its report); SIGTERM saves a checkpoint at the current step and the workers exit 0.
 
+The library probes of issue 18 (different settings per rank, values the optimizers refuse,
+``load_state_dict`` of foreign state, edited checkpoint indexes) run a short script in a fresh
+process (``_snippet``; on 2 gloo ranks under torchrun where ranks matter) or resume a tiny run
+whose checkpoint index was edited (``_edited_checkpoint``).
+
 Results go to ``bench/results/faults-<date>.md`` with the command and the machine.
 ``tests/test_faults.py`` runs some of these probes and asserts their outcomes.
 """
@@ -133,15 +138,30 @@ def launch(
     ranks, plain python for 1); ``send=(signal, n)`` sends the signal to the launcher once
     ``n`` training rows are in the metrics. Output lines are timestamped as they arrive; past
     ``timeout`` the launch's process group is killed (code 124)."""
+    cmd = [str(TRAIN), str(CONFIG), *TINY, "--run.out_dir", str(out)]
+    cmd += ONE if nproc == 1 else []
+    return run(cmd + args, out, nproc=nproc, env=env, send=send, timeout=timeout)
+
+
+def run(
+    cmd: list[str],
+    out: Path,
+    *,
+    nproc: int = 1,
+    env: dict[str, str] | None = None,
+    send: tuple[signal.Signals, int] | None = None,
+    timeout: float = 240,
+) -> Outcome:
+    """``python cmd...`` (under torchrun with ``nproc`` ranks when ``nproc`` > 1), timed line by
+    line; ``send`` and ``timeout`` as in :func:`launch` (``out``: where training rows appear)."""
     runner = [sys.executable]
     if nproc > 1:
         runner += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    cmd = [*runner, str(TRAIN), str(CONFIG), *TINY, "--run.out_dir", str(out)]
-    cmd += ONE if nproc == 1 else []
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), full_env.get("PYTHONPATH")]))
     began = time.monotonic()
     proc = subprocess.Popen(
-        [*cmd, *args],
+        [*runner, *cmd],
         cwd=ROOT,
         env=full_env,
         stdout=subprocess.PIPE,
@@ -320,6 +340,152 @@ def _huge_file(tmp: Path) -> Outcome:
     return result
 
 
+def _snippet(body: str, nproc: int = 1) -> Callable[[Path], Outcome]:
+    """A probe running ``body`` (Python, indented 4 spaces, after :data:`PRELUDE`) in a fresh
+    process, or on ``nproc`` gloo ranks under torchrun: its first line says ``shardflow: ok:``
+    with what it printed, or ``shardflow: <Error>: <message>`` (exit code 1) when it raised."""
+
+    def probe(tmp: Path) -> Outcome:
+        script = tmp / "probe.py"
+        script.write_text(PRELUDE + body + EPILOGUE)
+        return run([str(script)], tmp, nproc=nproc, timeout=180)
+
+    return probe
+
+
+PRELUDE = """\
+import math, os, sys
+import torch
+import torch.distributed as dist
+from torch import nn
+from shardflow import DolphinFlow, WhiteFlow
+from shardflow.optim.factored import FactoredAdam
+
+def model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 96), nn.Tanh(), nn.Linear(96, 8))
+
+def train(m, opt, steps=2):
+    for _ in range(steps):
+        opt.zero_grad()
+        m(torch.ones(4, 64)).sum().backward()
+        opt.step()
+
+rank = 0
+if "RANK" in os.environ:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+try:
+"""
+EPILOGUE = """
+except Exception as exc:
+    if rank == 0:
+        print(f"shardflow: {type(exc).__name__}: {exc}", flush=True)
+    sys.exit(1)
+finally:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+"""
+
+FSDP_ORTHO = """\
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    m = model()
+    mesh = init_device_mesh("cpu", (2,))
+    for layer in (m[0], m[2], m):
+        fully_shard(layer, mesh=mesh)
+    opt = DolphinFlow(m.parameters(), ortho_mode=("vector", "matrix")[rank], process_group=mesh)
+    train(m, opt)
+    print("shardflow: ok: trained")
+"""
+
+DDP_LR = """\
+    m = model()
+    opt = DolphinFlow(m.parameters(), lr=(1e-3, 2e-3)[rank], process_group=dist.group.WORLD)
+    train(m, opt)
+    print("shardflow: ok: trained")
+"""
+
+REFUSE = """\
+    m = model()
+    {build}
+    print("shardflow: ok: accepted")
+"""
+
+EMPTY_MATRIX = """\
+    p, q = nn.Parameter(torch.zeros(5, 0)), nn.Parameter(torch.randn(4, 4))
+    opt = WhiteFlow([p, q])
+    p.grad, q.grad = torch.zeros(5, 0), torch.randn(4, 4)
+    opt.step()
+    print("shardflow: ok: stepped, the (5, 0) parameter updated element-wise")
+"""
+
+LOAD_OTHER = """\
+    m = model()
+    white = WhiteFlow(m.parameters())
+    train(m, white, 1)
+    opt = DolphinFlow(m.parameters())
+    opt.load_state_dict(white.state_dict())
+    train(m, opt, 1)
+    print("shardflow: ok: loaded and stepped")
+"""
+
+LOAD_SHAPES = """\
+    wide = nn.Sequential(nn.Linear(64, 100), nn.Tanh(), nn.Linear(100, 8))
+    other = DolphinFlow(wide.parameters())
+    train(wide, other, 1)
+    m = model()
+    opt = DolphinFlow(m.parameters())
+    opt.load_state_dict(other.state_dict())
+    train(m, opt, 1)
+    print("shardflow: ok: loaded and stepped")
+"""
+
+LOAD_8BIT = """\
+    from shardflow.optim.dolphinflow8bit import DolphinFlow8bit
+    m = model()
+    full = DolphinFlow(m.parameters())
+    train(m, full, 1)
+    opt = DolphinFlow8bit(m.parameters())
+    opt.load_state_dict(full.state_dict())
+    print(f"shardflow: ok: exp_avg of the 96x64 weight is {opt.state[m[0].weight]['exp_avg'].dtype}")
+"""
+
+
+def _edited_checkpoint(edit: Callable[[dict], None], rehash: bool) -> Callable[[Path], Outcome]:
+    """A probe: train 4 steps (1 process), edit the newest checkpoint's index (keeping its hash
+    consistent with ``rehash``, as a careful forger would), then resume."""
+
+    def probe(tmp: Path) -> Outcome:
+        from shardflow.checkpoint._format import INDEX_HASH_KEY, index_digest  # noqa: PLC0415
+
+        out = tmp / "run"
+        first = launch(out, ["--train.steps", "4"], nproc=1)
+        path = out / "checkpoints" / "step_00000004" / "index.json"
+        index = json.loads(path.read_text())
+        edit(index)
+        if rehash:
+            index[INDEX_HASH_KEY] = index_digest(index)
+        path.write_text(json.dumps(index))
+        again = launch(out, ["--train.steps", "6"], nproc=1)
+        again.notes.append(f"first run exit {first.code}")
+        return again
+
+    return probe
+
+
+def _group_value(key: str, value: object) -> Callable[[dict], None]:
+    return lambda index: index["optimizer"]["param_groups"][0].update({key: value})
+
+
+def _file_outside(index: dict) -> None:
+    (name,) = index["files"]
+    index["files"]["../outside/x.safetensors"] = index["files"].pop(name)
+    for record in index["tensors"].values():
+        for piece in record["pieces"]:
+            piece[0] = "../outside/x.safetensors"
+
+
 PROBES: dict[str, tuple[str, Callable[[Path], Outcome]]] = {
     "rank0-metrics-full-disk": ("rank 0 fails after the process group started (ENOSPC on metrics)", _metrics_full_disk),
     "sigint": ("Ctrl-C: SIGINT to torchrun at step 3", _sigint),
@@ -341,6 +507,23 @@ PROBES: dict[str, tuple[str, Callable[[Path], Outcome]]] = {
     "nccl-on-cpu": ("placement.backend=nccl on a CPU", _bad(["--placement.backend", "nccl"])),
     "data-latin1-binary": ("data: a Latin-1 file and a binary file among text (1 process)", _latin1_and_binary),
     "data-huge-file": ("data: one 1 GiB text file, data.max_bytes=100000 (1 process)", _huge_file),
+    "ranks-ortho-mode-fsdp2": ("DolphinFlow, FSDP2, 2 ranks: ortho_mode vector on rank 0, matrix on rank 1 (was: deadlock)", _snippet(FSDP_ORTHO, nproc=2)),
+    "ranks-lr-ddp": ("DolphinFlow, DDP-aware, 2 ranks: lr 1e-3 on rank 0, 2e-3 on rank 1 (was: silently mixed)", _snippet(DDP_LR, nproc=2)),
+    "optim-lr-inf": ("DolphinFlow(lr=inf) (was: accepted)", _snippet(REFUSE.format(build="DolphinFlow(m.parameters(), lr=math.inf)"))),
+    "optim-lr-true": ("WhiteFlow(lr=True) (was: accepted)", _snippet(REFUSE.format(build="WhiteFlow(m.parameters(), lr=True)"))),
+    "optim-wd-inf": ("FactoredAdam(weight_decay=inf) (was: accepted)", _snippet(REFUSE.format(build="FactoredAdam(m.parameters(), weight_decay=math.inf)"))),
+    "optim-complex": ("WhiteFlow over a complex64 parameter (was: imaginary part zeroed)", _snippet(REFUSE.format(build="WhiteFlow([*m.named_parameters(), ('rotor', nn.Parameter(torch.randn(4, 4, dtype=torch.complex64)))])"))),
+    "optim-empty-matrix": ("WhiteFlow with a (5, 0) parameter, one step (was: ZeroDivisionError)", _snippet(EMPTY_MATRIX)),
+    "load-other-optimizer": ("DolphinFlow.load_state_dict(WhiteFlow's state_dict) (was: fails at the next step)", _snippet(LOAD_OTHER)),
+    "load-other-shapes": ("DolphinFlow.load_state_dict of a wider model's state (was: fails at the next step)", _snippet(LOAD_SHAPES)),
+    "load-32bit-into-8bit": ("DolphinFlow8bit.load_state_dict(DolphinFlow's state_dict) (was: kept in fp32)", _snippet(LOAD_8BIT)),
+    "ckpt-index-edited": ("resume after weight_decay edited in index.json, hash not updated (was: loaded)", _edited_checkpoint(_group_value("weight_decay", 0.5), rehash=False)),
+    "ckpt-beta2": ("resume, index rehashed with beta2 = 1.5 (was: loaded)", _edited_checkpoint(_group_value("beta2", 1.5), rehash=True)),
+    "ckpt-ortho-bogus": ("resume, index rehashed with ortho_mode = 'bogus' (was: loaded)", _edited_checkpoint(_group_value("ortho_mode", "bogus"), rehash=True)),
+    "ckpt-file-outside": ("resume, index rehashed naming ../outside/x.safetensors (was: loaded)", _edited_checkpoint(_file_outside, rehash=True)),
+    "ckpt-version-0": ("resume, index version 0", _edited_checkpoint(lambda index: index.update(version=0), rehash=True)),
+    "ckpt-version-str": ("resume, index version \"1\"", _edited_checkpoint(lambda index: index.update(version="1"), rehash=True)),
+    "ckpt-version-missing": ("resume, index without a version", _edited_checkpoint(lambda index: index.pop("version"), rehash=True)),
 }  # fmt: skip
 """Probe key -> (what it does, function(tmp folder) -> Outcome)."""
 

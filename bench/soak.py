@@ -1,0 +1,263 @@
+"""Soak: the quickstart trained while a random rank is SIGKILLed every few minutes (issue 18).
+
+Run (CPU; the issue's soak is 30 minutes, the total wall time is about ``--minutes``):
+
+    .venv/bin/python bench/soak.py --minutes 30            # the full soak
+    .venv/bin/python bench/soak.py --minutes 3 --kill-every 50   # a short check that it works
+
+Two phases, each about half of ``--minutes``:
+
+1. **Stitched run**: ``launch/train.py configs/quickstart.toml`` on 2 FSDP2 ranks (torchrun),
+   a checkpoint every 20 steps, a metrics row every step. Every ``--kill-every`` seconds (with
+   ±30% jitter, seed ``--seed``) one rank, chosen at random, gets SIGKILL; the script waits for
+   the job to end and starts the same command again, which resumes from the newest checkpoint
+   (its metrics rows after that step are dropped, so ``metrics.jsonl`` is the stitched curve).
+2. **Uninterrupted run**: the same command in another folder, stopped (SIGKILL) once it has
+   logged the last step the stitched run reached.
+
+Reported: per attempt the step it resumed from, the step it reached, how long the job took to
+end after the kill, and its workers' RSS (sum of both ranks, sampled every second: the first
+sample after its first logged step, the peak, the last); the loss of both runs compared at
+every step both logged (exactly equal is the target: resume is bitwise); RSS growth of the
+stitched run's attempts. Results go to ``bench/results/soak-<date>.md`` (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import random
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "quickstart.toml"
+TRAIN = ROOT / "launch" / "train.py"
+RESULTS = ROOT / "bench" / "results"
+
+ARGS = [
+    "--train.steps", "100000", "--train.eval_every", "0", "--checkpoint.every", "20",
+    "--log.every", "1", "--log.progress", "false", "--log.plot", "false",
+]  # fmt: skip
+"""The quickstart as it is, but long enough never to finish, no evaluation, a checkpoint every 20
+steps and a metrics row every step."""
+
+
+@dataclass
+class Attempt:
+    """One launch of the job."""
+
+    resumed_from: int
+    reached: int = 0
+    killed_rank: int | None = None
+    end_after_kill: float | None = None
+    """Seconds from the SIGKILL to the end of the job."""
+    rss: list[tuple[float, int]] = field(default_factory=list)
+    """(seconds since launch, summed RSS of the workers in bytes), from the first logged step."""
+    code: int | None = None
+
+
+def metrics(out: Path) -> dict[int, float]:
+    """step -> training loss from ``out/metrics.jsonl`` (lines that parse)."""
+    path = out / "metrics.jsonl"
+    rows: dict[int, float] = {}
+    if not path.is_file():
+        return rows
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if "loss" in row and "step" in row:
+            rows[int(row["step"])] = float(row["loss"])
+    return rows
+
+
+def last_step(out: Path) -> int:
+    rows = metrics(out)
+    return max(rows) if rows else 0
+
+
+def workers(launcher: int) -> dict[int, int]:
+    """rank -> pid of the launcher's worker processes (read from /proc: children, RANK=)."""
+    found = {}
+    for child in _children(launcher):
+        try:
+            env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for item in env:
+            if item.startswith(b"RANK="):
+                found[int(item[5:])] = child
+    return found
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return out
+
+
+def rss(pids: list[int]) -> int:
+    """Summed resident set size of ``pids`` in bytes (0 for a process that is gone)."""
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return total
+
+
+def launch(out: Path, log) -> subprocess.Popen:
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+        str(TRAIN), str(CONFIG), *ARGS, "--run.out_dir", str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def stitched(out: Path, seconds: float, kill_every: float, rng: random.Random, log) -> list[Attempt]:
+    """Phase 1 (module docstring): launch, kill a random rank, relaunch, until ``seconds``."""
+    attempts: list[Attempt] = []
+    began = time.monotonic()
+    while time.monotonic() - began < seconds:
+        attempt = Attempt(resumed_from=last_step(out))
+        attempts.append(attempt)
+        proc = launch(out, log)
+        started = time.monotonic()
+        kill_at = started + kill_every * rng.uniform(0.7, 1.3)
+        kill_at = min(kill_at, began + seconds)
+        while proc.poll() is None:
+            now = time.monotonic()
+            pids = workers(proc.pid)
+            if last_step(out) > attempt.resumed_from and pids:
+                attempt.rss.append((now - started, rss(list(pids.values()))))
+            if now >= kill_at and attempt.killed_rank is None and len(pids) == 2:
+                attempt.killed_rank = rng.randrange(2)
+                os.kill(pids[attempt.killed_rank], signal.SIGKILL)
+                killed = time.monotonic()
+                proc.wait()
+                attempt.end_after_kill = time.monotonic() - killed
+                break
+            time.sleep(1.0)
+        attempt.code = proc.wait()
+        attempt.reached = last_step(out)
+        if attempt.killed_rank is None and attempt.code != 0:
+            break  # it failed by itself: report, do not loop
+    return attempts
+
+
+def uninterrupted(out: Path, target: int, seconds: float, log) -> int:
+    """Phase 2: the same command until it has logged step ``target`` (or ``seconds`` pass)."""
+    proc = launch(out, log)
+    began = time.monotonic()
+    while proc.poll() is None and last_step(out) < target and time.monotonic() - began < seconds:
+        time.sleep(1.0)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return last_step(out)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.0f}"
+
+
+def report(attempts: list[Attempt], ours: dict[int, float], ref: dict[int, float]) -> list[str]:
+    lines = [
+        "| attempt | resumed from step | reached step | killed rank | job ended after kill (s) "
+        "| RSS first / peak / last (MiB, both ranks) | exit code |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for i, a in enumerate(attempts):
+        mem = [r for _, r in a.rss]
+        rss_text = f"{_mib(mem[0])} / {_mib(max(mem))} / {_mib(mem[-1])}" if mem else "-"
+        ended = "-" if a.end_after_kill is None else f"{a.end_after_kill:.1f}"
+        killed = "-" if a.killed_rank is None else str(a.killed_rank)
+        lines.append(
+            f"| {i} | {a.resumed_from} | {a.reached} | {killed} | {ended} | {rss_text} | {a.code} |"
+        )
+    common = sorted(set(ours) & set(ref))
+    diffs = [abs(ours[s] - ref[s]) for s in common]
+    equal = sum(d == 0 for d in diffs)
+    lines += [
+        "",
+        f"Loss compared at {len(common)} common steps (1..{common[-1] if common else 0}): "
+        f"{equal} exactly equal, max |difference| {max(diffs, default=0.0):.3g}.",
+    ]
+    if diffs and equal < len(diffs):
+        first = next(s for s in common if ours[s] != ref[s])
+        lines.append(
+            f"First step that differs: {first} (stitched {ours[first]!r}, uninterrupted "
+            f"{ref[first]!r})."
+        )
+    peaks = [max(r for _, r in a.rss) for a in attempts if a.rss]
+    if peaks:
+        lines.append(
+            f"Peak RSS per attempt (MiB): {', '.join(_mib(p) for p in peaks)}; last attempt's "
+            f"peak / first's: {peaks[-1] / peaks[0]:.3f}."
+        )
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--minutes", type=float, default=30.0, help="total wall time, about")
+    parser.add_argument("--kill-every", type=float, default=240.0, help="seconds between kills")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the kill times and ranks")
+    parser.add_argument("--out", default="", help="results file (default bench/results/...)")
+    args = parser.parse_args()
+    rng = random.Random(args.seed)
+    half = args.minutes * 60 / 2
+    with tempfile.TemporaryDirectory(prefix="shardflow-soak-") as tmp:
+        log_path = Path(tmp) / "launches.log"
+        with open(log_path, "w") as log:
+            attempts = stitched(Path(tmp) / "stitched", half, args.kill_every, rng, log)
+            ours = metrics(Path(tmp) / "stitched")
+            target = max(ours, default=0)
+            uninterrupted(Path(tmp) / "reference", target, half + 120, log)
+            ref = metrics(Path(tmp) / "reference")
+        tail = log_path.read_text().splitlines()[-5:]
+    lines = report(attempts, ours, ref)
+    print("\n".join(lines))
+    date = datetime.date.today().isoformat()
+    path = Path(args.out) if args.out else RESULTS / f"soak-{date}.md"
+    command = "python bench/soak.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    import torch  # noqa: PLC0415
+
+    header = [
+        f"# Soak: the quickstart under random SIGKILLs, {date}",
+        "",
+        f"Command: `{command.strip()}` (from the repository root)",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()} "
+        f"{platform.release()}, Python {platform.python_version()}, torch {torch.__version__}, "
+        "gloo, 2 FSDP2 ranks; shared with other jobs.",
+        "",
+    ]
+    footer = ["", "Last lines of the launches' output:", "", "```", *tail, "```"]
+    path.write_text("\n".join(header + lines + footer) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
