@@ -29,9 +29,7 @@ import contextlib
 import datetime
 import json
 import os
-import platform
 import re
-import shlex
 import signal
 import subprocess
 import sys
@@ -44,6 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import command_text, results_head  # noqa: E402
 from shardflow.train.metrics import FAIL_ENV  # noqa: E402  (rank 0's metrics write fails: ENOSPC)
 
 RESULTS = ROOT / "bench" / "results"
@@ -420,26 +419,17 @@ EMPTY_MATRIX = """\
     print("shardflow: ok: stepped, the (5, 0) parameter updated element-wise")
 """
 
-LOAD_OTHER = """\
+LOAD = """\
+    saver = {saver}
+    theirs = {cls}(saver.parameters())
+    train(saver, theirs, 1)
     m = model()
-    white = WhiteFlow(m.parameters())
-    train(m, white, 1)
     opt = DolphinFlow(m.parameters())
-    opt.load_state_dict(white.state_dict())
+    opt.load_state_dict(theirs.state_dict())
     train(m, opt, 1)
     print("shardflow: ok: loaded and stepped")
 """
-
-LOAD_SHAPES = """\
-    wide = nn.Sequential(nn.Linear(64, 100), nn.Tanh(), nn.Linear(100, 8))
-    other = DolphinFlow(wide.parameters())
-    train(wide, other, 1)
-    m = model()
-    opt = DolphinFlow(m.parameters())
-    opt.load_state_dict(other.state_dict())
-    train(m, opt, 1)
-    print("shardflow: ok: loaded and stepped")
-"""
+WIDER = "nn.Sequential(nn.Linear(64, 100), nn.Tanh(), nn.Linear(100, 8))"
 
 LOAD_8BIT = """\
     from shardflow.optim.dolphinflow8bit import DolphinFlow8bit
@@ -514,8 +504,8 @@ PROBES: dict[str, tuple[str, Callable[[Path], Outcome]]] = {
     "optim-wd-inf": ("FactoredAdam(weight_decay=inf) (was: accepted)", _snippet(REFUSE.format(build="FactoredAdam(m.parameters(), weight_decay=math.inf)"))),
     "optim-complex": ("WhiteFlow over a complex64 parameter (was: imaginary part zeroed)", _snippet(REFUSE.format(build="WhiteFlow([*m.named_parameters(), ('rotor', nn.Parameter(torch.randn(4, 4, dtype=torch.complex64)))])"))),
     "optim-empty-matrix": ("WhiteFlow with a (5, 0) parameter, one step (was: ZeroDivisionError)", _snippet(EMPTY_MATRIX)),
-    "load-other-optimizer": ("DolphinFlow.load_state_dict(WhiteFlow's state_dict) (was: fails at the next step)", _snippet(LOAD_OTHER)),
-    "load-other-shapes": ("DolphinFlow.load_state_dict of a wider model's state (was: fails at the next step)", _snippet(LOAD_SHAPES)),
+    "load-other-optimizer": ("DolphinFlow.load_state_dict(WhiteFlow's state_dict) (was: fails at the next step)", _snippet(LOAD.format(saver="model()", cls="WhiteFlow"))),
+    "load-other-shapes": ("DolphinFlow.load_state_dict of a wider model's state (was: fails at the next step)", _snippet(LOAD.format(saver=WIDER, cls="DolphinFlow"))),
     "load-32bit-into-8bit": ("DolphinFlow8bit.load_state_dict(DolphinFlow's state_dict) (was: kept in fp32)", _snippet(LOAD_8BIT)),
     "ckpt-index-edited": ("resume after weight_decay edited in index.json, hash not updated (was: loaded)", _edited_checkpoint(_group_value("weight_decay", 0.5), rehash=False)),
     "ckpt-beta2": ("resume, index rehashed with beta2 = 1.5 (was: loaded)", _edited_checkpoint(_group_value("beta2", 1.5), rehash=True)),
@@ -528,15 +518,19 @@ PROBES: dict[str, tuple[str, Callable[[Path], Outcome]]] = {
 """Probe key -> (what it does, function(tmp folder) -> Outcome)."""
 
 
-def row(name: str, what: str, outcome: Outcome) -> str:
+def row(name: str, what: str, outcome: Outcome, tmp: str = "") -> str:
+    """One table row; ``tmp`` (the probes' temporary folder) is shown as ``$TMP`` so that the
+    message, cut at 400 characters, keeps what it says rather than a long path."""
     workers = outcome.worker_codes
     code = f"{outcome.code}" + (f" (workers {sorted(set(workers))})" if workers else "")
     seconds = f"{outcome.seconds:.1f}"
     if outcome.after_trigger is not None:
         seconds += f" ({outcome.after_trigger:.1f} after the fault)"
     message = outcome.first_message().replace("|", "\\|")
-    if len(message) > 260:
-        message = message[:257] + "..."
+    if tmp:
+        message = message.replace(tmp, "$TMP")
+    if len(message) > 400:
+        message = message[:397] + "..."
     notes = "; ".join(outcome.notes).replace("|", "\\|")
     return f"| {name} | {what} | {code} | {seconds} | {message} | {notes} |"
 
@@ -545,6 +539,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("-k", action="append", default=[], help="run probes whose key holds this")
     parser.add_argument("--out", default="", help="results file (default bench/results/...)")
+    parser.add_argument(
+        "--merge",
+        default="",
+        help="an earlier results file: replace (or add) the rows of the probes run, keep the others",
+    )
     args = parser.parse_args()
     import tempfile
 
@@ -555,21 +554,18 @@ def main() -> None:
             folder = Path(tmp) / key
             folder.mkdir()
             outcome = probe(folder)
-            rows.append(row(key, what, outcome))
+            rows.append(row(key, what, outcome, tmp))
             print(rows[-1], flush=True)
     date = datetime.date.today().isoformat()
     path = Path(args.out) if args.out else RESULTS / f"faults-{date}.md"
-    command = "python bench/faults.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    import torch
-
+    head = results_head(
+        f"Faults and bad input, {date}",
+        "bench/faults.py",
+        "gloo; shared with other jobs, so seconds are loose.",
+    )
+    command = command_text("bench/faults.py")
     header = [
-        f"# Faults and bad input, {date}",
-        "",
-        f"Command: `{command.strip()}` (from the repository root)",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores ({platform.processor() or 'cpu'}), "
-        f"{platform.system()} {platform.release()}, Python {platform.python_version()}, "
-        f"torch {torch.__version__}, gloo; shared with other jobs, so seconds are loose.",
-        "",
+        *head,
         "Exit code: the launcher's (torchrun exits 1 whenever a worker fails, and on a signal; "
         "the failed workers' codes from its report in parentheses). Seconds: the whole launch, "
         "including ~10-20 s of start-up; for a fault during training, also from the fault (the "
@@ -578,8 +574,30 @@ def main() -> None:
         "| probe | what | exit code | seconds | first message | notes |",
         "|---|---|---|---|---|---|",
     ]
+    if args.merge:
+        merged = merge(Path(args.merge).read_text(), rows, command, date)
+        Path(args.out or args.merge).write_text(merged)
+        print(f"wrote {args.out or args.merge}")
+        return
     path.write_text("\n".join(header + rows) + "\n")
     print(f"wrote {path}")
+
+
+def merge(earlier: str, rows: list[str], command: str, date: str) -> str:
+    """``earlier`` (a results file) with each row of ``rows`` replacing the row of the same probe
+    (or appended), and a line under its command saying which rows were re-run, by what, when."""
+    lines = earlier.rstrip("\n").split("\n")
+    index = {line.split("|")[1].strip(): i for i, line in enumerate(lines) if line.startswith("| ")}
+    for new in rows:
+        key = new.split("|")[1].strip()
+        if key in index:
+            lines[index[key]] = new
+        else:
+            lines.append(new)
+    names = ", ".join(r.split("|")[1].strip() for r in rows)
+    at = next(i for i, line in enumerate(lines) if line.startswith("Command:")) + 1
+    lines.insert(at, f"Rows {names}: `{command}` on {date}, same machine.")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

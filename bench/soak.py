@@ -5,7 +5,8 @@ Run (CPU; the issue's soak is 30 minutes, the total wall time is about ``--minut
     .venv/bin/python bench/soak.py --minutes 30            # the full soak
     .venv/bin/python bench/soak.py --minutes 3 --kill-every 50   # a short check that it works
 
-Two phases, each about half of ``--minutes``:
+Two phases: 60% of ``--minutes`` for the first, at most the rest for the second (it reaches the
+same step sooner: no restarts):
 
 1. **Stitched run**: ``launch/train.py configs/quickstart.toml`` on 2 FSDP2 ranks (torchrun),
    a checkpoint every 20 steps, a metrics row every step. Every ``--kill-every`` seconds (with
@@ -28,9 +29,7 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import random
-import shlex
 import signal
 import subprocess
 import sys
@@ -40,6 +39,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.common import results_head  # noqa: E402
+
 CONFIG = ROOT / "configs" / "quickstart.toml"
 TRAIN = ROOT / "launch" / "train.py"
 RESULTS = ROOT / "bench" / "results"
@@ -136,7 +139,9 @@ def launch(out: Path, log) -> subprocess.Popen:
     )
 
 
-def stitched(out: Path, seconds: float, kill_every: float, rng: random.Random, log) -> list[Attempt]:
+def stitched(
+    out: Path, seconds: float, kill_every: float, rng: random.Random, log
+) -> list[Attempt]:
     """Phase 1 (module docstring): launch, kill a random rank, relaunch, until ``seconds``."""
     attempts: list[Attempt] = []
     began = time.monotonic()
@@ -228,32 +233,25 @@ def main() -> None:
     parser.add_argument("--out", default="", help="results file (default bench/results/...)")
     args = parser.parse_args()
     rng = random.Random(args.seed)
-    half = args.minutes * 60 / 2
+    first = args.minutes * 60 * 0.6
     with tempfile.TemporaryDirectory(prefix="shardflow-soak-") as tmp:
         log_path = Path(tmp) / "launches.log"
         with open(log_path, "w") as log:
-            attempts = stitched(Path(tmp) / "stitched", half, args.kill_every, rng, log)
+            attempts = stitched(Path(tmp) / "stitched", first, args.kill_every, rng, log)
             ours = metrics(Path(tmp) / "stitched")
             target = max(ours, default=0)
-            uninterrupted(Path(tmp) / "reference", target, half + 120, log)
+            uninterrupted(Path(tmp) / "reference", target, args.minutes * 60 - first + 60, log)
             ref = metrics(Path(tmp) / "reference")
         tail = log_path.read_text().splitlines()[-5:]
     lines = report(attempts, ours, ref)
     print("\n".join(lines))
     date = datetime.date.today().isoformat()
     path = Path(args.out) if args.out else RESULTS / f"soak-{date}.md"
-    command = "python bench/soak.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    import torch  # noqa: PLC0415
-
-    header = [
-        f"# Soak: the quickstart under random SIGKILLs, {date}",
-        "",
-        f"Command: `{command.strip()}` (from the repository root)",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()} "
-        f"{platform.release()}, Python {platform.python_version()}, torch {torch.__version__}, "
+    header = results_head(
+        f"Soak: the quickstart under random SIGKILLs, {date}",
+        "bench/soak.py",
         "gloo, 2 FSDP2 ranks; shared with other jobs.",
-        "",
-    ]
+    )
     footer = ["", "Last lines of the launches' output:", "", "```", *tail, "```"]
     path.write_text("\n".join(header + lines + footer) + "\n")
     print(f"wrote {path}")

@@ -343,8 +343,11 @@ def test_a_version_1_index_without_a_hash_still_loads(tmp_path):
 def test_loaded_hyperparameters_pass_the_constructors_checks(tmp_path, key, value, pattern):
     path = _saved(tmp_path)
     _rewrite_index(path, lambda i: i["optimizer"]["param_groups"][0].update({key: value}))
-    _refused(path, *_fresh(), r"param group 0 holds a value DolphinFlow's constructor refuses: "
-             + pattern)
+    _refused(
+        path,
+        *_fresh(),
+        r"param group 0 holds a value DolphinFlow's constructor refuses: " + pattern,
+    )
 
 
 def test_torch_optimizers_hyperparameters_are_checked_by_their_constructor(tmp_path):

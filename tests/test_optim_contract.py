@@ -210,7 +210,9 @@ def test_complex_parameters_are_refused_at_construction_naming_them(record):
     model = _model()
     z = torch.nn.Parameter(torch.randn(4, 4, dtype=torch.complex64))
     named = [*model.named_parameters(), ("rotor", z)]
-    with pytest.raises(ValueError, match=r"parameter 'rotor' has dtype torch\.complex64 \(complex\)"):
+    with pytest.raises(
+        ValueError, match=r"parameter 'rotor' has dtype torch\.complex64 \(complex\)"
+    ):
         record.factory(named, **record.configs[0])
 
 

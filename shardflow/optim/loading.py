@@ -48,19 +48,19 @@ def _check(optimizer: Any, state_dict: Any) -> None:
     for g, (theirs, mine) in enumerate(zip(saved, own)):
         _check_group(optimizer, g, theirs, mine)
     ids = [pid for group in saved for pid in group["params"]]
-    for (g, i, param, pname), pid in zip(_params(own), ids):
+    for (param, pname), pid in zip(_params(own), ids):
         mine = optimizer.state.get(param)
         if mine:
             _check_state(name, pname, mine, state_dict["state"].get(pid))
 
 
-def _params(groups: list[dict[str, Any]]) -> list[tuple[int, int, Tensor, str]]:
-    """``(group, index, param, name)`` of every parameter, named as its group names it."""
+def _params(groups: list[dict[str, Any]]) -> list[tuple[Tensor, str]]:
+    """``(param, name)`` of every parameter, named as its group names it."""
     out = []
     for g, group in enumerate(groups):
         names = group.get("param_names") or []
         for i, p in enumerate(group["params"]):
-            out.append((g, i, p, repr(names[i]) if i < len(names) else f"{i} of param group {g}"))
+            out.append((p, repr(names[i]) if i < len(names) else f"{i} of param group {g}"))
     return out
 
 
