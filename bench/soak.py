@@ -90,6 +90,18 @@ def last_step(out: Path) -> int:
     return max(rows) if rows else 0
 
 
+def newest_checkpoint(out: Path) -> int:
+    """The step of the newest checkpoint in ``out/checkpoints`` (0: none), where a job resumes."""
+    names = [p.name for p in (out / "checkpoints").glob("step_*")]
+    return max((int(n[5:]) for n in names if n[5:].isdigit()), default=0)
+
+
+def logged_since(out: Path, wall: float) -> bool:
+    """Whether ``out/metrics.jsonl`` was written after the wall-clock time ``wall``."""
+    path = out / "metrics.jsonl"
+    return path.is_file() and path.stat().st_mtime > wall
+
+
 def workers(launcher: int) -> dict[int, int]:
     """rank -> pid of the launcher's worker processes (read from /proc: children, RANK=)."""
     found = {}
@@ -146,16 +158,16 @@ def stitched(
     attempts: list[Attempt] = []
     began = time.monotonic()
     while time.monotonic() - began < seconds:
-        attempt = Attempt(resumed_from=last_step(out))
+        attempt = Attempt(resumed_from=newest_checkpoint(out))
         attempts.append(attempt)
         proc = launch(out, log)
-        started = time.monotonic()
+        started, wall = time.monotonic(), time.time()
         kill_at = started + kill_every * rng.uniform(0.7, 1.3)
         kill_at = min(kill_at, began + seconds)
         while proc.poll() is None:
             now = time.monotonic()
             pids = workers(proc.pid)
-            if last_step(out) > attempt.resumed_from and pids:
+            if pids and logged_since(out, wall) and last_step(out) > attempt.resumed_from:
                 attempt.rss.append((now - started, rss(list(pids.values()))))
             if now >= kill_at and attempt.killed_rank is None and len(pids) == 2:
                 attempt.killed_rank = rng.randrange(2)
