@@ -3,7 +3,7 @@
 Run (CPU; the issue's soak is 30 minutes, the total wall time is about ``--minutes``):
 
     .venv/bin/python bench/soak.py --minutes 30            # the full soak
-    .venv/bin/python bench/soak.py --minutes 3 --kill-every 50   # a short check that it works
+    .venv/bin/python bench/soak.py --minutes 3 --kill-every 45 --checkpoint-every 5   # a check
 
 Two phases: 60% of ``--minutes`` for the first, at most the rest for the second (it reaches the
 same step sooner: no restarts):
@@ -48,11 +48,11 @@ TRAIN = ROOT / "launch" / "train.py"
 RESULTS = ROOT / "bench" / "results"
 
 ARGS = [
-    "--train.steps", "100000", "--train.eval_every", "0", "--checkpoint.every", "20",
+    "--train.steps", "100000", "--train.eval_every", "0",
     "--log.every", "1", "--log.progress", "false", "--log.plot", "false",
 ]  # fmt: skip
-"""The quickstart as it is, but long enough never to finish, no evaluation, a checkpoint every 20
-steps and a metrics row every step."""
+"""The quickstart as it is, but long enough never to finish, no evaluation and a metrics row every
+step (plus ``--checkpoint.every``, 20 by default)."""
 
 
 @dataclass
@@ -67,6 +67,8 @@ class Attempt:
     rss: list[tuple[float, int]] = field(default_factory=list)
     """(seconds since launch, summed RSS of the workers in bytes), from the first logged step."""
     code: int | None = None
+    losses: dict[int, float] = field(default_factory=dict)
+    """step -> loss this attempt logged (after the step it resumed from), read when it ended."""
 
 
 def metrics(out: Path) -> dict[int, float]:
@@ -139,10 +141,10 @@ def rss(pids: list[int]) -> int:
     return total
 
 
-def launch(out: Path, log) -> subprocess.Popen:
+def launch(out: Path, every: int, log) -> subprocess.Popen:
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-        str(TRAIN), str(CONFIG), *ARGS, "--run.out_dir", str(out),
+        str(TRAIN), str(CONFIG), *ARGS, "--checkpoint.every", str(every), "--run.out_dir", str(out),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
@@ -152,7 +154,7 @@ def launch(out: Path, log) -> subprocess.Popen:
 
 
 def stitched(
-    out: Path, seconds: float, kill_every: float, rng: random.Random, log
+    out: Path, seconds: float, kill_every: float, rng: random.Random, every: int, log
 ) -> list[Attempt]:
     """Phase 1 (module docstring): launch, kill a random rank, relaunch, until ``seconds``."""
     attempts: list[Attempt] = []
@@ -160,7 +162,7 @@ def stitched(
     while time.monotonic() - began < seconds:
         attempt = Attempt(resumed_from=newest_checkpoint(out))
         attempts.append(attempt)
-        proc = launch(out, log)
+        proc = launch(out, every, log)
         started, wall = time.monotonic(), time.time()
         kill_at = started + kill_every * rng.uniform(0.7, 1.3)
         kill_at = min(kill_at, began + seconds)
@@ -179,14 +181,17 @@ def stitched(
             time.sleep(1.0)
         attempt.code = proc.wait()
         attempt.reached = last_step(out)
+        rows = metrics(out)
+        if logged_since(out, wall):  # else killed before it wrote a row: they are older ones
+            attempt.losses = {k: v for k, v in rows.items() if k > attempt.resumed_from}
         if attempt.killed_rank is None and attempt.code != 0:
             break  # it failed by itself: report, do not loop
     return attempts
 
 
-def uninterrupted(out: Path, target: int, seconds: float, log) -> int:
+def uninterrupted(out: Path, target: int, seconds: float, every: int, log) -> int:
     """Phase 2: the same command until it has logged step ``target`` (or ``seconds`` pass)."""
-    proc = launch(out, log)
+    proc = launch(out, every, log)
     began = time.monotonic()
     while proc.poll() is None and last_step(out) < target and time.monotonic() - began < seconds:
         time.sleep(1.0)
@@ -198,6 +203,23 @@ def uninterrupted(out: Path, target: int, seconds: float, log) -> int:
 
 def _mib(n: int) -> str:
     return f"{n / 2**20:.0f}"
+
+
+def _compare(what: str, ours: dict[int, float], ref: dict[int, float]) -> str:
+    """One line: how ``ours`` matches the uninterrupted run at every step both logged."""
+    common = sorted(set(ours) & set(ref))
+    if not common:
+        return f"- {what}: no step in common with the uninterrupted run."
+    diffs = [abs(ours[s] - ref[s]) for s in common]
+    equal = sum(d == 0 for d in diffs)
+    text = (
+        f"- {what}: {len(common)} steps in common ({common[0]}..{common[-1]}), {equal} exactly "
+        f"equal, max |difference| {max(diffs):.3g}"
+    )
+    if equal < len(diffs):
+        first = next(s for s in common if ours[s] != ref[s])
+        text += f"; first differing step {first} ({ours[first]!r} vs {ref[first]!r})"
+    return text + "."
 
 
 def report(attempts: list[Attempt], ours: dict[int, float], ref: dict[int, float]) -> list[str]:
@@ -214,20 +236,11 @@ def report(attempts: list[Attempt], ours: dict[int, float], ref: dict[int, float
         lines.append(
             f"| {i} | {a.resumed_from} | {a.reached} | {killed} | {ended} | {rss_text} | {a.code} |"
         )
-    common = sorted(set(ours) & set(ref))
-    diffs = [abs(ours[s] - ref[s]) for s in common]
-    equal = sum(d == 0 for d in diffs)
+    lines += ["", _compare("the stitched curve (metrics.jsonl at the end)", ours, ref)]
+    logged = [(a.losses, f"attempt {i}") for i, a in enumerate(attempts)]
     lines += [
-        "",
-        f"Loss compared at {len(common)} common steps (1..{common[-1] if common else 0}): "
-        f"{equal} exactly equal, max |difference| {max(diffs, default=0.0):.3g}.",
+        _compare(f"{name}'s own rows, before the next restart", rows, ref) for rows, name in logged
     ]
-    if diffs and equal < len(diffs):
-        first = next(s for s in common if ours[s] != ref[s])
-        lines.append(
-            f"First step that differs: {first} (stitched {ours[first]!r}, uninterrupted "
-            f"{ref[first]!r})."
-        )
     peaks = [max(r for _, r in a.rss) for a in attempts if a.rss]
     if peaks:
         lines.append(
@@ -242,6 +255,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=30.0, help="total wall time, about")
     parser.add_argument("--kill-every", type=float, default=240.0, help="seconds between kills")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill times and ranks")
+    parser.add_argument("--checkpoint-every", type=int, default=20, help="steps between saves")
     parser.add_argument("--out", default="", help="results file (default bench/results/...)")
     args = parser.parse_args()
     rng = random.Random(args.seed)
@@ -249,10 +263,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="shardflow-soak-") as tmp:
         log_path = Path(tmp) / "launches.log"
         with open(log_path, "w") as log:
-            attempts = stitched(Path(tmp) / "stitched", first, args.kill_every, rng, log)
+            every = args.checkpoint_every
+            attempts = stitched(Path(tmp) / "stitched", first, args.kill_every, rng, every, log)
             ours = metrics(Path(tmp) / "stitched")
-            target = max(ours, default=0)
-            uninterrupted(Path(tmp) / "reference", target, args.minutes * 60 - first + 60, log)
+            target = max([max(a.losses, default=0) for a in attempts] + [0])
+            rest = args.minutes * 60 - first + 60
+            uninterrupted(Path(tmp) / "reference", target, rest, every, log)
             ref = metrics(Path(tmp) / "reference")
         tail = log_path.read_text().splitlines()[-5:]
     lines = report(attempts, ours, ref)
@@ -262,7 +278,8 @@ def main() -> None:
     header = results_head(
         f"Soak: the quickstart under random SIGKILLs, {date}",
         "bench/soak.py",
-        "gloo, 2 FSDP2 ranks; shared with other jobs.",
+        f"gloo, 2 FSDP2 ranks; shared with other jobs (load average {os.getloadavg()[0]:.1f} "
+        "at the end).",
     )
     footer = ["", "Last lines of the launches' output:", "", "```", *tail, "```"]
     path.write_text("\n".join(header + lines + footer) + "\n")
