@@ -42,10 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import results_head  # noqa: E402
-
-CONFIG = ROOT / "configs" / "quickstart.toml"
-TRAIN = ROOT / "launch" / "train.py"
-RESULTS = ROOT / "bench" / "results"
+from bench.faults import CONFIG, RESULTS, TRAIN  # noqa: E402
 
 ARGS = [
     "--train.steps", "100000", "--train.eval_every", "0",
