@@ -20,3 +20,29 @@ def stdlib_bytes(limit: int) -> torch.Tensor:
         if total >= limit:
             break
     return torch.frombuffer(bytearray(b"".join(chunks)[:limit]), dtype=torch.uint8).long()
+
+
+def command_text(script: str) -> str:
+    """``python script`` with this process's arguments, quoted: the command a results file
+    names."""
+    import shlex  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    return " ".join(["python", script, *(shlex.quote(a) for a in sys.argv[1:])])
+
+
+def results_head(title: str, script: str, note: str) -> list[str]:
+    """The first lines of a results file: title, the command that wrote it
+    (:func:`command_text`) and the machine, with ``note`` (placement, load...)."""
+    import os  # noqa: PLC0415
+    import platform  # noqa: PLC0415
+
+    return [
+        f"# {title}",
+        "",
+        f"Command: `{command_text(script)}` (from the repository root)",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores "
+        f"({platform.processor() or 'cpu'}), {platform.system()} {platform.release()}, "
+        f"Python {platform.python_version()}, torch {torch.__version__}; {note}",
+        "",
+    ]

@@ -13,6 +13,11 @@ Targets: a rank-local failure ends the whole job with the real message within 30
 one message from rank 0 and exit code 2 (torchrun itself then exits 1, the workers' code is in
 its report); SIGTERM saves a checkpoint at the current step and the workers exit 0.
 
+The library probes of issue 18 (different settings per rank, values the optimizers refuse,
+``load_state_dict`` of foreign state, edited checkpoint indexes) run a short script in a fresh
+process (``_snippet``; on 2 gloo ranks under torchrun where ranks matter) or resume a tiny run
+whose checkpoint index was edited (``_edited_checkpoint``).
+
 Results go to ``bench/results/faults-<date>.md`` with the command and the machine.
 ``tests/test_faults.py`` runs some of these probes and asserts their outcomes.
 """
@@ -24,9 +29,7 @@ import contextlib
 import datetime
 import json
 import os
-import platform
 import re
-import shlex
 import signal
 import subprocess
 import sys
@@ -39,6 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import command_text, results_head  # noqa: E402
 from shardflow.train.metrics import FAIL_ENV  # noqa: E402  (rank 0's metrics write fails: ENOSPC)
 
 RESULTS = ROOT / "bench" / "results"
@@ -133,15 +137,30 @@ def launch(
     ranks, plain python for 1); ``send=(signal, n)`` sends the signal to the launcher once
     ``n`` training rows are in the metrics. Output lines are timestamped as they arrive; past
     ``timeout`` the launch's process group is killed (code 124)."""
+    cmd = [str(TRAIN), str(CONFIG), *TINY, "--run.out_dir", str(out)]
+    cmd += ONE if nproc == 1 else []
+    return run(cmd + args, out, nproc=nproc, env=env, send=send, timeout=timeout)
+
+
+def run(
+    cmd: list[str],
+    out: Path,
+    *,
+    nproc: int = 1,
+    env: dict[str, str] | None = None,
+    send: tuple[signal.Signals, int] | None = None,
+    timeout: float = 240,
+) -> Outcome:
+    """``python cmd...`` (under torchrun with ``nproc`` ranks when ``nproc`` > 1), timed line by
+    line; ``send`` and ``timeout`` as in :func:`launch` (``out``: where training rows appear)."""
     runner = [sys.executable]
     if nproc > 1:
         runner += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    cmd = [*runner, str(TRAIN), str(CONFIG), *TINY, "--run.out_dir", str(out)]
-    cmd += ONE if nproc == 1 else []
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), full_env.get("PYTHONPATH")]))
     began = time.monotonic()
     proc = subprocess.Popen(
-        [*cmd, *args],
+        [*runner, *cmd],
         cwd=ROOT,
         env=full_env,
         stdout=subprocess.PIPE,
@@ -320,6 +339,143 @@ def _huge_file(tmp: Path) -> Outcome:
     return result
 
 
+def _snippet(body: str, nproc: int = 1) -> Callable[[Path], Outcome]:
+    """A probe running ``body`` (Python, indented 4 spaces, after :data:`PRELUDE`) in a fresh
+    process, or on ``nproc`` gloo ranks under torchrun: its first line says ``shardflow: ok:``
+    with what it printed, or ``shardflow: <Error>: <message>`` (exit code 1) when it raised."""
+
+    def probe(tmp: Path) -> Outcome:
+        script = tmp / "probe.py"
+        script.write_text(PRELUDE + body + EPILOGUE)
+        return run([str(script)], tmp, nproc=nproc, timeout=180)
+
+    return probe
+
+
+PRELUDE = """\
+import math, os, sys
+import torch
+import torch.distributed as dist
+from torch import nn
+from shardflow import DolphinFlow, WhiteFlow
+from shardflow.optim.factored import FactoredAdam
+
+def model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 96), nn.Tanh(), nn.Linear(96, 8))
+
+def train(m, opt, steps=2):
+    for _ in range(steps):
+        opt.zero_grad()
+        m(torch.ones(4, 64)).sum().backward()
+        opt.step()
+
+rank = 0
+if "RANK" in os.environ:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+try:
+"""
+EPILOGUE = """
+except Exception as exc:
+    if rank == 0:
+        print(f"shardflow: {type(exc).__name__}: {exc}", flush=True)
+    sys.exit(1)
+finally:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+"""
+
+FSDP_ORTHO = """\
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    m = model()
+    mesh = init_device_mesh("cpu", (2,))
+    for layer in (m[0], m[2], m):
+        fully_shard(layer, mesh=mesh)
+    opt = DolphinFlow(m.parameters(), ortho_mode=("vector", "matrix")[rank], process_group=mesh)
+    train(m, opt)
+    print("shardflow: ok: trained")
+"""
+
+DDP_LR = """\
+    m = model()
+    opt = DolphinFlow(m.parameters(), lr=(1e-3, 2e-3)[rank], process_group=dist.group.WORLD)
+    train(m, opt)
+    print("shardflow: ok: trained")
+"""
+
+REFUSE = """\
+    m = model()
+    {build}
+    print("shardflow: ok: accepted")
+"""
+
+EMPTY_MATRIX = """\
+    p, q = nn.Parameter(torch.zeros(5, 0)), nn.Parameter(torch.randn(4, 4))
+    opt = WhiteFlow([p, q])
+    p.grad, q.grad = torch.zeros(5, 0), torch.randn(4, 4)
+    opt.step()
+    print("shardflow: ok: stepped, the (5, 0) parameter updated element-wise")
+"""
+
+LOAD = """\
+    saver = {saver}
+    theirs = {cls}(saver.parameters())
+    train(saver, theirs, 1)
+    m = model()
+    opt = DolphinFlow(m.parameters())
+    opt.load_state_dict(theirs.state_dict())
+    train(m, opt, 1)
+    print("shardflow: ok: loaded and stepped")
+"""
+WIDER = "nn.Sequential(nn.Linear(64, 100), nn.Tanh(), nn.Linear(100, 8))"
+
+LOAD_8BIT = """\
+    from shardflow.optim.dolphinflow8bit import DolphinFlow8bit
+    m = model()
+    full = DolphinFlow(m.parameters())
+    train(m, full, 1)
+    opt = DolphinFlow8bit(m.parameters())
+    opt.load_state_dict(full.state_dict())
+    print(f"shardflow: ok: exp_avg of the 96x64 weight is {opt.state[m[0].weight]['exp_avg'].dtype}")
+"""
+
+
+def _edited_checkpoint(edit: Callable[[dict], None], rehash: bool) -> Callable[[Path], Outcome]:
+    """A probe: train 4 steps (1 process), edit the newest checkpoint's index (keeping its hash
+    consistent with ``rehash``, as a careful forger would), then resume."""
+
+    def probe(tmp: Path) -> Outcome:
+        from shardflow.checkpoint._format import INDEX_HASH_KEY, index_digest  # noqa: PLC0415
+
+        out = tmp / "run"
+        first = launch(out, ["--train.steps", "4"], nproc=1)
+        path = out / "checkpoints" / "step_00000004" / "index.json"
+        index = json.loads(path.read_text())
+        edit(index)
+        if rehash:
+            index[INDEX_HASH_KEY] = index_digest(index)
+        path.write_text(json.dumps(index))
+        again = launch(out, ["--train.steps", "6"], nproc=1)
+        again.notes.append(f"first run exit {first.code}")
+        return again
+
+    return probe
+
+
+def _group_value(key: str, value: object) -> Callable[[dict], None]:
+    return lambda index: index["optimizer"]["param_groups"][0].update({key: value})
+
+
+def _file_outside(index: dict) -> None:
+    (name,) = index["files"]
+    index["files"]["../outside/x.safetensors"] = index["files"].pop(name)
+    for record in index["tensors"].values():
+        for piece in record["pieces"]:
+            piece[0] = "../outside/x.safetensors"
+
+
 PROBES: dict[str, tuple[str, Callable[[Path], Outcome]]] = {
     "rank0-metrics-full-disk": ("rank 0 fails after the process group started (ENOSPC on metrics)", _metrics_full_disk),
     "sigint": ("Ctrl-C: SIGINT to torchrun at step 3", _sigint),
@@ -341,19 +497,40 @@ PROBES: dict[str, tuple[str, Callable[[Path], Outcome]]] = {
     "nccl-on-cpu": ("placement.backend=nccl on a CPU", _bad(["--placement.backend", "nccl"])),
     "data-latin1-binary": ("data: a Latin-1 file and a binary file among text (1 process)", _latin1_and_binary),
     "data-huge-file": ("data: one 1 GiB text file, data.max_bytes=100000 (1 process)", _huge_file),
+    "ranks-ortho-mode-fsdp2": ("DolphinFlow, FSDP2, 2 ranks: ortho_mode vector on rank 0, matrix on rank 1 (was: deadlock)", _snippet(FSDP_ORTHO, nproc=2)),
+    "ranks-lr-ddp": ("DolphinFlow, DDP-aware, 2 ranks: lr 1e-3 on rank 0, 2e-3 on rank 1 (was: silently mixed)", _snippet(DDP_LR, nproc=2)),
+    "optim-lr-inf": ("DolphinFlow(lr=inf) (was: accepted)", _snippet(REFUSE.format(build="DolphinFlow(m.parameters(), lr=math.inf)"))),
+    "optim-lr-true": ("WhiteFlow(lr=True) (was: accepted)", _snippet(REFUSE.format(build="WhiteFlow(m.parameters(), lr=True)"))),
+    "optim-wd-inf": ("FactoredAdam(weight_decay=inf) (was: accepted)", _snippet(REFUSE.format(build="FactoredAdam(m.parameters(), weight_decay=math.inf)"))),
+    "optim-complex": ("WhiteFlow over a complex64 parameter (was: imaginary part zeroed)", _snippet(REFUSE.format(build="WhiteFlow([*m.named_parameters(), ('rotor', nn.Parameter(torch.randn(4, 4, dtype=torch.complex64)))])"))),
+    "optim-empty-matrix": ("WhiteFlow with a (5, 0) parameter, one step (was: ZeroDivisionError)", _snippet(EMPTY_MATRIX)),
+    "load-other-optimizer": ("DolphinFlow.load_state_dict(WhiteFlow's state_dict) (was: fails at the next step)", _snippet(LOAD.format(saver="model()", cls="WhiteFlow"))),
+    "load-other-shapes": ("DolphinFlow.load_state_dict of a wider model's state (was: fails at the next step)", _snippet(LOAD.format(saver=WIDER, cls="DolphinFlow"))),
+    "load-32bit-into-8bit": ("DolphinFlow8bit.load_state_dict(DolphinFlow's state_dict) (was: kept in fp32)", _snippet(LOAD_8BIT)),
+    "ckpt-index-edited": ("resume after weight_decay edited in index.json, hash not updated (was: loaded)", _edited_checkpoint(_group_value("weight_decay", 0.5), rehash=False)),
+    "ckpt-beta2": ("resume, index rehashed with beta2 = 1.5 (was: loaded)", _edited_checkpoint(_group_value("beta2", 1.5), rehash=True)),
+    "ckpt-ortho-bogus": ("resume, index rehashed with ortho_mode = 'bogus' (was: loaded)", _edited_checkpoint(_group_value("ortho_mode", "bogus"), rehash=True)),
+    "ckpt-file-outside": ("resume, index rehashed naming ../outside/x.safetensors (was: loaded)", _edited_checkpoint(_file_outside, rehash=True)),
+    "ckpt-version-0": ("resume, index version 0", _edited_checkpoint(lambda index: index.update(version=0), rehash=True)),
+    "ckpt-version-str": ("resume, index version \"1\"", _edited_checkpoint(lambda index: index.update(version="1"), rehash=True)),
+    "ckpt-version-missing": ("resume, index without a version", _edited_checkpoint(lambda index: index.pop("version"), rehash=True)),
 }  # fmt: skip
 """Probe key -> (what it does, function(tmp folder) -> Outcome)."""
 
 
-def row(name: str, what: str, outcome: Outcome) -> str:
+def row(name: str, what: str, outcome: Outcome, tmp: str = "") -> str:
+    """One table row; ``tmp`` (the probes' temporary folder) is shown as ``$TMP`` so that the
+    message, cut at 400 characters, keeps what it says rather than a long path."""
     workers = outcome.worker_codes
     code = f"{outcome.code}" + (f" (workers {sorted(set(workers))})" if workers else "")
     seconds = f"{outcome.seconds:.1f}"
     if outcome.after_trigger is not None:
         seconds += f" ({outcome.after_trigger:.1f} after the fault)"
     message = outcome.first_message().replace("|", "\\|")
-    if len(message) > 260:
-        message = message[:257] + "..."
+    if tmp:
+        message = message.replace(tmp, "$TMP")
+    if len(message) > 400:
+        message = message[:397] + "..."
     notes = "; ".join(outcome.notes).replace("|", "\\|")
     return f"| {name} | {what} | {code} | {seconds} | {message} | {notes} |"
 
@@ -362,6 +539,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("-k", action="append", default=[], help="run probes whose key holds this")
     parser.add_argument("--out", default="", help="results file (default bench/results/...)")
+    parser.add_argument(
+        "--merge",
+        default="",
+        help="an earlier results file: replace (or add) the rows of the probes run, keep the others",
+    )
     args = parser.parse_args()
     import tempfile
 
@@ -372,21 +554,18 @@ def main() -> None:
             folder = Path(tmp) / key
             folder.mkdir()
             outcome = probe(folder)
-            rows.append(row(key, what, outcome))
+            rows.append(row(key, what, outcome, tmp))
             print(rows[-1], flush=True)
     date = datetime.date.today().isoformat()
     path = Path(args.out) if args.out else RESULTS / f"faults-{date}.md"
-    command = "python bench/faults.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    import torch
-
+    head = results_head(
+        f"Faults and bad input, {date}",
+        "bench/faults.py",
+        "gloo; shared with other jobs, so seconds are loose.",
+    )
+    command = command_text("bench/faults.py")
     header = [
-        f"# Faults and bad input, {date}",
-        "",
-        f"Command: `{command.strip()}` (from the repository root)",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores ({platform.processor() or 'cpu'}), "
-        f"{platform.system()} {platform.release()}, Python {platform.python_version()}, "
-        f"torch {torch.__version__}, gloo; shared with other jobs, so seconds are loose.",
-        "",
+        *head,
         "Exit code: the launcher's (torchrun exits 1 whenever a worker fails, and on a signal; "
         "the failed workers' codes from its report in parentheses). Seconds: the whole launch, "
         "including ~10-20 s of start-up; for a fault during training, also from the fault (the "
@@ -395,8 +574,30 @@ def main() -> None:
         "| probe | what | exit code | seconds | first message | notes |",
         "|---|---|---|---|---|---|",
     ]
+    if args.merge:
+        merged = merge(Path(args.merge).read_text(), rows, command, date)
+        Path(args.out or args.merge).write_text(merged)
+        print(f"wrote {args.out or args.merge}")
+        return
     path.write_text("\n".join(header + rows) + "\n")
     print(f"wrote {path}")
+
+
+def merge(earlier: str, rows: list[str], command: str, date: str) -> str:
+    """``earlier`` (a results file) with each row of ``rows`` replacing the row of the same probe
+    (or appended), and a line under its command saying which rows were re-run, by what, when."""
+    lines = earlier.rstrip("\n").split("\n")
+    index = {line.split("|")[1].strip(): i for i, line in enumerate(lines) if line.startswith("| ")}
+    for new in rows:
+        key = new.split("|")[1].strip()
+        if key in index:
+            lines[index[key]] = new
+        else:
+            lines.append(new)
+    names = ", ".join(r.split("|")[1].strip() for r in rows)
+    at = next(i for i, line in enumerate(lines) if line.startswith("Command:")) + 1
+    lines.insert(at, f"Rows {names}: `{command}` on {date}, same machine.")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from test_checkpoint_kinds import KindsOpt
 
 import shardflow.checkpoint as ck
 from shardflow import DolphinFlow
+from shardflow.checkpoint._format import INDEX_HASH_KEY, index_digest
 
 
 def _model(seed=0, hidden=10):
@@ -281,12 +282,99 @@ def test_refuses_changed_optimizer_state(tmp_path):
     )
 
 
+def _rewrite_index(path, edit, rehash=True):
+    """Apply ``edit`` to the index; with ``rehash``, as a tool that keeps its hash consistent
+    would (so the checks behind the hash are reached)."""
+    index = json.loads((path / "index.json").read_text())
+    edit(index)
+    if rehash:
+        index[INDEX_HASH_KEY] = index_digest(index)
+    (path / "index.json").write_text(json.dumps(index))
+
+
 def test_refuses_a_newer_format(tmp_path):
     path = _saved(tmp_path)
-    index = json.loads((path / "index.json").read_text())
-    index["version"] = ck.FORMAT_VERSION + 1
-    (path / "index.json").write_text(json.dumps(index))
-    _refused(path, *_fresh(), r"index\.json' has format version 2, newer than this ShardFlow reads")
+    _rewrite_index(path, lambda index: index.update(version=ck.FORMAT_VERSION + 1))
+    newer = ck.FORMAT_VERSION + 1
+    _refused(path, *_fresh(), rf"index\.json' has format version {newer}, newer than this")
+
+
+@pytest.mark.parametrize(
+    "edit,pattern",
+    [
+        (lambda index: index.update(version=0), r"format version 0, which never existed"),
+        (lambda index: index.update(version="1"), r"format version '1', a str: ShardFlow writes"),
+        (lambda index: index.pop("version"), r"has no format version: every ShardFlow index"),
+    ],
+    ids=["zero", "string", "missing"],
+)
+def test_each_wrong_version_has_its_own_message(tmp_path, edit, pattern):
+    path = _saved(tmp_path)
+    _rewrite_index(path, edit)
+    _refused(path, *_fresh(), pattern)
+
+
+def test_an_edited_index_is_refused(tmp_path):
+    path = _saved(tmp_path)
+    _rewrite_index(path, lambda i: i["optimizer"]["param_groups"][0].update(lr=1.0), rehash=False)
+    _refused(path, *_fresh(), r"index\.json' was changed after it was written.*config")
+    _rewrite_index(path, lambda index: index.pop(INDEX_HASH_KEY), rehash=False)
+    _refused(path, *_fresh(), r"index\.json' lacks its content hash after it was written")
+
+
+def test_a_version_1_index_without_a_hash_still_loads(tmp_path):
+    path = _saved(tmp_path)
+    _rewrite_index(path, lambda index: index.update(version=1), rehash=False)
+    _rewrite_index(path, lambda index: index.pop(INDEX_HASH_KEY), rehash=False)
+    model, opt = _fresh()
+    ck.load(path, model=model, optimizer=opt)
+    assert opt.param_groups[0]["lr"] == 1e-2
+
+
+@pytest.mark.parametrize(
+    "key,value,pattern",
+    [
+        ("beta2", 1.5, r"beta2=1\.5 is invalid: pass a number in \[0, 1\)"),
+        ("eps", -1, r"eps=-1 is invalid: pass a finite number >= 0"),
+        ("ortho_mode", "bogus", r"ortho_mode='bogus' is invalid: choose one of"),
+        ("lr", "fast", r"lr='fast' is invalid: pass a learning rate"),
+    ],
+)
+def test_loaded_hyperparameters_pass_the_constructors_checks(tmp_path, key, value, pattern):
+    path = _saved(tmp_path)
+    _rewrite_index(path, lambda i: i["optimizer"]["param_groups"][0].update({key: value}))
+    _refused(
+        path,
+        *_fresh(),
+        r"param group 0 holds a value DolphinFlow's constructor refuses: " + pattern,
+    )
+
+
+def test_torch_optimizers_hyperparameters_are_checked_by_their_constructor(tmp_path):
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _train(model, opt, 1)
+    path = ck.save(tmp_path / "ck", model=model, optimizer=opt)
+    _rewrite_index(path, lambda i: i["optimizer"]["param_groups"][0].update(eps=-1.0))
+    fresh = _model(seed=5)
+    _refused(path, fresh, torch.optim.AdamW(fresh.parameters()), r"Invalid epsilon value: -1\.0")
+
+
+def test_index_file_names_stay_inside_the_checkpoint(tmp_path):
+    path = _saved(tmp_path)
+    name = "rank-00000-of-00001.safetensors"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "x.safetensors").write_bytes((path / name).read_bytes())
+
+    def elsewhere(index):
+        index["files"]["../outside/x.safetensors"] = index["files"].pop(name)
+        for record in index["tensors"].values():
+            for piece in record["pieces"]:
+                piece[0] = "../outside/x.safetensors"
+
+    _rewrite_index(path, elsewhere)
+    _refused(path, *_fresh(), r"lists the file '\.\./outside/x\.safetensors', which is not a plain")
 
 
 def test_refuses_an_incomplete_or_garbled_index(tmp_path):
@@ -299,9 +387,11 @@ def test_refuses_an_incomplete_or_garbled_index(tmp_path):
 
 def test_refuses_a_header_that_disagrees_with_the_index(tmp_path):
     path = _saved(tmp_path)
-    index = json.loads((path / "index.json").read_text())
-    index["tensors"]["model/0.weight"]["pieces"][0][0] = "elsewhere.safetensors"
-    (path / "index.json").write_text(json.dumps(index))
+
+    def elsewhere(index):
+        index["tensors"]["model/0.weight"]["pieces"][0][0] = "elsewhere.safetensors"
+
+    _rewrite_index(path, elsewhere)
     _refused(
         path, *_fresh(), r"model/0\.weight is stored in 'elsewhere\.safetensors', which the index"
     )

@@ -442,6 +442,34 @@ def test_state_dict_round_trip_keeps_codes_and_continues_identically():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_a_32bit_state_dict_is_quantized_on_load():
+    model = _model()
+    opt32 = DolphinFlow(model.parameters(), lr=1e-2)
+    _train(model, opt32, 3)
+    saved = copy.deepcopy(opt32.state_dict())
+    opt = DolphinFlow8bit(model.parameters(), lr=1e-2)
+    opt.load_state_dict(saved)
+    w = model[2].weight  # 576 x 192: quantized; biases keep fp32 state
+    for key, signed in dolphinflow8bit.MOMENTS.items():
+        codes, absmax, _ = _roundtrip(saved["state"][2][key], signed)
+        assert torch.equal(opt.state[w][key], codes), key
+        assert torch.equal(opt.state[w][f"{key}_absmax"], absmax), key
+    assert torch.equal(opt.state[model[0].bias]["exp_avg"], saved["state"][1]["exp_avg"])
+    assert saved["state"][2]["exp_avg"].dtype == torch.float32  # the caller's dict is untouched
+    _train(model, opt, 2)  # steps from the converted state
+    assert opt.state[w]["exp_avg"].dtype == torch.uint8
+
+
+def test_an_8bit_state_dict_is_refused_by_dolphinflow():
+    model = _model()
+    opt8 = DolphinFlow8bit(model.parameters(), lr=1e-2)
+    _train(model, opt8, 1)
+    opt = DolphinFlow(model.parameters(), lr=1e-2)
+    with pytest.raises(ValueError, match=r"state of parameter 0 of param group 0 holds.*absmax"):
+        opt.load_state_dict(opt8.state_dict())
+    assert opt.state[model[2].weight]["exp_avg"].dtype == torch.float32
+
+
 @pytest.mark.parametrize(
     "kwargs,pattern",
     [

@@ -20,6 +20,7 @@ import torch
 
 from bench.faults import CONFIG, FAIL_ENV, ONE, TINY, launch
 from shardflow.checkpoint import read_index
+from shardflow.checkpoint._format import INDEX_HASH_KEY, index_digest
 from shardflow.train import ckpt
 from shardflow.train import data as data_module
 from shardflow.train.cli import main_compare, main_train
@@ -175,6 +176,22 @@ def test_resume_keeps_the_configs_hyperparameters_and_logs_each_change(tmp_path)
     assert [g["momentum"] for g in groups] == [0.8, 0.8]
     assert [g["ortho_mode"] for g in groups] == ["vector", optimizer.defaults["ortho_mode"]]
     assert [g["lr"] for g in groups] == [2e-3, 2e-3]
+
+
+def test_a_forged_checkpoint_index_is_bad_input_on_resume(tmp_path, capsys):
+    """An index whose hash was updated after beta2 was set to 1.5: one message, exit code 2."""
+    out = tmp_path / "run"
+    assert main_train(args_for(out, "--train.steps", "4")) == 0
+    path = out / "checkpoints" / "step_00000004" / "index.json"
+    index = json.loads(path.read_text())
+    index["optimizer"]["param_groups"][0]["beta2"] = 1.5
+    index[INDEX_HASH_KEY] = index_digest(index)
+    path.write_text(json.dumps(index))
+    capsys.readouterr()
+    assert main_train(args_for(out, "--train.steps", "6")) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"step_00000004' cannot be loaded: .*beta2=1\.5 is invalid", err), err
+    assert "Traceback" not in err
 
 
 def test_resume_false_in_a_folder_with_checkpoints_is_bad_input(tmp_path, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 
 import pytest
@@ -182,3 +183,106 @@ def test_state_is_created_eagerly_with_the_same_keys_for_every_param(case):
         tuple(sorted(opt.state_dict()["state"][i])) for i in range(len(list(model.parameters())))
     }
     assert keys
+
+
+RECORDS = all_records()
+
+
+@pytest.mark.parametrize("record", RECORDS, ids=lambda r: r.name)
+@pytest.mark.parametrize(
+    "config,pattern",
+    [
+        ({"lr": math.inf}, r"lr=inf is invalid: pass a learning rate >= 0 \(a finite number\)"),
+        ({"lr": True}, r"lr=True is invalid: pass a learning rate >= 0"),
+        ({"weight_decay": math.inf}, r"weight_decay=inf is invalid: pass a finite number >= 0"),
+        ({"gradient_clipping": math.nan}, r"gradient_clipping=nan is invalid"),
+    ],
+)
+def test_infinite_and_boolean_numbers_are_refused(record, config, pattern):
+    _skip(record)
+    with pytest.raises(ValueError, match=pattern):
+        record.factory(_model().parameters(), **{**record.configs[0], **config})
+
+
+@pytest.mark.parametrize("record", RECORDS, ids=lambda r: r.name)
+def test_complex_parameters_are_refused_at_construction_naming_them(record):
+    _skip(record)
+    model = _model()
+    z = torch.nn.Parameter(torch.randn(4, 4, dtype=torch.complex64))
+    named = [*model.named_parameters(), ("rotor", z)]
+    with pytest.raises(
+        ValueError, match=r"parameter 'rotor' has dtype torch\.complex64 \(complex\)"
+    ):
+        record.factory(named, **record.configs[0])
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_empty_parameters_step(case):
+    record, config = case
+    _skip(record)
+    model = _model()
+    empty = [torch.nn.Parameter(torch.zeros(shape)) for shape in ((5, 0), (0, 5), (0,))]
+    opt = record.factory([*model.parameters(), *empty], **config)
+    for p in empty:
+        p.grad = torch.zeros_like(p)
+    before = _params(model)
+    _train(model, opt, 2)
+    assert all(p.shape == e for p, e in zip(empty, ((5, 0), (0, 5), (0,))))
+    assert any(not torch.equal(a, b) for a, b in zip(before, _params(model)))
+
+
+def _other(record):
+    """A record of another optimizer class, whose state_dict ``record`` must refuse."""
+    target = "DolphinFlow" if record.name == "WhiteFlow" else "WhiteFlow"
+    return next(r for r in RECORDS if r.name == target)
+
+
+def _refused_and_untouched(opt, state_dict, pattern):
+    """``load_state_dict`` raises matching ``pattern`` and leaves the state as it was."""
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=pattern):
+        opt.load_state_dict(state_dict)
+    after = opt.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    for pid, entries in before["state"].items():
+        for key, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(after["state"][pid][key], value)
+
+
+@pytest.mark.parametrize("record", RECORDS, ids=lambda r: r.name)
+def test_load_state_dict_refuses_another_optimizers_state(record):
+    _skip(record)
+    other = _other(record)
+    model = _model()
+    theirs = other.factory(model.parameters(), **other.configs[0])
+    _train(model, theirs, 1)
+    opt = record.factory(model.parameters(), **record.configs[0])
+    _refused_and_untouched(opt, theirs.state_dict(), r"another optimizer's state")
+
+
+@pytest.mark.parametrize("record", RECORDS, ids=lambda r: r.name)
+def test_load_state_dict_refuses_state_of_other_shapes(record):
+    _skip(record)
+    wide = torch.nn.Sequential(
+        torch.nn.Linear(12, 24), torch.nn.Tanh(), torch.nn.Linear(24, 7, bias=False)
+    )
+    theirs = record.factory(wide.parameters(), **record.configs[0])
+    _train(wide, theirs, 1)
+    opt = record.factory(_model().parameters(), **record.configs[0])
+    _refused_and_untouched(opt, theirs.state_dict(), r"parameter 0 of param group 0 has shape")
+
+
+@pytest.mark.parametrize("record", RECORDS, ids=lambda r: r.name)
+@pytest.mark.parametrize(
+    "key,value,pattern",
+    [("lr", "fast", r"lr='fast' is invalid"), ("weight_decay", -1.0, r"weight_decay=-1\.0")],
+)
+def test_load_state_dict_checks_hyperparameters_like_the_constructor(record, key, value, pattern):
+    _skip(record)
+    model = _model()
+    opt = record.factory(model.parameters(), **record.configs[0])
+    _train(model, opt, 1)
+    saved = copy.deepcopy(opt.state_dict())
+    saved["param_groups"][0][key] = value
+    _refused_and_untouched(opt, saved, r"param group 0 of the state_dict: " + pattern)

@@ -32,8 +32,12 @@ import torch
 from torch import Tensor
 
 FORMAT_NAME = "shardflow-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""1: the first format; 2: the index records its own SHA-256 (:data:`INDEX_HASH_KEY`). Both are
+read; a version-1 index has no hash to check."""
 INDEX_NAME = "index.json"
+INDEX_HASH_KEY = "index_sha256"
+"""The index key holding :func:`index_digest` of the rest of the index (version 2 on)."""
 CHUNK_BYTES = 2 << 20
 """Bytes hashed and written (or read and hashed) at a time. Small enough that the writer thread's
 copy and the hash read the same bytes from the CPU cache: 2 MiB saves ~15% over 16 or 64 MiB
@@ -227,6 +231,26 @@ def index_text(index: dict[str, Any]) -> str:
         else:
             lines.append(f" {json.dumps(key)}: {json.dumps(value)}")
     return "{\n" + ",\n".join(lines) + "\n}\n"
+
+
+def index_digest(index: dict[str, Any]) -> str:
+    """SHA-256 of the index without its own hash, as canonical JSON (sorted keys, no spaces):
+    the same for the dict written and the dict read back, whatever the file's layout."""
+    body = {k: v for k, v in index.items() if k != INDEX_HASH_KEY}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def check_file_name(index_path: Path, name: Any) -> None:
+    """A file the index lists is a plain name inside the checkpoint directory (no folder, no
+    ``..``, not absolute): an edited index must not make a load read files elsewhere."""
+    plain = isinstance(name, str) and name not in ("", ".", "..") and Path(name).name == name
+    if not plain or "/" in name or "\\" in name:
+        raise CheckpointError(
+            f"{str(index_path)!r} lists the file {name!r}, which is not a plain file name inside "
+            "the checkpoint directory: a checkpoint only reads its own files; the index was "
+            "edited or damaged. Restore it, or save the checkpoint again."
+        )
 
 
 def write_text(path: Path, text: str) -> None:

@@ -11,8 +11,11 @@ A checkpoint is a directory::
 SHA-256, every tensor's global shape, dtype, layout and the row slice each file holds
 (``pieces: [[file, start, stop], ...]``), the optimizer's class, param groups (hyperparameters,
 JSON) with the names of their parameters, per parameter its state keys (a tensor's name or a
-JSON value), the largest step counter, and ``extra`` (yours, JSON). Nothing is pickled; loading
-parses JSON and safetensors headers only.
+JSON value), the largest step counter, ``extra`` (yours, JSON), and (format version 2) the
+SHA-256 of all that (``index_sha256``), so an edited index is refused. Nothing is pickled;
+loading parses JSON and safetensors headers only. The files an index lists must be plain names
+inside the checkpoint directory, and the hyperparameters it holds must pass the optimizer's
+constructor checks.
 
 Save runs in three phases, each ending in one ``all_gather`` of metadata and status: (1) every
 rank reports what it holds (:mod:`._collect`) and rank 0 prepares the temporary directory;
@@ -25,6 +28,7 @@ straight into its tensors — so a refused checkpoint changes nothing.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import secrets
@@ -54,13 +58,16 @@ from shardflow.checkpoint._comm import Comm, resolve_comm
 from shardflow.checkpoint._format import (
     FORMAT_NAME,
     FORMAT_VERSION,
+    INDEX_HASH_KEY,
     INDEX_NAME,
     CheckpointError,
     SafetensorsReader,
+    check_file_name,
     decode_value,
     dtype_name,
     encode_value,
     fsync_dir,
+    index_digest,
     index_text,
     sha256_file,
     write_safetensors,
@@ -191,6 +198,7 @@ def _index(reports: list[dict[str, Any]], plan, files: dict[str, Any]) -> dict[s
             "step": int(max(steps)) if steps else None,
             "state": {n: state.get(n, {}) for n in names},
         }
+    index[INDEX_HASH_KEY] = index_digest(index)
     return index
 
 
@@ -311,18 +319,50 @@ def read_index(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{str(index_path)!r} is not valid JSON ({exc}).") from exc
     if not isinstance(index, dict) or index.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{str(index_path)!r} is not a ShardFlow checkpoint index.")
-    version = index.get("version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    _check_version(index_path, index)
+    if index["version"] >= 2 and index.get(INDEX_HASH_KEY) != index_digest(index):
+        what = "lacks its content hash" if INDEX_HASH_KEY not in index else "was changed"
         raise CheckpointError(
-            f"{str(index_path)!r} has format version {version!r}, newer than this ShardFlow "
-            f"reads (up to {FORMAT_VERSION}): upgrade ShardFlow to load it."
+            f"{str(index_path)!r} {what} after it was written ({INDEX_HASH_KEY} does not match "
+            "its content): an edited index is refused. Restore it, or load an earlier "
+            "checkpoint; to train with other hyperparameters change the config (on resume the "
+            "config's hyperparameters win), not the index."
         )
     for key in ("files", "tensors", "world_size"):
         if key not in index:
             raise CheckpointError(f"{str(index_path)!r} lacks its {key!r} section.")
+    for name in index["files"]:
+        check_file_name(index_path, name)
     for name, record in index["tensors"].items():
         check_record(name, record, index["files"])
     return index
+
+
+def _check_version(index_path: Path, index: dict[str, Any]) -> None:
+    """The format version is an integer this ShardFlow reads; each way it is not has its message."""
+    where = repr(str(index_path))
+    if "version" not in index:
+        raise CheckpointError(
+            f"{where} has no format version: every ShardFlow index records one, so it is "
+            "damaged or was written by another tool. Restore it, or save the checkpoint again."
+        )
+    version = index["version"]
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise CheckpointError(
+            f"{where} has format version {version!r}, a {type(version).__name__}: ShardFlow "
+            f"writes an integer (1 to {FORMAT_VERSION}), so the index was edited or written by "
+            "another tool. Restore it, or save the checkpoint again."
+        )
+    if version < 1:
+        raise CheckpointError(
+            f"{where} has format version {version}, which never existed (the first is 1): the "
+            "index is damaged or was edited. Restore it, or save the checkpoint again."
+        )
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{where} has format version {version!r}, newer than this ShardFlow "
+            f"reads (up to {FORMAT_VERSION}): upgrade ShardFlow to load it."
+        )
 
 
 def _mismatch(what: str, saved: set[str], here: set[str], path: Path) -> None:
@@ -399,7 +439,9 @@ def _optimizer_targets(
                 f"{str(path)!r}: param group {g} holds {group['params'][:4]}... in the "
                 f"checkpoint but {here[:4]}... here: build the optimizer with the same groups."
             )
-        updates.append({k: decode_value(v) for k, v in group.items() if k != "params"})
+        update = {k: decode_value(v) for k, v in group.items() if k != "params"}
+        _check_hyperparameters(path, optimizer, g, update)
+        updates.append(update)
     targets, values = [], []
     for group, group_names in zip(optimizer.param_groups, names):
         for p, name in zip(group["params"], group_names):
@@ -425,6 +467,33 @@ def _optimizer_targets(
                 _check_tensor(path, record, entry["tensor"], shape, local.dtype, layout)
                 targets.append(_Target(entry["tensor"], local, rows))
     return targets, updates, values
+
+
+def _check_hyperparameters(
+    path: Path, optimizer: torch.optim.Optimizer, g: int, update: dict[str, Any]
+) -> None:
+    """Group ``g`` as it would be after loading passes the optimizer's constructor checks: its
+    ``check_param_group`` (ShardFlow optimizers), else a throwaway instance of its class built
+    with those hyperparameters (torch optimizers validate in their constructor)."""
+    group = {**optimizer.param_groups[g], **update}
+    try:
+        check = getattr(optimizer, "check_param_group", None)
+        if check is not None:
+            check(group)
+        else:
+            _construct_like(optimizer, group)
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(
+            f"{str(path)!r}: param group {g} holds a value {type(optimizer).__name__}'s "
+            f"constructor refuses: {exc}"
+        ) from None
+
+
+def _construct_like(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> None:
+    """Build ``type(optimizer)`` over one scalar with ``group``'s keys that it takes."""
+    taken = inspect.signature(type(optimizer).__init__).parameters
+    kwargs = {k: v for k, v in group.items() if k in taken and k not in ("self", "params")}
+    type(optimizer)([torch.nn.Parameter(torch.zeros(1))], **kwargs)
 
 
 def _check_files(path: Path, index: dict) -> None:
@@ -496,8 +565,9 @@ def load(
     reads just the rows it holds from whichever files hold them. Every rank of the group calls
     it. Refused — :class:`CheckpointError` naming the file and what is wrong, with nothing
     changed on any rank — when the checkpoint is incomplete, corrupted or truncated, misses a
-    rank file, has a newer format version, or does not match the model or optimizer (names,
-    shapes, dtypes, layouts, param groups). ``verify=False`` skips the SHA-256 pass (sizes and
+    rank file, has an edited index, a file outside its directory, a format version this
+    ShardFlow does not read, hyperparameters the optimizer's constructor would refuse, or does
+    not match the model or optimizer (names, shapes, dtypes, layouts, param groups). ``verify=False`` skips the SHA-256 pass (sizes and
     headers are still checked).
 
     The param groups' hyperparameters are restored from the checkpoint, as

@@ -33,6 +33,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from shardflow.distributed import comm
+from shardflow.distributed.agreement import group_signature, raise_if_disagree
 from shardflow.ops.orthogonalize import (
     block_newton_schulz,
     block_rms_scale,
@@ -51,6 +53,8 @@ class LocalPlacement:
 
     world_size: int = 1
     rank: int = 0
+    group: Any = None
+    """The process group the collectives run over (None: one process)."""
 
     def local(self, tensor: Tensor) -> Tensor:
         """The part of ``tensor`` (a parameter, gradient or state) this rank holds."""
@@ -124,6 +128,19 @@ class LocalPlacement:
     def after_update(self, optimizer: torch.optim.Optimizer, updated: bool = True) -> None:
         """Called at the end of ``step`` (``updated=False`` when it was skipped, on every rank
         alike): make updated parameters visible where they are needed."""
+
+    def gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` in rank order (``[obj]`` for one process); for checks, never
+        per step (it pickles)."""
+        if self.group is None:
+            return [obj]
+        return comm.all_gather_object(obj, self.group, self.world_size)
+
+    def agree(self, problem: str | None, param_groups: list[dict]) -> None:
+        """Raise the same ``ValueError`` on every rank when any rank found ``problem`` (a local
+        check's message) or when the ranks' ``param_groups`` hold different hyperparameters
+        (:mod:`shardflow.distributed.agreement`); one ``all_gather_object``."""
+        raise_if_disagree(self.gather_object((problem, group_signature(param_groups))))
 
     def describe(self) -> str:
         """A human-readable summary of what this rank holds."""

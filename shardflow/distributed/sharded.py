@@ -48,6 +48,12 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
 from shardflow.distributed import comm
+from shardflow.distributed.agreement import (
+    disagreement_error,
+    group_signature,
+    groups_difference,
+    tiles_difference,
+)
 from shardflow.distributed.placement import LocalPlacement, NSTile, plan_inputs
 from shardflow.distributed.plan import (
     Unit,
@@ -72,8 +78,10 @@ def make_placement(
     ``ns_tile(param, group, name)`` says how a parameter is orthogonalized: ``None`` (not), or the
     shape of its Newton-Schulz tiles (the whole ``(out, rest)`` matrix, or ``(b, b)`` blocks).
     ``grads_reduced``: the gradients are already averaged (DDP-wrapped model; DDP-aware only).
-    Raises the same ``ValueError`` on every rank for unsupported input (one ``all_gather_object``
-    of every rank's parameter signature and local findings), never leaving a rank waiting.
+    Raises the same ``ValueError`` on every rank for unsupported input and for ranks that differ
+    (one ``all_gather_object`` of every rank's local findings, parameter signature, param-group
+    hyperparameters and Newton-Schulz tiles: :mod:`~shardflow.distributed.agreement`), never
+    leaving a rank waiting.
     """
     group, mesh = _resolve_group(process_group)
     world = dist.get_world_size(group)
@@ -81,7 +89,10 @@ def make_placement(
     problem = _local_problem(params, names, group, mesh)
     signature = [_signature(p) for p in params]
     local_rows = [_local_rows(p) for p in params]
-    gathered = comm.all_gather_object((problem, signature, local_rows), group, world)
+    hyper = group_signature(param_groups)
+    gathered = comm.all_gather_object(
+        (problem, signature, local_rows, hyper, tiles, names), group, world
+    )
     _raise_if_any(gathered, names)
     rows = [[gathered[r][2][i] for r in range(world)] for i in range(len(params))]
     if params and isinstance(params[0], DTensor):
@@ -190,12 +201,13 @@ def _local_rows(p: Tensor) -> int:
 
 
 def _raise_if_any(gathered: list, names: list[str]) -> None:
-    """Raise on every rank what any rank found, or where the ranks' parameter lists differ."""
-    for r, (problem, _, _) in enumerate(gathered):
+    """Raise on every rank what any rank found, or where the ranks' parameter lists, param-group
+    hyperparameters or Newton-Schulz tiles differ."""
+    for r, (problem, *_) in enumerate(gathered):
         if problem is not None:
             raise ValueError(f"rank {r}: {problem}")
     base = gathered[0][1]
-    for r, (_, sig, _) in enumerate(gathered[1:], start=1):
+    for r, (_, sig, *_) in enumerate(gathered[1:], start=1):
         if sig == base:
             continue
         if len(sig) != len(base):
@@ -211,6 +223,11 @@ def _raise_if_any(gathered: list, names: list[str]) -> None:
             "parameters, in the same order, with the same shapes and dtypes (build the model and "
             "the param groups the same way on every rank)."
         )
+    detail = groups_difference([g[3] for g in gathered]) or tiles_difference(
+        [g[4] for g in gathered], [g[5] for g in gathered]
+    )
+    if detail is not None:
+        raise disagreement_error(detail)
 
 
 def _check_row_counts(params: list[Tensor], names: list[str], rows: list[list[int]]) -> None:

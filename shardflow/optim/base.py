@@ -75,7 +75,13 @@ from shardflow.ops import precision as lowp
 from shardflow.ops.compiling import compile_settings
 from shardflow.ops.listops import ListOps
 from shardflow.ops.native import norm as norm_native
-from shardflow.optim._validate import check_bool, check_choice, check_optional_positive
+from shardflow.optim._validate import (
+    check_bool,
+    check_choice,
+    check_optional_positive,
+    check_real_params,
+)
+from shardflow.optim.loading import state_dict_problem
 from shardflow.optim.routing import is_hidden_matrix
 
 logger = logging.getLogger("shardflow")
@@ -211,6 +217,7 @@ class ShardFlowOptimizer(torch.optim.Optimizer):
 
     def _check_shared(self, group: dict[str, Any]) -> None:
         """Validate the keys every ShardFlow optimizer shares."""
+        check_real_params(type(self).__name__, group)
         check_choice("precision", group["precision"], (*lowp.PRECISIONS, None))
         check_bool("decouple_lr", group["decouple_lr"])
         max_lr = group["max_lr"]
@@ -281,8 +288,24 @@ class ShardFlowOptimizer(torch.optim.Optimizer):
     def _update_group(self, group: dict[str, Any], items: list[Item], ops: ListOps) -> None:
         raise NotImplementedError
 
+    def check_param_group(self, group: dict[str, Any]) -> None:
+        """The constructor's checks on one param group's hyperparameters (``ValueError``);
+        checkpoints run it on the groups they load before loading anything."""
+        self._check_shared(group)
+        self._check_group(group)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load like torch, but keep every state tensor's saved dtype (fp32 stays fp32)."""
+        """Load like torch, but keep every state tensor's saved dtype (fp32 stays fp32).
+
+        Checked first, and refused with a ``ValueError`` on every rank alike (nothing loaded):
+        another optimizer's state or other parameters' (param groups, group keys, state keys,
+        tensor shapes: :func:`~shardflow.optim.loading.state_dict_problem`), hyperparameters the
+        constructor would refuse, a change of orthogonalization under a process group (the owner
+        plan is fixed at construction), and ranks whose loaded hyperparameters differ.
+        """
+        problem = state_dict_problem(self, state_dict)
+        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        self.placement.agree(problem, groups if isinstance(groups, list) else [])
         saved = state_dict["state"]
         super().load_state_dict(state_dict)
         ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]

@@ -71,9 +71,11 @@ from shardflow.optim._validate import (
     check_bool,
     check_choice,
     check_int_at_least,
+    check_lr,
     check_nonnegative,
     check_optional_positive,
     check_unit_interval,
+    is_number,
 )
 from shardflow.optim.base import (
     SHARED_ARGS_DOC,
@@ -222,10 +224,7 @@ class DolphinFlow(ShardFlowOptimizer):
     # -- validation and state ---------------------------------------------------------------
 
     def _check_group(self, group: dict[str, Any]) -> None:
-        if not isinstance(group["lr"], (int, float)) or not group["lr"] >= 0:
-            raise ValueError(
-                f"lr={group['lr']!r} is invalid: pass a learning rate >= 0, e.g. 1e-4."
-            )
+        check_lr(group["lr"], "1e-4")
         check_nonnegative("weight_decay", group["weight_decay"])
         check_unit_interval("momentum", group["momentum"])
         check_bool("nesterov", group["nesterov"])
@@ -241,7 +240,7 @@ class DolphinFlow(ShardFlowOptimizer):
         if (
             bounds is None
             or len(bounds) != 2
-            or not all(isinstance(b, (int, float)) for b in bounds)
+            or not all(is_number(b) for b in bounds)
             or not 0 <= bounds[0] <= bounds[1] < 1
         ):
             raise ValueError(

@@ -111,9 +111,10 @@ class DolphinFlow8bit(DolphinFlow):
     # -- state ------------------------------------------------------------------------------
 
     def row_blocks(self, param: Tensor) -> quant8.RowBlocks | None:
-        """The row blocks of ``param``'s quantized state, or None when its state stays fp32."""
+        """The row blocks of ``param``'s quantized state, or None when its state stays fp32
+        (1-D, fewer than ``min_8bit_size`` elements, or none at all)."""
         shape = self.placement.global_shape(param)
-        if len(shape) < 2 or shape.numel() < self.min_8bit_size:
+        if len(shape) < 2 or shape.numel() < max(self.min_8bit_size, 1):
             return None
         return quant8.RowBlocks(shape.numel() // shape[0])
 
@@ -127,6 +128,58 @@ class DolphinFlow8bit(DolphinFlow):
                 state[key], state[absmax_key(key)] = quant8.empty_state(
                     local.shape[0], blocks, local.device
                 )
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load like DolphinFlow; a 32-bit DolphinFlow state_dict is quantized on the way in
+        (the moments of every parameter this class keeps in 8 bits become codes and scales, as
+        a step would store them), so it is never silently kept in fp32."""
+        super().load_state_dict(self._quantized(state_dict))
+
+    def _quantized(self, state_dict: Any) -> Any:
+        """``state_dict`` with 32-bit moments quantized where this optimizer keeps 8-bit ones;
+        anything else (including a malformed state_dict) is passed on unchanged, to be checked."""
+        try:
+            groups, saved = state_dict["param_groups"], state_dict["state"]
+            ids = [pid for g in groups for pid in g["params"]]
+        except (KeyError, TypeError):
+            return state_dict
+        params = [p for g in self.param_groups for p in g["params"]]
+        state = dict(saved)
+        for pid, p in zip(ids, params):
+            entry = saved.get(pid)
+            if isinstance(entry, dict) and self._holds_32bit_moments(p, entry):
+                state[pid] = self._quantize_entry(p, entry)
+        return {**state_dict, "state": state}
+
+    def _holds_32bit_moments(self, param: Tensor, entry: dict[str, Any]) -> bool:
+        """Whether ``entry`` has float moments (no scales) where this optimizer keeps codes."""
+        mine = self.state.get(param, {})
+        return any(
+            key in entry
+            and absmax_key(key) in mine
+            and absmax_key(key) not in entry
+            and isinstance(entry[key], Tensor)
+            and entry[key].is_floating_point()
+            for key in MOMENTS
+        )
+
+    def _quantize_entry(self, param: Tensor, entry: dict[str, Any]) -> dict[str, Any]:
+        """One parameter's saved state with its float moments quantized (local rows, wrapped
+        back the way the placement keeps row-layout state)."""
+        blocks = self.row_blocks(param)
+        out = dict(entry)
+        for key, signed in MOMENTS.items():
+            if key not in entry or absmax_key(key) in entry:
+                continue
+            values = self.placement.local(entry[key])
+            rows = values.shape[0] if values.ndim else 1
+            if values.numel() != rows * blocks.cols:
+                continue  # another shape: load_state_dict's check names it
+            codes, absmax = quant8.empty_state(rows, blocks, values.device)
+            quant8.quantize_(codes, absmax, values.reshape(rows, blocks.cols), blocks, signed)
+            out[key] = self.placement.wrap_state(param, codes, "rows")
+            out[absmax_key(key)] = self.placement.wrap_state(param, absmax, "rows")
+        return out
 
     # -- the step ---------------------------------------------------------------------------
 

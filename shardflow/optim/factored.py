@@ -114,6 +114,7 @@ from shardflow.optim._validate import (
     _fail,
     check_bool,
     check_int_at_least,
+    check_lr,
     check_nonnegative,
     check_positive,
     check_unit_interval,
@@ -637,9 +638,7 @@ class _Factored(ShardFlowOptimizer):
     # -- validation ----------------------------------------------------------------------------
 
     def _check_group(self, group: dict[str, Any]) -> None:
-        lr = group["lr"]
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr >= 0:
-            _fail("lr", lr, "pass a learning rate >= 0, e.g. 1e-3.")
+        check_lr(group["lr"], "1e-3")
         betas = group["betas"]
         if (
             not isinstance(betas, (tuple, list))
@@ -663,13 +662,6 @@ class _Factored(ShardFlowOptimizer):
                     warmup,
                     "the beta3 warm-up starts from beta1, which "
                     "must be > 0; pass ademamix_warmup=None or betas[0] > 0.",
-                )
-        for p in group["params"]:
-            if p.is_complex() or not p.is_floating_point():
-                raise ValueError(
-                    f"a parameter of dtype {p.dtype} cannot be optimized by "
-                    f"{type(self).__name__}: pass floating-point parameters (view a complex "
-                    "one as real with torch.view_as_real)."
                 )
 
     # -- state ---------------------------------------------------------------------------------

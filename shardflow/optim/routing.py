@@ -19,8 +19,13 @@ ELEMENTWISE_NAMES = re.compile(
 
 
 def is_hidden_matrix(param: Tensor, name: str | None = None) -> bool:
-    """True for a parameter of 2 or more dims whose name (if known) is not an embedding/head."""
-    return param.ndim >= 2 and not (name is not None and ELEMENTWISE_NAMES.search(name))
+    """True for a parameter of 2 or more dims, with elements, whose name (if known) is not an
+    embedding/head (an empty matrix, e.g. ``(5, 0)``, has no directions to orthogonalize)."""
+    return (
+        param.ndim >= 2
+        and param.numel() > 0
+        and not (name is not None and ELEMENTWISE_NAMES.search(name))
+    )
 
 
 def param_groups(model: nn.Module, **elementwise_overrides: Any) -> list[dict[str, Any]]:

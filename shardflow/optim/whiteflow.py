@@ -77,6 +77,7 @@ from shardflow.ops.projection import ProjectionCache
 from shardflow.optim._validate import (
     check_bool,
     check_choice,
+    check_lr,
     check_nonnegative,
     check_unit_interval,
 )
@@ -219,10 +220,7 @@ class WhiteFlow(ShardFlowOptimizer):
     # -- validation and state ---------------------------------------------------------------
 
     def _check_group(self, group: dict[str, Any]) -> None:
-        if not isinstance(group["lr"], (int, float)) or not group["lr"] >= 0:
-            raise ValueError(
-                f"lr={group['lr']!r} is invalid: pass a learning rate >= 0, e.g. 1e-3."
-            )
+        check_lr(group["lr"], "1e-3")
         betas = group["betas"]
         if not isinstance(betas, tuple) or len(betas) != 2:
             raise ValueError(f"betas={betas!r} is invalid: pass (beta1, beta2), e.g. (0.9, 0.999).")

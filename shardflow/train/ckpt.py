@@ -181,7 +181,10 @@ def resume(
         {k: v for k, v in g.items() if k != "params"} for g in held_optimizer.param_groups
     ]
     materialize_state(held_optimizer)
-    extra = checkpoint.load(found, model=held_model, optimizer=held_optimizer)
+    try:
+        extra = checkpoint.load(found, model=held_model, optimizer=held_optimizer)
+    except CheckpointError as exc:  # the same on every rank, nothing loaded: bad input
+        raise ConfigError(f"checkpoint {str(found)!r} cannot be loaded: {exc}") from exc
     changes = reapply_hyperparameters(held_optimizer, configured)
     if warn and changes:
         warnings.warn(

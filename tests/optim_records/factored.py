@@ -7,7 +7,7 @@ _COMMON_INVALID = [
     ({"lr": -1.0}, r"lr=-1\.0 is invalid: pass a learning rate >= 0"),
     ({"betas": (0.9, 1.0)}, r"betas=\(0\.9, 1\.0\) is invalid: pass \(beta1, beta2\)"),
     ({"betas": (0.9,)}, r"betas=\(0\.9,\) is invalid"),
-    ({"eps": -1e-8}, r"eps=-1e-08 is invalid: pass a number >= 0"),
+    ({"eps": -1e-8}, r"eps=-1e-08 is invalid: pass a finite number >= 0"),
     ({"weight_decay": -0.1}, r"weight_decay=-0\.1 is invalid"),
     ({"factored": "yes"}, r"factored='yes' is invalid: pass True or False"),
     ({"ademamix_beta3": 1.0}, r"ademamix_beta3=1\.0 is invalid.*\[0, 1\)"),
