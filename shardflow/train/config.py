@@ -150,6 +150,9 @@ class TrainConfig:
     """Validation loss every N steps and at the end (0 = never)."""
     eval_batches: int = 4
     """Micro-batches per validation."""
+    loss: str = "softmax"
+    """Training and validation loss: "softmax" (cross-entropy) or "stablemax" (StableMax
+    cross-entropy, shardflow.losses; no Softmax Collapse at large logits)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -212,6 +215,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16"),
     "placement.kind": ("none", "ddp", "fsdp", "offload"),
     "placement.backend": ("auto", "gloo", "nccl"),
+    "train.loss": ("softmax", "stablemax"),
 }
 """Fields whose string value must be one of a few words."""
 

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from shardflow.ops.stablemax import stablemax_cross_entropy
 from shardflow.train import ckpt
 from shardflow.train.config import Config, ConfigError, check_values
 from shardflow.train.data import ByteTokenizer, Corpus, load_corpus, sample_batch
@@ -263,10 +264,16 @@ def _to_float(norm: torch.Tensor) -> float:
     return float(full() if full else norm)
 
 
-def token_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy in float32."""
+LOSSES = {"softmax": F.cross_entropy, "stablemax": stablemax_cross_entropy}
+"""``[train] loss`` names and their functions (both ``f(logits, targets)``, mean over tokens)."""
+
+
+def token_loss(
+    model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss: str = "softmax"
+) -> torch.Tensor:
+    """Mean next-token cross-entropy in float32, softmax or StableMax (``[train] loss``)."""
     logits = model(inputs)
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+    return LOSSES[loss](logits.float().flatten(0, 1), targets.flatten())
 
 
 @torch.no_grad()
@@ -278,7 +285,7 @@ def evaluate(model: nn.Module, cfg: Config, corpus: Corpus, proc: ProcessInfo, d
         x, y = sample_batch(
             corpus.val, cfg.data.seq_len, cfg.train.micro_batch, cfg.run.seed, "val", i, proc.rank
         )
-        total += token_loss(model, x.to(device), y.to(device))
+        total += token_loss(model, x.to(device), y.to(device), cfg.train.loss)
     model.train()
     return _mean_over_ranks(total / cfg.train.eval_batches)
 
@@ -303,7 +310,7 @@ def _train_step(model, optimizer, cfg: Config, corpus: Corpus, step: int, proc, 
             proc.rank,
         )
         with gradient_sync(model, micro == accum - 1):
-            loss = token_loss(model, x.to(device), y.to(device))
+            loss = token_loss(model, x.to(device), y.to(device), cfg.train.loss)
             (loss / accum).backward()
         total += loss.detach()
     held = held_optimizer(optimizer)
