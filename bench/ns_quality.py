@@ -28,6 +28,7 @@ Run from the repository root::
 
     python -m bench.ns_quality --models smollm2-135m --dtypes float32,bfloat16
     python -m bench.ns_quality --models llama3-8b --dtypes float32 --out FILE.md
+    python -m bench.ns_quality --models smollm2-135m --shapes 192x576 --dtypes bfloat16
 
 It prints Markdown tables (and writes them to ``--out`` with a JSON of every number beside it).
 """
@@ -35,16 +36,14 @@ It prints Markdown tables (and writes them to ``--out`` with a JSON of every num
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from bench.common import run_meta, write_results
 from bench.shapes import SHAPES
 from shardflow.ops.orthogonalize import NS_SCHEDULES, NS_TOL, ns_coefficients, ns_iterate, ns_start
 
@@ -131,6 +130,8 @@ def run(args) -> dict:
     results = []
     for model in args.models:
         for (short, long), names in distinct_shapes(model).items():
+            if args.shapes and f"{short}x{long}" not in args.shapes:
+                continue
             spectral = short > args.max_side
             for kind in args.inputs:
                 x = None if spectral else make_input(kind, short, long)
@@ -187,6 +188,7 @@ def main() -> None:
     p.add_argument("--models", default="smollm2-135m,llama3-8b", type=lambda s: s.split(","))
     p.add_argument("--inputs", default="gaussian,power", type=lambda s: s.split(","))
     p.add_argument("--dtypes", default="float32,bfloat16", type=lambda s: s.split(","))
+    p.add_argument("--shapes", default="", type=lambda s: [x for x in s.split(",") if x])
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--max-side", type=int, default=1024)
@@ -196,23 +198,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     data = run(args)
-    data["meta"] = dict(
-        command="python -m bench.ns_quality "
-        + " ".join(
-            f"--{k.replace('_', '-')} {','.join(v) if isinstance(v, list) else v}"
-            for k, v in vars(args).items()
-            if k != "out"
-        ),
-        date=datetime.date.today().isoformat(),
-        machine=f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch "
-        f"{torch.__version__}",
-        seconds=round(time.perf_counter() - started, 1),
+    data["meta"] = run_meta(
+        "bench.ns_quality", args, seconds=round(time.perf_counter() - started, 1)
     )
     table = markdown(data, args.steps)
     print(table)
-    if args.out:
-        args.out.write_text(table + "\n")
-        args.out.with_suffix(".json").write_text(json.dumps(data, indent=1))
+    write_results(args.out, table, data)
 
 
 if __name__ == "__main__":
