@@ -6,7 +6,9 @@ The update rule, for one parameter ``w`` with gradient ``g`` (after global clipp
    ``ortho_mode``; everything else is element-wise (see :mod:`shardflow.optim.routing`).
 2. **⊥Grad** (``ortho_mode="vector"``): ``g ← g − (⟨g,w⟩/‖w‖²)·w``, per row (``vector_mode=
    "rowwise"``, the default) or over the whole tensor (``"flat"``), rescaled to ``‖g‖`` when
-   ``restore_norm`` (Prieto et al., arXiv 2501.04697).
+   ``restore_norm`` (Prieto et al., arXiv 2501.04697). ``ns_orthograd="gradient"`` does the same
+   on the matrix and block routes; ``"direction"`` projects their Newton-Schulz input instead
+   (after step 5's Adam division, before Newton-Schulz).
 3. **Moments.** ``m ← μ·m + (1−μ)·g``; with ``adaptive_lr``, ``v ← β₂·v + (1−β₂)·g²``.
 4. **Nesterov as an average**: ``n = μ·m + (1−μ)·g`` (plain momentum: ``n = m``), divided by its
    bias correction (the weight the EMA has accumulated: ``1 − μᵗ`` for a constant μ), so that
