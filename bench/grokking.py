@@ -8,7 +8,7 @@ and then stalls (naïve loss minimization: the logits grow, float32 softmax coll
 ⊥Grad or StableMax let it generalize. Each run logs train/test accuracy, the loss and the mean
 logit norm; the summary gives the first step with test accuracy ≥ 90 % and the final values.
 
-Run from the repository root (one seed; ~20 s per run on a 2-core CPU at the defaults)::
+Run from the repository root (one seed; 35–110 s per 800-step run at p = 41 on a shared 2-core CPU)::
 
     python -m bench.grokking --runs adamw,dolphinflow-vector,... --steps 1500 --out FILE.md
 
