@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import datetime
+import json
+import platform
 import sysconfig
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -46,3 +50,27 @@ def results_head(title: str, script: str, note: str) -> list[str]:
         f"Python {platform.python_version()}, torch {torch.__version__}; {note}",
         "",
     ]
+
+
+def run_meta(module: str, args: Any, **extra: Any) -> dict[str, Any]:
+    """The command (``python -m MODULE`` and every option of ``args`` but ``--out``), the date and
+    the machine, for a results file."""
+    options = " ".join(
+        f"--{k.replace('_', '-')} {','.join(map(str, v)) if isinstance(v, list) else v}"
+        for k, v in vars(args).items()
+        if k != "out"
+    )
+    return dict(
+        command=f"python -m {module} {options}",
+        date=datetime.date.today().isoformat(),
+        machine=f"{platform.machine()}, 2-core CPU, shared, {torch.get_num_threads()} torch "
+        f"thread(s), torch {torch.__version__}",
+        **extra,
+    )
+
+
+def write_results(out: Path | None, table: str, data: dict[str, Any]) -> None:
+    """``table`` to ``out`` (Markdown) and ``data`` beside it as JSON; nothing when ``out`` is None."""
+    if out is not None:
+        out.write_text(table + "\n")
+        out.with_suffix(".json").write_text(json.dumps(data, indent=1))

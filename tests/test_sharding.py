@@ -63,6 +63,7 @@ CONFIGS = [
     {"ortho_mode": "block", "block_size": 4},
     {"ortho_mode": "matrix", "nesterov": False, "trust_region": 0.05},
     {"ortho_mode": None, "dynamic_momentum": True},
+    {"ortho_mode": "block", "block_size": 4, "ns_orthograd": "direction", "vector_mode": "flat"},
 ]
 BF16_CONFIGS = (2, 3)  # the Newton-Schulz modes, run again with the default bf16 wire
 

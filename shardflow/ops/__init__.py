@@ -6,6 +6,7 @@
   low-precision weight store (Kahan compensation, stochastic rounding, round-to-nearest);
 - :mod:`.quant8` — bitsandbytes' block-wise 8-bit state codes;
 - :mod:`.projection` — seeded low-rank random projections;
+- :mod:`.stablemax` — StableMax and its cross-entropy (re-exported as :mod:`shardflow.losses`);
 - :mod:`.listops` — list arithmetic (foreach kernels or a plain loop);
 - :mod:`.compiling` — how an element-wise pass runs through ``torch.compile``;
 - :mod:`.native` — hand-written C kernels (sources in ``native/csrc``) and their one builder.

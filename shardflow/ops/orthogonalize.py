@@ -12,6 +12,16 @@ Newton-Schulz
     speed: singular values do not converge to 1 but into a band around it, documented as
     :data:`NS_BAND` and checked by the tests.
 
+Per-iteration coefficients (``coeffs="polar_express"``)
+    Polar Express (Amsel, Persson, Musco, Gower 2025, "The Polar Express: Optimal Matrix Sign
+    Methods and Their Application to the Muon Algorithm", arXiv 2505.16932, Algorithm 1):
+    iteration ``t`` uses its own quintic ``(aₜ, bₜ, cₜ)``, the minimax-optimal odd polynomial for
+    the singular values' interval at that point, so the composition converges to 1 (Muon's
+    fixed coefficients plateau in a band). The paper's table for degree 5 is
+    :data:`POLAR_EXPRESS_COEFFS`: its first seven polynomials divided by its safety factor 1.01
+    (``a/1.01, b/1.01³, c/1.01⁵``, for bf16), the eighth repeated for every later iteration; the
+    input is normalized by ``1.01·‖X‖_F`` as the paper does. The cost per iteration is Muon's.
+
 Adaptive step count (the measured criterion)
     After ``min_steps`` iterations, each further iteration first measures the orthogonality
     error ``e = ‖A − I‖_F / √k`` (``k = min(m, n)``) on the ``A`` it has to compute anyway, i.e.
@@ -39,6 +49,41 @@ from torch import Tensor
 NS_COEFFS: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
 """Quintic Newton-Schulz coefficients (a, b, c) from Muon."""
 
+_PE_SAFETY = 1.01
+POLAR_EXPRESS_COEFFS: tuple[tuple[float, float, float], ...] = tuple(
+    (a / _PE_SAFETY, b / _PE_SAFETY**3, c / _PE_SAFETY**5)
+    for a, b, c in (
+        (8.28721201814563, -23.595886519098837, 17.300387312530933),
+        (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
+        (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
+        (3.3184196573706015, -2.488488024314874, 0.51004894012372),
+        (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
+        (1.891301407787398, -1.2679958271945868, 0.37680408948524835),
+        (1.8750014808534479, -1.2500016453999487, 0.3750001645474248),
+    )
+) + ((1.875, -1.25, 0.375),)
+"""Polar Express degree-5 coefficients per iteration (arXiv 2505.16932, Algorithm 1, with the
+paper's safety factor); iterations past the table repeat the last row."""
+
+NS_SCHEDULES = ("muon", "polar_express")
+"""Names of the coefficient schedules :func:`newton_schulz` takes as ``coeffs``."""
+
+
+def ns_coefficients(coeffs: str, steps: int) -> list[tuple[float, float, float]]:
+    """The ``(a, b, c)`` of each of ``steps`` iterations for the schedule named ``coeffs``."""
+    if coeffs == "muon":
+        return [NS_COEFFS] * steps
+    if coeffs == "polar_express":
+        table = POLAR_EXPRESS_COEFFS
+        return [table[min(i, len(table) - 1)] for i in range(steps)]
+    raise ValueError(f"coeffs={coeffs!r} is invalid: pass one of {', '.join(NS_SCHEDULES)}.")
+
+
+def _input_scale(coeffs: str) -> float:
+    """The Frobenius norm's multiplier before the iteration (Polar Express: its safety 1.01)."""
+    return _PE_SAFETY if coeffs == "polar_express" else 1.0
+
+
 NS_TOL: float = 0.35
 """Default stop tolerance on ``‖XXᵀ − I‖_F / √k``: RMS of ``σ² − 1`` over the singular values."""
 
@@ -55,8 +100,12 @@ def newton_schulz(
     max_steps: int = 5,
     tol: float = NS_TOL,
     dtype: torch.dtype | None = None,
+    coeffs: str = "muon",
 ) -> Tensor:
     """Approximately orthogonalize ``x`` (shape ``(..., m, n)``) with quintic Newton-Schulz.
+
+    ``coeffs`` names the coefficient schedule: ``"muon"`` (the fixed quintic) or
+    ``"polar_express"`` (per iteration; see the module docstring).
 
     Leading dimensions are a batch: every matrix in it is orthogonalized separately and stops
     on its own (a matrix that meets the criterion is frozen while the others go on), so a
@@ -70,36 +119,47 @@ def newton_schulz(
         raise ValueError(
             f"newton_schulz needs a matrix or a batch of matrices, got shape {tuple(x.shape)}"
         )
+    schedule = ns_coefficients(coeffs, max_steps)
     if x.numel() == 0:
         return torch.zeros_like(x)
-    out_dtype = x.dtype
-    compute = dtype or (x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32)
     tall = x.size(-2) > x.size(-1)
-    y = x.mT if tall else x
-    y = y.to(compute)
-    norm = torch.linalg.vector_norm(y.float(), dim=(-2, -1), keepdim=True).to(compute)
-    y = y / (norm + _EPS)
-    a, b, c = NS_COEFFS
+    y = ns_start(x, coeffs=coeffs, dtype=dtype)
     k = y.size(-2)
-    eye = torch.eye(k, dtype=compute, device=y.device) if max_steps > min_steps else None
+    eye = torch.eye(k, dtype=y.dtype, device=y.device) if max_steps > min_steps else None
     done = None  # per matrix: met the criterion, frozen from then on
-    for step in range(max_steps):
+    for step, (a, b, c) in enumerate(schedule):
         gram = y @ y.mT
         if eye is not None and step >= min_steps:
             err = torch.linalg.matrix_norm((gram - eye).float()) / math.sqrt(k)
             done = err <= tol if done is None else done | (err <= tol)
             if bool(done.all()):
                 break
-        poly = (
-            torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
-            if gram.ndim == 3
-            else b * gram + c * (gram @ gram)
-        )
-        nxt = torch.baddbmm(y, poly, y, beta=a) if y.ndim == 3 else a * y + poly @ y
+        nxt = ns_iterate(y, gram, (a, b, c))
         y = nxt if done is None else torch.where(done[..., None, None], y, nxt)
     if tall:
         y = y.mT
-    return y.to(out_dtype)
+    return y.to(x.dtype)
+
+
+def ns_start(x: Tensor, *, coeffs: str = "muon", dtype: torch.dtype | None = None) -> Tensor:
+    """The iteration's starting point: ``x`` on its short side (a tall matrix transposed), in the
+    compute dtype (``dtype``, else fp32 or higher), divided by its Frobenius norm (times the
+    schedule's safety factor), so that every singular value is ≤ 1."""
+    compute = dtype or (x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32)
+    y = (x.mT if x.size(-2) > x.size(-1) else x).to(compute)
+    norm = torch.linalg.vector_norm(y.float(), dim=(-2, -1), keepdim=True).to(compute)
+    return y / (norm * _input_scale(coeffs) + _EPS)
+
+
+def ns_iterate(y: Tensor, gram: Tensor, abc: tuple[float, float, float]) -> Tensor:
+    """One quintic iteration ``a·Y + (b·A + c·A²)·Y`` with ``A = gram = Y·Yᵀ`` (batched or not)."""
+    a, b, c = abc
+    poly = (
+        torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+        if gram.ndim == 3
+        else b * gram + c * (gram @ gram)
+    )
+    return torch.baddbmm(y, poly, y, beta=a) if y.ndim == 3 else a * y + poly @ y
 
 
 def orthogonality_error(x: Tensor) -> Tensor:

@@ -6,7 +6,9 @@ The update rule, for one parameter ``w`` with gradient ``g`` (after global clipp
    ``ortho_mode``; everything else is element-wise (see :mod:`shardflow.optim.routing`).
 2. **⊥Grad** (``ortho_mode="vector"``): ``g ← g − (⟨g,w⟩/‖w‖²)·w``, per row (``vector_mode=
    "rowwise"``, the default) or over the whole tensor (``"flat"``), rescaled to ``‖g‖`` when
-   ``restore_norm`` (Prieto et al., arXiv 2501.04697).
+   ``restore_norm`` (Prieto et al., arXiv 2501.04697). ``ns_orthograd="gradient"`` does the same
+   on the matrix and block routes; ``"direction"`` projects their Newton-Schulz input instead
+   (after step 5's Adam division, before Newton-Schulz).
 3. **Moments.** ``m ← μ·m + (1−μ)·g``; with ``adaptive_lr``, ``v ← β₂·v + (1−β₂)·g²``.
 4. **Nesterov as an average**: ``n = μ·m + (1−μ)·g`` (plain momentum: ``n = m``), divided by its
    bias correction (the weight the EMA has accumulated: ``1 − μᵗ`` for a constant μ), so that
@@ -60,6 +62,7 @@ from shardflow.ops.compiling import compile_once, each
 from shardflow.ops.listops import ListOps
 from shardflow.ops.native import dolphinflow as dolphinflow_native
 from shardflow.ops.orthogonalize import (
+    NS_SCHEDULES,
     NS_TOL,
     _rows,
     apply_fold_,
@@ -91,6 +94,8 @@ from shardflow.optim.routing import is_hidden_matrix
 from shardflow.optim.schedule import LossAwareSchedule
 
 ORTHO_MODES = ("vector", "block", "matrix", "full", None)
+NS_ORTHOGRAD = (None, "gradient", "direction")
+"""Where ``ns_orthograd`` applies ⊥Grad on the matrix and block routes (None: nowhere)."""
 _DYNAMIC_RATE = 0.05
 
 
@@ -121,6 +126,12 @@ class DolphinFlow(ShardFlowOptimizer):
         ns_min_steps, ns_max_steps: Newton-Schulz iteration bounds (the criterion in between
             is documented in :mod:`shardflow.ops.orthogonalize`).
         ns_dtype: Newton-Schulz compute dtype; None: bf16 on CUDA, fp32 elsewhere.
+        ns_coeffs: Newton-Schulz coefficient schedule, ``"muon"`` (fixed quintic) or
+            ``"polar_express"`` (per iteration; :mod:`shardflow.ops.orthogonalize`).
+        ns_orthograd: ⊥Grad on the matrix and block routes too (``vector_mode`` and
+            ``restore_norm`` apply): ``"gradient"`` projects the clipped gradient away from the
+            weight before the moments (as the vector route does), ``"direction"`` projects the
+            direction that enters Newton-Schulz (momentum, Adam-divided); None: off.
         loss_aware_schedule: lower the lr when the loss stalls (needs ``step(closure)``);
             see :class:`~shardflow.optim.schedule.LossAwareSchedule`.
         verbose: log per-step summaries to the ``shardflow`` logger.
@@ -174,6 +185,8 @@ class DolphinFlow(ShardFlowOptimizer):
         vector_mode: str = "rowwise",
         restore_norm: bool = True,
         ns_dtype: torch.dtype | None = None,
+        ns_coeffs: str = "muon",
+        ns_orthograd: str | None = None,
         process_group: Any = None,
         foreach: bool | None = None,
         compiled: bool | None = None,
@@ -200,6 +213,8 @@ class DolphinFlow(ShardFlowOptimizer):
             ns_min_steps=ns_min_steps,
             ns_max_steps=ns_max_steps,
             ns_dtype=ns_dtype,
+            ns_coeffs=ns_coeffs,
+            ns_orthograd=ns_orthograd,
         )
         check_bool("loss_aware_schedule", loss_aware_schedule)
         check_bool("verbose", verbose)
@@ -248,6 +263,8 @@ class DolphinFlow(ShardFlowOptimizer):
                 "e.g. (0.7, 0.98)."
             )
         check_optional_positive("trust_region", group["trust_region"])
+        check_choice("ns_coeffs", group["ns_coeffs"], NS_SCHEDULES)
+        check_choice("ns_orthograd", group["ns_orthograd"], NS_ORTHOGRAD)
         check_int_at_least("ns_min_steps", group["ns_min_steps"], 0)
         check_int_at_least("ns_max_steps", group["ns_max_steps"], 1)
         if group["ns_min_steps"] > group["ns_max_steps"]:
@@ -397,6 +414,9 @@ class DolphinFlow(ShardFlowOptimizer):
         folds = self._orthograd(
             group, vector, fold=fusable and not group["dynamic_momentum"], ops=ops
         )
+        if group["ns_orthograd"] == "gradient":  # scratch copies: the Newton-Schulz routes
+            ortho = [it for it in items if routes[it.param] in ("matrix", "block")]
+            self._orthograd(group, ortho, fold=False, ops=ops)
         mus = self._momenta(group, items)
         mu_of = dict(zip(map(id, items), mus))
         torch._foreach_add_([it.state["step"] for it in items], 1.0)
@@ -641,6 +661,8 @@ class DolphinFlow(ShardFlowOptimizer):
         self._rule_pass(group, items, rows, {}, ops, direction=True)
         if not group["adaptive_lr"]:
             self._normalize_rms(plain, ops)
+        if group["ns_orthograd"] == "direction":
+            self._orthograd(group, ortho, fold=False, ops=ops)
         self._orthogonalize(group, ortho, routes)
         self._trust_region(group, items, lr, ops)
         self._apply(group, items, lr, ops)
@@ -648,7 +670,8 @@ class DolphinFlow(ShardFlowOptimizer):
     def _orthograd(
         self, group: dict[str, Any], items: list[Item], fold: bool, ops: ListOps
     ) -> dict[int, tuple[Tensor, Tensor]]:
-        """⊥Grad for the vector route: applied to ``it.grad`` now, or (``fold``) returned as
+        """⊥Grad for the vector route (and ``ns_orthograd``'s Newton-Schulz routes, unfolded):
+        applied to ``it.grad`` now, or (``fold``) returned as
         per-row coefficients ``(a, b)`` by ``id(item)`` for the fused pass to apply."""
         if not items:
             return {}
@@ -710,6 +733,7 @@ class DolphinFlow(ShardFlowOptimizer):
             max_steps=group["ns_max_steps"],
             tol=NS_TOL,
             dtype=group["ns_dtype"] or _default_ns_dtype(items[0].grad),
+            coeffs=group["ns_coeffs"],
         )
         for mode in ("matrix", "block"):
             chosen = [it for it in items if routes[it.param] == mode]

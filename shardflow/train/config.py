@@ -168,6 +168,9 @@ class TrainConfig:
     """Validation loss every N steps and at the end (0 = never)."""
     eval_batches: int = 4
     """Micro-batches per validation."""
+    loss: str = "softmax"
+    """Training and validation loss: "softmax" (cross-entropy) or "stablemax" (StableMax
+    cross-entropy, shardflow.losses; no Softmax Collapse at large logits)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -231,6 +234,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16"),
     "placement.kind": ("none", "ddp", "fsdp", "offload"),
     "placement.backend": ("auto", "gloo", "nccl"),
+    "train.loss": ("softmax", "stablemax"),
 }
 """Fields whose string value must be one of a few words."""
 

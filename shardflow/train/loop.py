@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from shardflow.ops.stablemax import stablemax_cross_entropy
 from shardflow.optim.release import module_buckets, prepare_for_gradient_release
 from shardflow.train import ckpt
 from shardflow.train.config import Config, ConfigError, check_values
@@ -283,12 +284,17 @@ def _to_float(norm: torch.Tensor) -> float:
     return float(full() if full else norm)
 
 
-def token_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Mean next-token cross-entropy in float32 over the targets that carry loss (instruction
-    data: the answers; ``IGNORE`` elsewhere). Packed rows pass each token's example (``docs``)
-    to the model, so that attention stays inside it."""
+LOSSES = {"softmax": F.cross_entropy, "stablemax": stablemax_cross_entropy}
+"""``[train] loss`` names and their functions (both ``f(logits, targets, ignore_index=...)``,
+mean over the targets that carry loss)."""
+
+
+def token_loss(model: nn.Module, batch: Batch, loss: str = "softmax") -> torch.Tensor:
+    """Mean next-token cross-entropy in float32, softmax or StableMax (``[train] loss``), over
+    the targets that carry loss (instruction data: the answers; ``IGNORE`` elsewhere). Packed
+    rows pass each token's example (``docs``) to the model, so that attention stays inside it."""
     logits = model(batch.inputs) if batch.docs is None else model(batch.inputs, batch.docs)
-    return F.cross_entropy(
+    return LOSSES[loss](
         logits.float().flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE
     )
 
@@ -302,7 +308,7 @@ def evaluate(model: nn.Module, cfg: Config, corpus: Corpus, proc: ProcessInfo, d
         batch = draw_batch(
             corpus.val, cfg.data.seq_len, cfg.train.micro_batch, cfg.run.seed, "val", i, proc.rank
         )
-        total += token_loss(model, batch.to(device))
+        total += token_loss(model, batch.to(device), cfg.train.loss)
     model.train()
     return _mean_over_ranks(total / cfg.train.eval_batches)
 
@@ -327,7 +333,7 @@ def _train_step(model, optimizer, cfg: Config, corpus: Corpus, step: int, proc, 
             proc.rank,
         )
         with gradient_sync(model, micro == accum - 1):
-            loss = token_loss(model, batch.to(device))
+            loss = token_loss(model, batch.to(device), cfg.train.loss)
             (loss / accum).backward()
         total += loss.detach()
     held = held_optimizer(optimizer)
