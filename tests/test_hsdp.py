@@ -258,3 +258,47 @@ def test_a_2d_mesh_that_is_not_the_parameters_is_a_clear_error_on_every_rank(kin
     errors = run_on_ranks(_bad_mesh, 4, kind)
     for r, err in enumerate(errors):
         assert err is not None and re.search(pattern, err), f"rank {r}: {err!r}"
+
+
+# -- replica divergence check -------------------------------------------------------------------
+
+
+def _perturbed(rank, world, placement):
+    """``ReplicaCheck(every=2)``: the check on step 2 passes; one element of one replica's
+    '2.weight' is nudged by one ulp and the check on step 4 fires on every rank, naming it.
+
+    HSDP: rank 3 (the replica of rank 1's rows) after step 3: the replicas update their own
+    copies, so the difference lives on through step 4. DDP owner plan: rank 1 after step 4 (the
+    step's all-gather overwrites every copy from its owner, so a difference made before it
+    would be healed or spread alike)."""
+    from shardflow import DolphinFlow  # noqa: PLC0415
+    from shardflow.distributed.replicas import ReplicaCheck, ReplicaDivergence  # noqa: PLC0415
+
+    if placement == "hsdp":
+        model, group, victim, when = _sharded(_mesh(world, True)), _mesh(world, True), 3, 3
+    else:
+        model, group, victim, when = _model(), dist.group.WORLD, 1, 4
+    opt = DolphinFlow(model.named_parameters(), lr=1e-2, ortho_mode="matrix", process_group=group)
+    check = ReplicaCheck(opt, every=2)
+    fired = []
+    for step in range(1, 5):
+        opt.zero_grad()
+        _loss(model, step, rank, world).backward()
+        opt.step()
+        if step == when and rank == victim:
+            w = dict(model.named_parameters())["2.weight"]
+            local = w.to_local() if hasattr(w, "to_local") else w
+            with torch.no_grad():
+                local.view(-1)[0] = torch.nextafter(local.view(-1)[0], torch.tensor(2.0))
+        try:
+            check()
+        except ReplicaDivergence as exc:
+            fired.append((step, str(exc)))
+    return fired
+
+
+@pytest.mark.parametrize("placement", ["hsdp", "ddp"])
+def test_replica_check_fires_on_every_rank_when_one_replica_is_perturbed(placement):
+    for rank, fired in enumerate(run_on_ranks(_perturbed, 4, placement)):
+        assert [step for step, _ in fired] == [4], f"rank {rank}: {fired}"
+        assert "parameter '2.weight' differs between the replicas" in fired[0][1], fired[0][1]
