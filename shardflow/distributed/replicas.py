@@ -22,6 +22,8 @@ does nothing unless asked).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -83,16 +85,20 @@ def differing(tensors: list[Tensor], group, spread=None) -> list[int]:
     return [i for i, f in enumerate(flags.tolist()) if f]
 
 
-def check_replicas(optimizer: torch.optim.Optimizer, group=None) -> None:
+def check_replicas(
+    optimizer: torch.optim.Optimizer, group=None, names: Mapping[Tensor, str] | None = None
+) -> None:
     """Raise :class:`ReplicaDivergence` on every rank when the replicas of any of
     ``optimizer``'s parameters hold different bits, naming the first one (parameter order).
 
     ``group``: the replicas' group (default :func:`replica_group`); nothing is checked, and no
-    collective is called, where there is none."""
+    collective is called, where there is none. ``names``: parameter → name (e.g. from
+    ``model.named_parameters()``), for param groups without ``param_names``."""
     group = group if group is not None else replica_group(optimizer)
     if group is None or dist.get_world_size(group) == 1:
         return
-    params, names, _ = plan_inputs(optimizer.param_groups)
+    params, listed, _ = plan_inputs(optimizer.param_groups)
+    names = [names.get(p, n) for p, n in zip(params, listed)] if names else listed
     local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
     placement = getattr(optimizer, "placement", None)
     spread = placement.group if getattr(placement, "replicate_group", None) is group else None
