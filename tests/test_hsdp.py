@@ -85,15 +85,19 @@ def _full(model) -> dict[str, np.ndarray]:
 
 def _local(opt, model) -> list[bytes]:
     """This rank's weights and state tensors, as bytes (for bitwise replica comparison)."""
-    out = [p.to_local().detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-           for p in model.parameters()]
+    out = [
+        p.to_local().detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        for p in model.parameters()
+    ]
     for p in model.parameters():
         for key in sorted(opt.state[p]):
             v = opt.state[p][key]
             if isinstance(v, torch.Tensor):
                 v = v.to_local() if hasattr(v, "to_local") else v
-                out.append(key.encode() + v.detach().contiguous().view(-1).view(torch.uint8)
-                           .numpy().tobytes())
+                out.append(
+                    key.encode()
+                    + v.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+                )
     return out
 
 
@@ -177,8 +181,13 @@ def _run(rank, world, cases):
             for v in s.values()
         )
         out[(name, ci)] = dict(
-            hsdp=hsdp, flat=_full(flat), one=one, local=_local(opt, model), groups=groups,
-            grad_ok=grad_ok, low=low,
+            hsdp=hsdp,
+            flat=_full(flat),
+            one=one,
+            local=_local(opt, model),
+            groups=groups,
+            grad_ok=grad_ok,
+            low=low,
         )
     return out
 

@@ -92,7 +92,9 @@ def test_llama3_70b_hsdp_dry_run_prints_both_mesh_dims_owners_and_bytes_by_link(
     assert "max/mean: NS load 1.000" in text  # 560 matrices over 8 owners
     rows = dict(
         (m.group(1).strip(), (m.group(2), float(m.group(3))))
-        for m in re.finditer(r"\n  (?!total)(\S[^\n]*?)\s+(intra-node|inter-node)\s+([\d.]+) GiB", text)
+        for m in re.finditer(
+            r"\n  (?!total)(\S[^\n]*?)\s+(intra-node|inter-node)\s+([\d.]+) GiB", text
+        )
     )
     assert {name for name, (link, _) in rows.items() if link == "inter-node"} == {
         "HSDP all-reduce"

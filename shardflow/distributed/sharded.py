@@ -92,9 +92,7 @@ def make_placement(
     local_rows = [_local_rows(p) for p in params]
     gathered = comm.all_gather_object((problem, signature, local_rows), group, world)
     if replicate is not None:  # every replica's findings reach every rank (HSDP)
-        everywhere = comm.all_gather_object(
-            gathered, replicate, dist.get_world_size(replicate)
-        )
+        everywhere = comm.all_gather_object(gathered, replicate, dist.get_world_size(replicate))
         _raise_if_any([entry for shard_group in everywhere for entry in shard_group], names)
     _raise_if_any(gathered, names)
     rows = [[gathered[r][2][i] for r in range(world)] for i in range(len(params))]

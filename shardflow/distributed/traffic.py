@@ -27,11 +27,12 @@ with the shard group = one node, only the gradient all-reduce crosses nodes.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from shardflow.distributed.plan import matrix_shape, sharded_plan, tile_units
+from shardflow.distributed.plan import OwnerPlan, matrix_shape, sharded_plan, tile_units
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,51 +66,41 @@ def fsdp_rows(rows: int, shard: int) -> list[int]:
 
 
 def _padded_shard(p: Param, shard: int) -> int:
-    """Elements of one rank's padded FSDP2 shard."""
-    rows, cols = matrix_shape(p.shape)
-    return math.ceil(rows / shard) * cols
+    """Elements of one rank's padded FSDP2 shard (dim 0 of the tensor, whatever its rank)."""
+    rows = p.shape[0] if p.shape else 1
+    return math.ceil(rows / shard) * math.prod(p.shape[1:])
 
 
 def link_of(group_ranks: Sequence[int], node_size: int) -> str:
-    """"intra-node" when the ranks share a node (``node_size`` ranks per node), else inter."""
+    """ "intra-node" when the ranks share a node (``node_size`` ranks per node), else inter."""
     nodes = {r // node_size for r in group_ranks}
     return "intra-node" if len(nodes) <= 1 else "inter-node"
 
 
-def ns_all_to_all(params: Sequence[Param], shard: int, rank: int, wire_bytes: int) -> int:
-    """Bytes ``rank`` sends (round 1) and, as many, receives back (round 2) — each way per
-    round, one rank's rows of every unit another rank of its shard group owns."""
-    tiles = [p.tile for p in params]
-    plan = sharded_plan([p.shape for p in params], tiles, shard)
-    splits = [fsdp_rows(matrix_shape(p.shape)[0], shard) for p in params]
-    offsets = [[sum(s[:r]) for r in range(shard + 1)] for s in splits]
-    sent = 0
+def ns_all_to_all(
+    params: Sequence[Param], shard: int, wire_bytes: int, plan: OwnerPlan | None = None
+) -> list[int]:
+    """Bytes each shard rank sends over the two Newton-Schulz all-to-alls (and, as many,
+    receives): round 1 its rows of every unit another rank owns, round 2 the other ranks' rows
+    of the units it owns, back. ``plan``: the FSDP2 owner plan (built here when None)."""
+    plan = plan or sharded_plan([p.shape for p in params], [p.tile for p in params], shard)
+    offsets = []
+    for p in params:
+        split = fsdp_rows(matrix_shape(p.shape)[0], shard)
+        offsets.append([sum(split[:r]) for r in range(shard + 1)])
+    moved = [0] * shard
     for u, owner in zip(plan.units, plan.owners):
-        if owner == rank:
-            continue
-        lo = max(u.rows[0], offsets[u.index][rank])
-        hi = min(u.rows[1], offsets[u.index][rank + 1])
-        sent += max(0, hi - lo) * (u.cols[1] - u.cols[0])
-    return sent * wire_bytes
-
-
-def ns_all_to_all_owned(params: Sequence[Param], shard: int, rank: int, wire_bytes: int) -> int:
-    """Bytes ``rank`` receives in round 1 (and sends back in round 2): the other ranks' rows of
-    the units it owns."""
-    plan = sharded_plan([p.shape for p in params], [p.tile for p in params], shard)
-    splits = [fsdp_rows(matrix_shape(p.shape)[0], shard) for p in params]
-    offsets = [[sum(s[:r]) for r in range(shard + 1)] for s in splits]
-    got = 0
-    for u, owner in zip(plan.units, plan.owners):
-        if owner != rank:
-            continue
-        for r in range(shard):
-            if r == rank:
+        off, width = offsets[u.index], u.cols[1] - u.cols[0]
+        first = max(0, bisect.bisect_right(off, u.rows[0]) - 1)
+        for r in range(first, shard):
+            if off[r] >= u.rows[1]:
+                break
+            if r == owner:
                 continue
-            lo = max(u.rows[0], offsets[u.index][r])
-            hi = min(u.rows[1], offsets[u.index][r + 1])
-            got += max(0, hi - lo) * (u.cols[1] - u.cols[0])
-    return got * wire_bytes
+            n = max(0, min(u.rows[1], off[r + 1]) - max(u.rows[0], off[r])) * width
+            moved[r] += n  # round 1 out, round 2 in
+            moved[owner] += n  # round 1 in, round 2 out
+    return [m * wire_bytes for m in moved]
 
 
 def sharded_step(
@@ -122,16 +113,16 @@ def sharded_step(
     micro_batches: int = 1,
     wire_bytes: int = 2,
     grad_bytes: int | None = None,
+    ns: Sequence[int] | None = None,
 ) -> list[Traffic]:
     """FSDP2 (``replicas=1``) or HSDP traffic of shard rank ``rank`` per step (module doc).
     ``node_size``: ranks per node (default: the shard group is one node); ``grad_bytes``:
-    gradient element bytes (default: each parameter's)."""
+    gradient element bytes (default: each parameter's); ``ns``: :func:`ns_all_to_all`'s result,
+    when already computed for every rank."""
     node_size = node_size or shard
     shard_link = link_of(range(shard), node_size)
     replica_link = link_of([r * shard for r in range(replicas)], node_size)
-    gathered = sum(
-        _padded_shard(p, shard) * p.elem_bytes * (1 if p.root else 2) for p in params
-    )
+    gathered = sum(_padded_shard(p, shard) * p.elem_bytes * (1 if p.root else 2) for p in params)
     grads = sum(_padded_shard(p, shard) * (grad_bytes or p.elem_bytes) for p in params)
     out = [
         Traffic("FSDP2 all-gather", shard_link, *[gathered * (shard - 1) * micro_batches] * 2),
@@ -140,10 +131,9 @@ def sharded_step(
     if replicas > 1:
         moved = 2 * grads * (replicas - 1) // replicas
         out.append(Traffic("HSDP all-reduce", replica_link, moved, moved))
-    sent = ns_all_to_all(params, shard, rank, wire_bytes)
-    got = ns_all_to_all_owned(params, shard, rank, wire_bytes)
-    if sent or got:
-        out.append(Traffic("NS all-to-all (2 rounds)", shard_link, sent + got, got + sent))
+    moved = (ns or ns_all_to_all(params, shard, wire_bytes))[rank]
+    if moved:
+        out.append(Traffic("NS all-to-all (2 rounds)", shard_link, moved, moved))
     return out
 
 
@@ -168,7 +158,9 @@ def replicated_step(
         flags = [0] * world
         for i, o in enumerate(owners):
             flags[o] += params[i].elem_bytes
-        per_owner = [flags[r] + sum(b for b, o in zip(nbytes, owners) if o == r) for r in range(world)]
+        per_owner = [
+            flags[r] + sum(b for b, o in zip(nbytes, owners) if o == r) for r in range(world)
+        ]
         sent = sum(b for r, b in enumerate(per_owner) if r != rank)
         out.append(Traffic("gradient all-to-all", link, sent, per_owner[rank] * (world - 1)))
     largest = max(

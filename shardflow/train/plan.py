@@ -255,17 +255,27 @@ def _traffic_lines(cfg: Config, model, optimizer, plan) -> list[str]:
         owners = plan[0].owners if plan is not None else list(range(len(params)))
         per_rank = [
             traffic.replicated_step(
-                model_params, owners, world=cfg.run.nproc, node_size=node, rank=r,
+                model_params,
+                owners,
+                world=cfg.run.nproc,
+                node_size=node,
+                rank=r,
                 grads_reduced=True,
             )
             for r in range(cfg.run.nproc)
         ]
     else:
         replicas, shard = hsdp_shape(cfg, cfg.run.nproc) if kind == "hsdp" else (1, cfg.run.nproc)
+        ns = traffic.ns_all_to_all(model_params, shard, 2, plan[0] if plan else None)
         per_rank = [
             traffic.sharded_step(
-                model_params, shard=shard, replicas=replicas, node_size=node, rank=r,
+                model_params,
+                shard=shard,
+                replicas=replicas,
+                node_size=node,
+                rank=r,
                 micro_batches=cfg.train.grad_accum,
+                ns=ns,
             )
             for r in range(shard)
         ]
@@ -277,9 +287,7 @@ def _traffic_lines(cfg: Config, model, optimizer, plan) -> list[str]:
         f"  {'collective':<26} {'link':<11} {'sent':>12} {'received':>12}",
     ]
     for t in rows:
-        lines.append(
-            f"  {t.collective:<26} {t.link:<11} {_fmt(t.sent)} {_fmt(t.received)}"
-        )
+        lines.append(f"  {t.collective:<26} {t.link:<11} {_fmt(t.sent)} {_fmt(t.received)}")
     links = traffic.by_link(rows)
     lines.append(
         "  total sent: "
