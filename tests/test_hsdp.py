@@ -311,3 +311,79 @@ def test_replica_check_fires_on_every_rank_when_one_replica_is_perturbed(placeme
     for rank, fired in enumerate(run_on_ranks(_perturbed, 4, placement)):
         assert [step for step, _ in fired] == [4], f"rank {rank}: {fired}"
         assert "parameter '2.weight' differs between the replicas" in fired[0][1], fired[0][1]
+
+
+# -- checkpoints ------------------------------------------------------------------------------
+
+
+def _checkpoint_round_trip(rank, world, name, paths):
+    """HSDP 2x2: 3 steps, save, 2 more (the uninterrupted run). That checkpoint into 1-D FSDP2 at
+    W=4 and into the DDP owner plan, 2 steps each; and FSDP2's own checkpoint back into HSDP."""
+    import shardflow.checkpoint as ck  # noqa: PLC0415
+
+    record = _record(name)
+    config = record.configs[0]
+
+    def steps(model, opt, start, count):
+        for step in range(start + 1, start + count + 1):
+            opt.zero_grad()
+            _loss(model, step, rank, world).backward()
+            opt.step()
+
+    def full(model):
+        return {
+            n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().numpy().copy()
+            for n, p in model.named_parameters()
+        }
+
+    mesh2d, mesh1d = _mesh(world, True), _mesh(world, False)
+    model = _sharded(mesh2d)
+    opt = record.factory(model.parameters(), process_group=mesh2d, **config)
+    steps(model, opt, 0, 3)
+    ck.save(paths["hsdp"], model=model, optimizer=opt)
+    steps(model, opt, 3, 2)
+    out = {"uninterrupted": full(model)}
+    flat = _sharded(mesh1d)
+    flat_opt = record.factory(flat.parameters(), process_group=mesh1d, **config)
+    ck.load(paths["hsdp"], model=flat, optimizer=flat_opt)
+    ck.save(paths["fsdp"], model=flat, optimizer=flat_opt)
+    steps(flat, flat_opt, 3, 2)
+    out["hsdp -> fsdp"] = full(flat)
+    plain = _model()
+    plain_opt = record.factory(plain.parameters(), process_group=dist.group.WORLD, **config)
+    ck.load(paths["hsdp"], model=plain, optimizer=plain_opt)
+    steps(plain, plain_opt, 3, 2)
+    out["hsdp -> ddp"] = full(plain)
+    back = _sharded(mesh2d)
+    back_opt = record.factory(back.parameters(), process_group=mesh2d, **config)
+    ck.load(paths["fsdp"], model=back, optimizer=back_opt)
+    steps(back, back_opt, 3, 2)
+    out["hsdp -> fsdp -> hsdp"] = full(back)
+    return out
+
+
+@pytest.mark.parametrize("record", all_records(), ids=lambda r: r.name)
+def test_hsdp_checkpoints_reshard_to_other_placements_and_back(record, tmp_path):
+    """Tolerance: the sharding one above (the placements differ only in the order of sums)."""
+    if skip_reason(record):
+        pytest.skip(skip_reason(record))
+    paths = {k: str(tmp_path / k) for k in ("hsdp", "fsdp")}
+    results = run_on_ranks(_checkpoint_round_trip, 4, record.name, paths, timeout=300)[0]
+    low = any(dtype.itemsize < 4 for dtype in _state_dtypes(record))
+    expected = results.pop("uninterrupted")
+    for what, got in results.items():
+        _close(got, expected, low, what)
+
+
+def _state_dtypes(record) -> list[torch.dtype]:
+    """The dtypes of the record's state tensors after one step in one process."""
+    model = _model()
+    opt = record.factory(model.parameters(), **record.configs[0])
+    torch.nn.functional.mse_loss(model(_batch(1)[0]), _batch(1)[1]).backward()
+    opt.step()
+    return [
+        v.dtype
+        for s in opt.state.values()
+        for v in s.values()
+        if isinstance(v, torch.Tensor) and v.ndim
+    ]
