@@ -6,6 +6,8 @@
   optimizer, train step): the parameters are DTensors placed (Replicate(), Shard(0)), the
   optimizer's placement works in the shard group, the replicas hold the same bits after two
   steps (the runtime's replica check passes, and fires once a replica is nudged);
+- the whole run under torchrun (4 CPU processes, 2x2, the replica check every 2 steps,
+  checkpoints): it trains and finishes;
 - the shipped configs/llama3-70b-hsdp-4x8.toml dry-runs on this CPU and prints both mesh
   dimensions, the owner plan of one shard group, and bytes per rank per step by link, with only
   the gradient all-reduce crossing nodes.
@@ -20,7 +22,7 @@ import pytest
 import torch
 import torch._dynamo  # noqa: F401 - imported once here, not by every forked rank (seconds each)
 from dist import run_on_ranks
-from test_train_e2e import tiny_config
+from test_train_e2e import TRAIN, launch, tiny_config
 
 import shardflow.train.loop as loop
 from shardflow.train.config import ConfigError, load_config
@@ -103,3 +105,16 @@ def test_llama3_70b_hsdp_dry_run_prints_both_mesh_dims_owners_and_bytes_by_link(
     # the gradient shard (reduce-scatter bytes / 7) all-reduced over 4 replicas: 2 * 3/4 of it
     shard = rows["FSDP2 reduce-scatter"][1] / 7
     assert rows["HSDP all-reduce"][1] == pytest.approx(2 * shard * 3 / 4, rel=1e-3)
+
+
+def test_torchrun_hsdp_two_by_two_trains_with_the_replica_check(tmp_path):
+    overrides = [
+        "--run.nproc", "4", "--placement.kind", "hsdp", "--placement.shard_size", "2",
+        "--placement.replica_check_every", "2", "--train.steps", "4", "--train.eval_every", "0",
+        "--checkpoint.every", "2", "--log.plot", "false",
+    ]  # fmt: skip
+    result = launch(TRAIN, [str(tiny_config(tmp_path)), *overrides], nproc=4, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = result.stdout + result.stderr
+    assert "placement=hsdp, 4 rank(s)" in text and "step 4/4" in text and "done: tiny" in text
+    assert (tmp_path / "tiny" / "checkpoints").is_dir()
