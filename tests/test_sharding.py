@@ -392,7 +392,8 @@ def _bad_input(rank, world):
 def test_bad_input_raises_the_same_clear_error_on_every_rank():
     r0, r1 = run_on_ranks(_bad_input, 2, timeout=60)
     expected = {
-        "2d": r"2-D DeviceMesh.*only a 1-D mesh is supported.*sub-mesh",
+        "2d": r"2-D DeviceMesh \(2, 1\) \(HSDP\) but the parameters are plain tensors.*process "
+        r"group",
         "replicate": r"placements \(Replicate\(\),\): only \(Shard\(0\),\) is supported",
         "mixed": r"rank 1: the parameters mix DTensors .* and plain tensors .*fully_shard",
         "lists": r"different parameter lists \(rank 0 has 1 parameters, rank 1 has 2\).*same order",

@@ -52,7 +52,8 @@ class TorchComm:
 def resolve_comm(process_group: Any, optimizer: Any) -> Comm:
     """The group to coordinate over.
 
-    ``process_group`` if given (a ProcessGroup, a 1-D DeviceMesh, or a :class:`Comm`); else the
+    ``process_group`` if given (a ProcessGroup, a 1-D DeviceMesh, a 2-D HSDP mesh over every
+    rank: the default group, or a :class:`Comm`); else the
     optimizer's ``process_group``; else the default group when ``torch.distributed`` is
     initialized (replicated training: ranks holding identical copies write them once, shared out
     between ranks); else one process.
@@ -64,10 +65,14 @@ def resolve_comm(process_group: Any, optimizer: Any) -> Comm:
         return group
     if group is not None:
         if hasattr(group, "get_group"):  # DeviceMesh
+            if group.ndim == 2 and sorted(group.mesh.flatten().tolist()) == list(
+                range(dist.get_world_size())
+            ):  # HSDP over every rank: replicas' identical rows are written once
+                return TorchComm(None)
             if group.ndim != 1:
                 raise ValueError(
                     f"process_group={group!r} is a {group.ndim}-D DeviceMesh: pass a 1-D mesh "
-                    "(the dimension the state is sharded over)."
+                    "(the dimension the state is sharded over) or a 2-D HSDP mesh over every rank."
                 )
             group = group.get_group()
         return TorchComm(group)

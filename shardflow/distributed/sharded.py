@@ -2,7 +2,10 @@
 
 Which one is decided once, at construction, from the parameters (:func:`make_placement`): plain
 tensors and a process group → :class:`ReplicatedPlacement`; DTensors sharded on dim 0 over a 1-D
-mesh (``torch.distributed.fsdp.fully_shard``) → :class:`ShardedPlacement`. The update rules do
+mesh (``torch.distributed.fsdp.fully_shard``) → :class:`ShardedPlacement`; DTensors placed
+``(Replicate(), Shard(0))`` on a 2-D ``("replicate", "shard")`` mesh (HSDP: ``fully_shard(module,
+mesh=mesh2d)``, with ``process_group=mesh2d``) → :class:`ShardedPlacement` over the shard
+dimension's group. The update rules do
 not change: they see local tensors and call the reduction points of
 :class:`~shardflow.distributed.placement.LocalPlacement`.
 
@@ -32,6 +35,12 @@ uneven and empty shards need no padding. Row-wise ⊥Grad needs nothing; flatten
 normalization, trust region and dynamic momentum are one batched all-reduce each
 (:meth:`sum_over_shards`); clipping is one all-reduce of one scalar.
 
+**HSDP.** The placement is the FSDP2-aware one inside the shard dimension: the owner plan, its
+all-to-alls and every sum run in the shard group only, so nothing crosses replicas (nodes) but
+FSDP2's own gradient all-reduce. Each replica computes the same plan from the same shapes and
+gets the same gradient shards, so every replica's results are the same bits without any extra
+traffic; :func:`shardflow.distributed.replicas.check_replicas` verifies it on demand.
+
 Nothing here runs between steps: gradient accumulation (several backward passes, one ``step``)
 keeps every collective and every Newton-Schulz at the accumulation boundary.
 """
@@ -45,7 +54,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from shardflow.distributed import comm
 from shardflow.distributed.agreement import (
@@ -83,7 +92,7 @@ def make_placement(
     hyperparameters and Newton-Schulz tiles: :mod:`~shardflow.distributed.agreement`), never
     leaving a rank waiting.
     """
-    group, mesh = _resolve_group(process_group)
+    group, mesh, replicate = _resolve_group(process_group)
     world = dist.get_world_size(group)
     params, names, tiles = plan_inputs(param_groups, ns_tile)
     problem = _local_problem(params, names, group, mesh)
@@ -93,6 +102,9 @@ def make_placement(
     gathered = comm.all_gather_object(
         (problem, signature, local_rows, hyper, tiles, names), group, world
     )
+    if replicate is not None:  # every replica's findings reach every rank (HSDP)
+        everywhere = comm.all_gather_object(gathered, replicate, dist.get_world_size(replicate))
+        _raise_if_any([entry for shard_group in everywhere for entry in shard_group], names)
     _raise_if_any(gathered, names)
     rows = [[gathered[r][2][i] for r in range(world)] for i in range(len(params))]
     if params and isinstance(params[0], DTensor):
@@ -104,14 +116,18 @@ def make_placement(
                 "for plain parameters of a DDP-wrapped model)."
             )
         _check_row_counts(params, names, rows)
-        return ShardedPlacement(params, names, tiles, rows, group, params[0].device_mesh)
+        mesh = params[0].device_mesh
+        return ShardedPlacement(params, names, tiles, rows, group, mesh, replicate=replicate)
     return ReplicatedPlacement(params, names, tiles, group, grads_reduced=grads_reduced)
 
 
 # -- checks ---------------------------------------------------------------------------------
 
 
-def _resolve_group(process_group: Any) -> tuple[Any, DeviceMesh | None]:
+def _resolve_group(process_group: Any) -> tuple[Any, DeviceMesh | None, Any]:
+    """``(shard group, mesh, replicate group)``: the group the owner plan and its collectives
+    run in, the mesh given (None for a ProcessGroup) and, for a 2-D HSDP mesh, the group across
+    its replicas (None otherwise)."""
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError(
             f"process_group={process_group!r} was given but torch.distributed is not initialized: "
@@ -119,24 +135,28 @@ def _resolve_group(process_group: Any) -> tuple[Any, DeviceMesh | None]:
             "process_group=None for one process."
         )
     if isinstance(process_group, DeviceMesh):
+        if process_group.ndim == 2:
+            return process_group.get_group(1), process_group, process_group.get_group(0)
         if process_group.ndim != 1:
             raise ValueError(
                 f"process_group is a {process_group.ndim}-D DeviceMesh "
-                f"(shape {tuple(process_group.shape)}, dims {process_group.mesh_dim_names}): only a "
-                "1-D mesh is supported. For HSDP or 2-D parallelism pass the 1-D sub-mesh the "
-                "parameters are sharded over, e.g. mesh['dp_shard']."
+                f"(shape {tuple(process_group.shape)}, dims {process_group.mesh_dim_names}): pass "
+                "a 1-D mesh (FSDP2) or the 2-D (replicate, shard) mesh given to fully_shard for "
+                "HSDP; for other parallelisms pass the (replicate, shard) sub-mesh, e.g. "
+                "mesh['dp_replicate', 'dp_shard']."
             )
-        return process_group.get_group(), process_group
+        return process_group.get_group(), process_group, None
     if isinstance(process_group, int) and process_group == dist.GroupMember.NON_GROUP_MEMBER:
         raise ValueError(_NOT_A_MEMBER.format(rank=dist.get_rank()))
     if not isinstance(process_group, dist.ProcessGroup):
         raise ValueError(
             f"process_group={process_group!r} is invalid: pass a torch.distributed ProcessGroup "
-            "(e.g. torch.distributed.group.WORLD), a 1-D DeviceMesh, or None for one process."
+            "(e.g. torch.distributed.group.WORLD), a 1-D DeviceMesh, a 2-D (replicate, shard) "
+            "DeviceMesh for HSDP, or None for one process."
         )
     if dist.get_rank(process_group) < 0:
         raise ValueError(_NOT_A_MEMBER.format(rank=dist.get_rank()))
-    return process_group, None
+    return process_group, None, None
 
 
 _NOT_A_MEMBER = (
@@ -159,33 +179,75 @@ def _local_problem(
             "parameter with fully_shard (apply it to the root module too) or none of them "
             "(DDP-aware mode)."
         )
-    group_ranks = dist.get_process_group_ranks(group)
+    hsdp = mesh is not None and mesh.ndim == 2
+    if hsdp and params and not any(sharded):
+        return (
+            f"process_group is a 2-D DeviceMesh {tuple(mesh.shape)} (HSDP) but the parameters "
+            f"are plain tensors ({names[0]!r}): a 2-D mesh is for parameters sharded with "
+            "fully_shard(module, mesh=mesh) (placements (Replicate(), Shard(0))); for replicated "
+            "parameters pass a process group (e.g. torch.distributed.group.WORLD)."
+        )
     for p, name in zip(params, names):
         if isinstance(p, DTensor):
-            if p.device_mesh.ndim != 1:
-                return (
-                    f"parameter {name!r} is a DTensor on a {p.device_mesh.ndim}-D mesh: only a 1-D "
-                    "mesh (FSDP2 fully_shard over one mesh dimension) is supported; for HSDP pass "
-                    "the 1-D sub-mesh the parameters are sharded over."
-                )
-            if tuple(p.placements) != (Shard(0),):
-                return (
-                    f"parameter {name!r} is a DTensor with placements {tuple(p.placements)}: only "
-                    "(Shard(0),) is supported (FSDP2 fully_shard's default). Shard parameters on "
-                    "dim 0, or pass plain tensors (DDP-aware mode)."
-                )
-            if dist.get_process_group_ranks(p.device_mesh.get_group()) != group_ranks:
-                return (
-                    f"parameter {name!r} is sharded over ranks "
-                    f"{dist.get_process_group_ranks(p.device_mesh.get_group())} but process_group "
-                    f"holds ranks {group_ranks}: pass the mesh the parameters are sharded over "
-                    "(process_group=mesh)."
-                )
+            found = _dtensor_problem(p, name, group, mesh)
+            if found is not None:
+                return found
         elif not p.is_contiguous():
             return (
                 f"parameter {name!r} is not contiguous: the DDP-aware mode all-gathers parameters "
                 "in place; make it contiguous (param.data = param.data.contiguous())."
             )
+    return None
+
+
+def _dtensor_problem(p: DTensor, name: str, group, mesh: DeviceMesh | None) -> str | None:
+    """What is wrong with a DTensor parameter for this process group or mesh, or None.
+
+    1-D: placements ``(Shard(0),)`` over the group's ranks. 2-D (HSDP, given as the mesh):
+    placements ``(Replicate(), Shard(0))`` on a mesh whose shard and replicate groups are the
+    given mesh's (``fully_shard(module, mesh=mesh)`` with that very mesh)."""
+    pmesh, placements = p.device_mesh, tuple(p.placements)
+    if mesh is not None and mesh.ndim == 2:
+        if pmesh.ndim != 2 or placements != (Replicate(), Shard(0)):
+            return (
+                f"parameter {name!r} is a DTensor on a {pmesh.ndim}-D mesh "
+                f"{tuple(pmesh.shape)} with placements {placements}, but process_group is the 2-D "
+                f"mesh {tuple(mesh.shape)} {mesh.mesh_dim_names}: its shard dimension (dim 1) must "
+                "be the one the parameters are sharded over, with placements (Replicate(), "
+                "Shard(0)) (fully_shard(module, mesh=mesh) with this mesh). Pass the mesh the "
+                "parameters were sharded with."
+            )
+        for dim, what in ((1, "shard"), (0, "replicate")):
+            mine = dist.get_process_group_ranks(pmesh.get_group(dim))
+            given = dist.get_process_group_ranks(mesh.get_group(dim))
+            if mine != given:
+                return (
+                    f"parameter {name!r} is sharded over a 2-D mesh whose {what} dimension holds "
+                    f"ranks {mine} here, but the 2-D process_group's {what} dimension holds "
+                    f"ranks {given}: pass the mesh the parameters were sharded with "
+                    "(fully_shard(module, mesh=mesh); process_group=mesh)."
+                )
+        return None
+    if pmesh.ndim != 1:
+        return (
+            f"parameter {name!r} is a DTensor on a {pmesh.ndim}-D mesh {tuple(pmesh.shape)} "
+            f"{pmesh.mesh_dim_names} (HSDP) but process_group is 1-D: pass that 2-D mesh itself "
+            "(process_group=mesh); the owner plan then runs inside its shard dimension."
+        )
+    if placements != (Shard(0),):
+        return (
+            f"parameter {name!r} is a DTensor with placements {placements}: only "
+            "(Shard(0),) is supported (FSDP2 fully_shard's default). Shard parameters on "
+            "dim 0, or pass plain tensors (DDP-aware mode)."
+        )
+    group_ranks = dist.get_process_group_ranks(group)
+    if dist.get_process_group_ranks(pmesh.get_group()) != group_ranks:
+        return (
+            f"parameter {name!r} is sharded over ranks "
+            f"{dist.get_process_group_ranks(pmesh.get_group())} but process_group "
+            f"holds ranks {group_ranks}: pass the mesh the parameters are sharded over "
+            "(process_group=mesh)."
+        )
     return None
 
 
@@ -417,9 +479,14 @@ class ShardedPlacement(LocalPlacement):
         rows: list[list[int]],
         group,
         mesh: DeviceMesh,
+        *,
+        replicate=None,
     ) -> None:
         self.group = group
+        """The shard group: the owner plan and every collective of a step run inside it."""
         self.mesh = mesh
+        self.replicate_group = replicate
+        """HSDP: the group of this rank's replicas (same rows, same results); None on 1-D."""
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self.params = params
@@ -454,8 +521,8 @@ class ShardedPlacement(LocalPlacement):
         shape = (self._rows_total(param), *value.shape[1:])
         return DTensor.from_local(
             value,
-            self.mesh,
-            [Shard(0)],
+            param.device_mesh,
+            param.placements,
             run_check=False,
             shape=torch.Size(shape),
             stride=_contiguous_stride(shape),
@@ -569,6 +636,14 @@ class ShardedPlacement(LocalPlacement):
         return mat[lo - base : hi - base, u.cols[0] : u.cols[1]]
 
     def describe(self) -> str:
+        if self.replicate_group is not None:
+            replicas = dist.get_world_size(self.replicate_group)
+            return (
+                f"HSDP-aware: {replicas} replicas x {self.world_size} shards; state on local rows, "
+                f"Newton-Schulz owner plan inside the shard group (wire {self.wire_dtype}); this "
+                f"is shard rank {self.rank}\n"
+                f"{self.plan.describe('NS units', dict(enumerate(self.names)))}"
+            )
         return (
             f"FSDP2-aware: state on local rows over {self.world_size} ranks; Newton-Schulz owner "
             f"plan (wire {self.wire_dtype}); this is rank {self.rank}\n"

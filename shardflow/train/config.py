@@ -108,10 +108,17 @@ class DataConfig:
 @dataclass(kw_only=True, slots=True)
 class PlacementConfig:
     kind: str = "none"
-    """"none" (one process), "ddp" (replicated), "fsdp" (fully_shard per block) or "offload"
-    (one process; optimizer and a float32 master copy on the host)."""
+    """"none" (one process), "ddp" (replicated), "fsdp" (fully_shard per block), "hsdp"
+    (fully_shard over a 2-D mesh: sharded within groups of shard_size ranks, replicated across
+    them) or "offload" (one process; optimizer and a float32 master copy on the host)."""
     backend: str = "auto"
     """Collective backend: "auto" (gloo on cpu, nccl on cuda), "gloo" or "nccl"."""
+    shard_size: int = 0
+    """kind="hsdp": ranks per shard group (0 = ranks per node: torchrun's LOCAL_WORLD_SIZE,
+    or run.nproc when not launched by torchrun, as in a dry run); divides run.nproc."""
+    replica_check_every: int = 100
+    """kind="hsdp" or "ddp": compare the replicas' weights (a checksum all-reduce) every this
+    many steps and stop naming the first parameter that differs; 0 = never."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -232,7 +239,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.kind": ("builtin", "hf"),
     "data.format": ("text", "instruct"),
     "model.dtype": ("float32", "bfloat16"),
-    "placement.kind": ("none", "ddp", "fsdp", "offload"),
+    "placement.kind": ("none", "ddp", "fsdp", "hsdp", "offload"),
     "placement.backend": ("auto", "gloo", "nccl"),
     "train.loss": ("softmax", "stablemax"),
 }
@@ -515,6 +522,8 @@ def check_values(cfg: Config) -> None:
         "schedule.warmup_steps": cfg.schedule.warmup_steps,
         "optim.weight_decay": cfg.optim.weight_decay,
         "optim.grad_clip": cfg.optim.grad_clip,
+        "placement.shard_size": cfg.placement.shard_size,
+        "placement.replica_check_every": cfg.placement.replica_check_every,
     }
     for name, value in non_negative.items():
         if value < 0:

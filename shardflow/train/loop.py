@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from shardflow.distributed.replicas import check_replicas
 from shardflow.ops.stablemax import stablemax_cross_entropy
 from shardflow.optim.release import module_buckets, prepare_for_gradient_release
 from shardflow.train import ckpt
@@ -98,7 +99,7 @@ def build_model(cfg: Config, device: str = "cpu") -> nn.Module:
 
 def _placed_model(cfg: Config, device: torch.device, mesh: Any) -> nn.Module:
     """The model placed on ``device``; built-in FSDP models are sharded before allocation."""
-    if cfg.model.kind == "builtin" and cfg.placement.kind == "fsdp":
+    if cfg.model.kind == "builtin" and cfg.placement.kind in ("fsdp", "hsdp"):
         model = place_model(build_model(cfg, "meta"), cfg, device, mesh)
         model.to_empty(device=device)
         model.reset_parameters(cfg.run.seed)
@@ -443,6 +444,10 @@ def _train(cfg: Config, prep: Prepared, proc: ProcessInfo, stop: StopRequest) ->
         tick = time.perf_counter()
         loss, grad_norm = _train_step(model, optimizer, cfg, prep.corpus, step, proc, device)
         scheduler.step()
+        every = cfg.placement.replica_check_every
+        if every and step % every == 0:  # replicas (HSDP, DDP owner plan) hold the same bits
+            names = {p: n for n, p in inner_model(model).named_parameters()}
+            check_replicas(held_optimizer(optimizer), names=names)
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss became {loss} at step {step}; lower optim.lr.")
         seconds = time.perf_counter() - tick

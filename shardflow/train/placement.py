@@ -1,5 +1,6 @@
-"""Where the model lives: one process, DDP replicas, FSDP2 shards, or one device with the
-optimizer on the host (offload, :mod:`shardflow.train.offload`)."""
+"""Where the model lives: one process, DDP replicas, FSDP2 shards, HSDP (FSDP2 shards within a
+group of ``shard_size`` ranks, replicated across groups), or one device with the optimizer on
+the host (offload, :mod:`shardflow.train.offload`)."""
 
 from __future__ import annotations
 
@@ -63,11 +64,26 @@ def check_placement(cfg: Config, proc: ProcessInfo) -> None:
             f"placement.kind='none' runs one process, but run.nproc={proc.world}; "
             "use placement.kind='ddp' or 'fsdp' for several processes."
         )
+    if kind == "hsdp":
+        hsdp_shape(cfg, proc.world)
     if kind == "offload" and proc.world != 1:
         raise ConfigError(
             f"placement.kind='offload' runs one process (one GPU), but run.nproc={proc.world}; "
             "use placement.kind='fsdp' to spread a model over several."
         )
+
+
+def hsdp_shape(cfg: Config, world: int) -> tuple[int, int]:
+    """``(replicas, shard_size)`` of the HSDP mesh over ``world`` ranks: ``placement.shard_size``,
+    or 0 = ranks per node (torchrun's LOCAL_WORLD_SIZE; ``world`` without torchrun)."""
+    shard = cfg.placement.shard_size or int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if shard < 1 or world % shard:
+        raise ConfigError(
+            f"placement.shard_size={shard} does not divide the {world} ranks: HSDP needs "
+            "replicas x shard_size = run.nproc; set placement.shard_size to the ranks per node "
+            "(e.g. --placement.shard_size 8) or a divisor of run.nproc."
+        )
+    return world // shard, shard
 
 
 def check_backend(cfg: Config, device: torch.device) -> None:
@@ -113,11 +129,17 @@ def init_distributed(cfg: Config, device: torch.device, proc: ProcessInfo) -> bo
 
 
 def process_group_for(cfg: Config, device: torch.device) -> Any:
-    """What ShardFlow optimizers get as ``process_group``: a 1-D mesh (fsdp), the world (ddp)."""
+    """What ShardFlow optimizers get as ``process_group``: a 1-D mesh (fsdp), the 2-D
+    ("replicate", "shard") mesh (hsdp), the world (ddp)."""
     if cfg.placement.kind == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
 
         return init_device_mesh(device.type, (dist.get_world_size(),))
+    if cfg.placement.kind == "hsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+
+        shape = hsdp_shape(cfg, dist.get_world_size())
+        return init_device_mesh(device.type, shape, mesh_dim_names=("replicate", "shard"))
     if cfg.placement.kind == "ddp":
         return dist.group.WORLD
     return None
@@ -139,7 +161,7 @@ def place_model(model: nn.Module, cfg: Config, device: torch.device, mesh: Any) 
 
         ids = [device.index] if device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
-    if kind == "fsdp":
+    if kind in ("fsdp", "hsdp"):  # hsdp: mesh is 2-D, fully_shard replicates over dim 0
         from torch.distributed.fsdp import fully_shard
 
         for block in model.blocks():

@@ -3,7 +3,10 @@
 Prints the param groups and their optimizer routing, the owner plan the optimizer will use
 (built by :mod:`shardflow.distributed.plan` from each parameter's Newton-Schulz tile, as the
 optimizer decides it: the same function, the same inputs, so the same owners), and an estimate
-of memory per rank (weights, gradients, optimizer state; activations are not included).
+of memory per rank (weights, gradients, optimizer state; activations are not included), and
+the bytes each rank sends per step by collective and by link (intra- vs inter-node,
+:mod:`shardflow.distributed.traffic`). HSDP: both mesh dimensions, the owner plan of one shard
+group (every group has the same) and memory per rank of one group.
 
 The optimizer is built for real, in one process, over the meta model's param groups: state is
 made on the meta device (no memory), so its bytes per parameter are measured, not assumed.
@@ -12,11 +15,13 @@ made on the meta device (no memory), so its bytes per parameter are measured, no
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from shardflow.distributed import traffic
 from shardflow.distributed.placement import plan_inputs
 from shardflow.distributed.plan import OwnerPlan, replicated_plan, sharded_plan
 from shardflow.optim.release import module_buckets
@@ -30,6 +35,7 @@ from shardflow.train.optimizers import (
     default_option,
     state_bytes_per_param,
 )
+from shardflow.train.placement import hsdp_shape
 
 GIB = 1024**3
 
@@ -61,13 +67,18 @@ def owner_plan(cfg: Config, optimizer: Any) -> tuple[OwnerPlan, str] | None:
     (:func:`~shardflow.distributed.placement.plan_inputs` with the optimizer's ``_ns_tile``), the
     same functions, hence the same owners."""
     kind = cfg.placement.kind
-    if kind not in ("ddp", "fsdp") or not accepts_process_group(cfg.optim.name):
+    if kind not in ("ddp", "fsdp", "hsdp") or not accepts_process_group(cfg.optim.name):
         return None
     params, _, tiles = plan_inputs(optimizer.param_groups, getattr(optimizer, "_ns_tile", None))
     shapes = [p.shape for p in params]
     if kind == "ddp":
         return replicated_plan(shapes, tiles, cfg.run.nproc), "params"
-    return sharded_plan(shapes, tiles, cfg.run.nproc), "NS units"
+    return sharded_plan(shapes, tiles, _shard_ranks(cfg)), "NS units"
+
+
+def _shard_ranks(cfg: Config) -> int:
+    """Ranks a parameter is sharded over: run.nproc (fsdp), the shard group's size (hsdp)."""
+    return hsdp_shape(cfg, cfg.run.nproc)[1] if cfg.placement.kind == "hsdp" else cfg.run.nproc
 
 
 def _shard_bytes(param: torch.Tensor, ranks: int) -> int:
@@ -83,8 +94,8 @@ def _fmt(nbytes: float) -> str:
 def _memory(
     cfg: Config, groups: list[RoutedGroup], state_b: float, plan: tuple[OwnerPlan, str] | None
 ) -> list[str]:
-    ranks = cfg.run.nproc
     kind = cfg.placement.kind
+    ranks = _shard_ranks(cfg) if kind == "hsdp" else cfg.run.nproc
     params = [p for g in groups for p in g.params]
     if kind == "offload":
         return _offload_memory(cfg, params, state_b)
@@ -94,7 +105,7 @@ def _memory(
     state = [0.0] * ranks
     for i, p in enumerate(params):
         for r in range(ranks):
-            if kind == "fsdp":
+            if kind in ("fsdp", "hsdp"):
                 weights[r] += _shard_bytes(p, ranks)
                 state[r] += _shard_bytes(p, ranks) / p.element_size() * state_b
             else:
@@ -103,7 +114,9 @@ def _memory(
                     state[r] += p.numel() * state_b
     lines = [
         f"memory per rank (estimate; {state_b:g} B/param of {cfg.optim.name} state; "
-        "activations not included):",
+        "activations not included"
+        + ("; one shard group: every replica holds the same" if kind == "hsdp" else "")
+        + "):",
         "  rank      weights        grads  optim state        total",
     ]
     for r in range(ranks):
@@ -133,7 +146,7 @@ def _owner_lines(cfg: Config, plan: tuple[OwnerPlan, str] | None, names: dict[in
     if plan is None:
         why = (
             f"{cfg.optim.name} keeps every parameter's state on every rank"
-            if cfg.placement.kind in ("ddp", "fsdp")
+            if cfg.placement.kind in ("ddp", "fsdp", "hsdp")
             else f"placement {cfg.placement.kind} runs one process"
         )
         return [f"owner plan: none ({why})"]
@@ -148,9 +161,15 @@ def _owner_lines(cfg: Config, plan: tuple[OwnerPlan, str] | None, names: dict[in
         if unit == "params"
         else "FSDP2-aware: each Newton-Schulz matrix or tile orthogonalized on one rank"
     )
+    where = f"over {cfg.run.nproc} ranks"
+    if cfg.placement.kind == "hsdp":
+        replicas, shard = hsdp_shape(cfg, cfg.run.nproc)
+        where = (
+            f"over the {shard} ranks of each shard group (the same plan in all {replicas} "
+            "groups: shard ranks below)"
+        )
     return [
-        f"owner plan over {cfg.run.nproc} ranks ({what}; LPT over m*n*min(m,n), "
-        "shardflow.distributed.plan):",
+        f"owner plan {where} ({what}; LPT over m*n*min(m,n), shardflow.distributed.plan):",
         *("  " + line for line in built.describe(unit, names).splitlines()),
     ]
 
@@ -206,8 +225,10 @@ def dry_run(cfg: Config) -> str:
     optimizer = plan_optimizer(cfg, groups)
     plan = owner_plan(cfg, optimizer)
     names = dict(enumerate(n for g in groups for n in g.names))
+    lines += _mesh_lines(cfg)
     lines += _owner_lines(cfg, plan, names)
     lines += _memory(cfg, groups, state_bytes_per_param(cfg.optim.name, optimizer), plan)
+    lines += _traffic_lines(cfg, model, optimizer, plan)
     if cfg.train.gradient_release:
         lines.append(_release_line(model))
     return "\n".join(lines)
@@ -226,3 +247,86 @@ def _release_line(model: torch.nn.Module) -> str:
         f"(saves {(total - peak) / 2**20:.1f} MiB, {1 - peak / max(total, 1):.0%}); the grads "
         "column above is the ordinary step's"
     )
+
+
+def _mesh_lines(cfg: Config) -> list[str]:
+    """HSDP: the 2-D mesh, its shard groups (intra-node) and replica groups (across nodes)."""
+    if cfg.placement.kind != "hsdp":
+        return []
+    replicas, shard = hsdp_shape(cfg, cfg.run.nproc)
+    first = ", ".join(f"[{r * shard}..{r * shard + shard - 1}]" for r in range(min(replicas, 3)))
+    return [
+        f"mesh (HSDP): replicate={replicas} x shard={shard} (dims 'replicate', 'shard'); "
+        f"shard groups {first}{' ...' if replicas > 3 else ''} (parameters sharded, owner plan "
+        f"and Newton-Schulz inside each); replica groups [0, {shard}, ...] (gradient all-reduce "
+        "only)",
+        f"replica check: every {cfg.placement.replica_check_every} steps"
+        if cfg.placement.replica_check_every
+        else "replica check: off",
+    ]
+
+
+def _node_size(cfg: Config) -> int:
+    """Ranks per node: the HSDP shard group, else LOCAL_WORLD_SIZE when set, else run.nproc."""
+    if cfg.placement.kind == "hsdp":
+        return hsdp_shape(cfg, cfg.run.nproc)[1]
+    return int(os.environ.get("LOCAL_WORLD_SIZE", cfg.run.nproc))
+
+
+def _traffic_lines(cfg: Config, model, optimizer, plan) -> list[str]:
+    """Bytes per rank per step by collective and link (the busiest rank of the owner plan)."""
+    kind = cfg.placement.kind
+    if kind not in ("ddp", "fsdp", "hsdp") or cfg.run.nproc == 1:
+        return []
+    blocks = {id(p) for b in model.blocks() for p in b.parameters()}
+    params, _, tiles = plan_inputs(optimizer.param_groups, getattr(optimizer, "_ns_tile", None))
+    if not accepts_process_group(cfg.optim.name):
+        tiles = [None] * len(params)  # an optimizer without a placement: no owner plan traffic
+    model_params = [
+        traffic.Param(tuple(p.shape), p.element_size(), t, id(p) not in blocks)
+        for p, t in zip(params, tiles)
+    ]
+    node = _node_size(cfg)
+    if kind == "ddp":
+        owners = plan[0].owners if plan is not None else list(range(len(params)))
+        per_rank = [
+            traffic.replicated_step(
+                model_params,
+                owners,
+                world=cfg.run.nproc,
+                node_size=node,
+                rank=r,
+                grads_reduced=True,
+            )
+            for r in range(cfg.run.nproc)
+        ]
+    else:
+        replicas, shard = hsdp_shape(cfg, cfg.run.nproc) if kind == "hsdp" else (1, cfg.run.nproc)
+        ns = traffic.ns_all_to_all(model_params, shard, 2, plan[0] if plan else None)
+        per_rank = [
+            traffic.sharded_step(
+                model_params,
+                shard=shard,
+                replicas=replicas,
+                node_size=node,
+                rank=r,
+                micro_batches=cfg.train.grad_accum,
+                ns=ns,
+            )
+            for r in range(shard)
+        ]
+    busiest = max(range(len(per_rank)), key=lambda r: sum(t.sent for t in per_rank[r]))
+    rows = per_rank[busiest]
+    lines = [
+        f"traffic per rank per step (model: shardflow.distributed.traffic; {node} ranks per "
+        f"node; busiest rank {busiest}; {cfg.train.grad_accum} micro-batches):",
+        f"  {'collective':<26} {'link':<11} {'sent':>12} {'received':>12}",
+    ]
+    for t in rows:
+        lines.append(f"  {t.collective:<26} {t.link:<11} {_fmt(t.sent)} {_fmt(t.received)}")
+    links = traffic.by_link(rows)
+    lines.append(
+        "  total sent: "
+        + ", ".join(f"{link} {_fmt(b).strip()}" for link, b in sorted(links.items()))
+    )
+    return lines
