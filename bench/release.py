@@ -48,8 +48,16 @@ SEQ, BATCH = 128, 4
 
 
 def _model(layers: int, seed: int = 0) -> torch.nn.Module:
-    cfg = ModelConfig(dim=256, n_layers=layers, n_heads=8, n_kv_heads=4, ffn_dim=704,
-                      vocab_size=257, max_seq_len=SEQ, tie_embeddings=True)
+    cfg = ModelConfig(
+        dim=256,
+        n_layers=layers,
+        n_heads=8,
+        n_kv_heads=4,
+        ffn_dim=704,
+        vocab_size=257,
+        max_seq_len=SEQ,
+        tie_embeddings=True,
+    )
     model = build_decoder(cfg)
     model.reset_parameters(seed)
     return model
@@ -93,7 +101,9 @@ class _Peak:
         self.handles = [p.register_post_accumulate_grad_hook(self._count) for p in self.params]
 
     def _count(self, _: torch.Tensor) -> None:
-        live = sum(p.grad.numel() * p.grad.element_size() for p in self.params if p.grad is not None)
+        live = sum(
+            p.grad.numel() * p.grad.element_size() for p in self.params if p.grad is not None
+        )
         self.peak = max(self.peak, live)
 
     def remove(self) -> None:
@@ -108,13 +118,13 @@ def memory_and_time(corpus, layers: int, mode: str, steps: int) -> dict:
         peak = _Peak(model)  # before release's hooks: it sees each gradient before it is freed
         runs[release] = (model, _optimizer(model, mode, release), peak, [])
     for step in range(steps + 2):
-        for release, (model, opt, _, times) in runs.items():
+        for model, opt, _, times in runs.values():
             start = time.perf_counter()
             _step(model, opt, corpus, step)
             if step >= 2:
                 times.append(time.perf_counter() - start)
     out = {}
-    for release, (model, _, peak, times) in runs.items():
+    for release, (_, _, peak, times) in runs.items():
         peak.remove()
         out[release] = (peak.peak, statistics.median(times))
     total = sum(p.numel() * p.element_size() for p in runs[False][0].parameters())

@@ -12,10 +12,10 @@ from shardflow.train.config import ConfigError, check_values, load_config
 from shardflow.train.metrics import read_metrics
 
 ONE_PROCESS = {
-    'nproc = 2': 'nproc = 1',
+    "nproc = 2": "nproc = 1",
     'kind = "fsdp"': 'kind = "none"',
     "grad_accum = 2": "grad_accum = 1",
-    'lr = 3e-3': 'lr = 3e-3\ngrad_clip = 0.0',
+    "lr = 3e-3": "lr = 3e-3\ngrad_clip = 0.0",
 }
 
 
@@ -57,8 +57,11 @@ def test_release_on_two_ddp_ranks_follows_the_ddp_wrapped_run(tmp_path):
     """placement ddp with release: no DDP wrapper, the owner plan averages each block's
     gradients (all-to-all) — the losses follow the DDP-wrapped ordinary run up to the order of
     the fp32 gradient average (1e-4 relative over 8 steps)."""
-    overrides = {"grad_accum = 2": "grad_accum = 1", 'kind = "fsdp"': 'kind = "ddp"',
-                 'lr = 3e-3': 'lr = 3e-3\ngrad_clip = 0.0'}
+    overrides = {
+        "grad_accum = 2": "grad_accum = 1",
+        'kind = "fsdp"': 'kind = "ddp"',
+        "lr = 3e-3": "lr = 3e-3\ngrad_clip = 0.0",
+    }
     path = tiny_config(tmp_path, **overrides)
     for name, extra in (("plain", []), ("rel", ["--train.gradient_release", "true"])):
         done = launch(TRAIN, [str(path), "--run.out_dir", str(tmp_path / name), *extra])

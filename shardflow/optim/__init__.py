@@ -10,12 +10,12 @@ from shardflow.optim.base import ShardFlowOptimizer
 from shardflow.optim.dolphinflow import DolphinFlow
 from shardflow.optim.factored import FactoredAdam, FactoredAdopt, FactoredProdigy
 from shardflow.optim.memory import StateFootprint, estimate_state_footprint, state_footprint
+from shardflow.optim.registry import build_optimizer, optimizer_names, register_optimizer
 from shardflow.optim.release import (
     GradientRelease,
     prepare_for_gradient_release,
     remove_gradient_release,
 )
-from shardflow.optim.registry import build_optimizer, optimizer_names, register_optimizer
 from shardflow.optim.routing import param_groups
 from shardflow.optim.schedule import LossAwareSchedule
 from shardflow.optim.whiteflow import WhiteFlow

@@ -295,9 +295,7 @@ def token_loss(model: nn.Module, batch: Batch, loss: str = "softmax") -> torch.T
     the targets that carry loss (instruction data: the answers; ``IGNORE`` elsewhere). Packed
     rows pass each token's example (``docs``) to the model, so that attention stays inside it."""
     logits = model(batch.inputs) if batch.docs is None else model(batch.inputs, batch.docs)
-    return LOSSES[loss](
-        logits.float().flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE
-    )
+    return LOSSES[loss](logits.float().flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE)
 
 
 @torch.no_grad()
