@@ -257,7 +257,6 @@ def test_a_library_changed_between_build_and_dlopen_is_not_loaded(cache, monkeyp
 
 
 @needs_kernels
-@pytest.mark.slow  # three processes importing torch: ~25 s on two shared cores
 def test_processes_building_one_library_at_once_all_load_it(tmp_path):
     """Three processes build and load one library into an empty cache at the same moment:
     each gets a working kernel, and the cache holds one library and its record, nothing else."""

@@ -27,7 +27,6 @@ spike); AdamW at lr 3e-3 on 2 FSDP2 ranks, warm-up 15: 5.320 -> 2.679 (2.64). 2.
 for other CPUs' float differences without passing a run that learned markedly less."""
 
 
-@pytest.mark.slow
 def test_quickstart_loss_falls(tmp_path):
     out = tmp_path / "quickstart"
     cmd = [
