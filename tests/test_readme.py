@@ -1,6 +1,6 @@
 """The README's Python blocks run as written (issue 19): in order, in one namespace, in a
-scratch folder, as a reader would paste them; the two distributed blocks (DDP-aware and FSDP2)
-on 2 gloo ranks, with ``MyTransformer`` the built-in decoder and ``"cuda"`` read as ``"cpu"``.
+scratch folder, as a reader would paste them; the distributed blocks (DDP-aware and FSDP2 on 2
+gloo ranks, HSDP on 4 as a 2x2 mesh), with ``MyTransformer`` the built-in decoder and ``"cuda"`` read as ``"cpu"``.
 A block that imports transformers is skipped without it."""
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from shardflow.train.config import ModelConfig
 from shardflow.train.model import build_decoder
 
 world_size, device = dist.get_world_size(), torch.device("cpu")
+nodes, gpus_per_node = (2, world_size // 2) if world_size == 4 else (1, world_size)
 
 def MyTransformer():
     model = build_decoder(ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128))
@@ -47,7 +48,7 @@ def python_blocks() -> list[str]:
 def test_the_readme_has_the_blocks_this_test_runs():
     blocks = python_blocks()
     assert len(blocks) >= 7
-    assert sum(any(k in b for k in DISTRIBUTED) for b in blocks) == 2
+    assert sum(any(k in b for k in DISTRIBUTED) for b in blocks) == 3
 
 
 def test_single_process_blocks_run_in_order(tmp_path, monkeypatch, capsys):
@@ -80,11 +81,16 @@ def _run_block(rank: int, world: int, block: str) -> str:
     return type(opt.placement).__name__
 
 
-def test_distributed_blocks_run_on_two_gloo_ranks():
+def test_distributed_blocks_run_on_gloo_ranks():
     blocks = [b for b in python_blocks() if any(k in b for k in DISTRIBUTED)]
-    placements = [run_on_ranks(_run_block, 2, block, timeout=180) for block in blocks]
-    # the DDP-aware owner plan, then FSDP2-aware sharding, on both ranks
-    assert placements == [["ReplicatedPlacement"] * 2, ["ShardedPlacement"] * 2], placements
+    worlds = [4 if "mesh2d" in b else 2 for b in blocks]  # HSDP: a 2x2 mesh
+    placements = [run_on_ranks(_run_block, w, b, timeout=180) for b, w in zip(blocks, worlds)]
+    # the DDP-aware owner plan, FSDP2-aware sharding, then HSDP (sharding in the shard group)
+    assert placements == [
+        ["ReplicatedPlacement"] * 2,
+        ["ShardedPlacement"] * 2,
+        ["ShardedPlacement"] * 4,
+    ], placements
 
 
 # ------------------------------------------------------------------------- shell commands
