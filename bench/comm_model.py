@@ -78,16 +78,6 @@ COUNTED = {  # recorder name -> the model's collective, per placement
         "all_to_all_single": "NS all-to-all (2 rounds)",
     },
 }
-LLAMA3_405B = ModelShapes(
-    name="llama3-405b",
-    hidden=16384,
-    intermediate=53248,
-    layers=126,
-    heads=128,
-    kv_heads=8,
-    vocab=128256,
-    tied_embeddings=False,
-)
 GPUS = (8, 64, 256, 1024)
 NODE = 8
 
@@ -214,7 +204,7 @@ def table() -> list[str]:
         "| block 1024: FSDP2 imb / idle |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for shapes in (SHAPES["llama3-8b"], SHAPES["llama3-70b"], LLAMA3_405B):
+    for shapes in (SHAPES["llama3-8b"], SHAPES["llama3-70b"], SHAPES["llama3-405b"]):
         params = _params(shapes, "matrix")
         blocked = _params(shapes, "block")
         hsdp_plan = sharded_plan([p.shape for p in params], [p.tile for p in params], NODE)

@@ -130,7 +130,19 @@ LLAMA3_70B = ModelShapes(
     vocab=128256,
     tied_embeddings=False,
 )
-SHAPES: dict[str, ModelShapes] = {s.name: s for s in (SMOLLM2_135M, LLAMA3_8B, LLAMA3_70B)}
+LLAMA3_405B = ModelShapes(
+    name="llama3-405b",
+    hidden=16384,
+    intermediate=53248,
+    layers=126,
+    heads=128,
+    kv_heads=8,
+    vocab=128256,
+    tied_embeddings=False,
+)
+SHAPES: dict[str, ModelShapes] = {
+    s.name: s for s in (SMOLLM2_135M, LLAMA3_8B, LLAMA3_70B, LLAMA3_405B)
+}
 """The models above by name."""
 
 
