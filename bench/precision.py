@@ -4,6 +4,7 @@ Run from the repository root::
 
     python -m bench.precision step                   # bf16 step time, 1 thread, ~2 min
     python -m bench.precision step --threads 2 --layers 2
+    python -m bench.precision step --layers 2 --rounds 1 --profile   # + where DolphinFlow's step goes
     python -m bench.precision convergence            # 3 optimizers x 4 weight dtypes, ~30 min
     python -m bench.precision convergence --optimizers dolphinflow --steps 200
 
@@ -106,6 +107,8 @@ def step_bench(args: argparse.Namespace) -> str:
             optimizers[name].step()
             if round_ >= args.warmup:
                 times[name].append(time.perf_counter() - start)
+    if args.profile:
+        _profile(optimizers["DolphinFlow vector, defaults (kahan)"])
     anchor = next(iter(times))
     base = statistics.median(times[anchor])
     lines = [
@@ -125,6 +128,16 @@ def step_bench(args: argparse.Namespace) -> str:
         per_param = _state_bytes(opt) / n
         lines.append(f"| {name} | {med * 1e3:.1f} | {med / base:.2f}x | {per_param:.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def _profile(opt: torch.optim.Optimizer) -> None:
+    """Where one step of ``opt`` spends its time (cProfile, the 12 largest own times)."""
+    import cProfile  # noqa: PLC0415
+    import pstats  # noqa: PLC0415
+
+    profiler = cProfile.Profile()
+    profiler.runcall(opt.step)
+    pstats.Stats(profiler, stream=sys.stdout).sort_stats("tottime").print_stats(12)
 
 
 def _state_bytes(opt: torch.optim.Optimizer) -> int:
@@ -234,6 +247,7 @@ def main() -> int:
     step.add_argument("--layers", type=int, default=4)
     step.add_argument("--warmup", type=int, default=2)
     step.add_argument("--rounds", type=int, default=7)
+    step.add_argument("--profile", action="store_true", help="cProfile one DolphinFlow step")
     conv = sub.add_parser("convergence")
     conv.add_argument("--config", default=str(ROOT / "configs" / "quickstart.toml"))
     conv.add_argument("--optimizers", default=CONVERGENCE_OPTIMIZERS)
